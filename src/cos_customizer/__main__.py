@@ -1,0 +1,3 @@
+from cos_customizer.cli.main import entry
+
+entry()

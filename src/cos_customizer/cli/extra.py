@@ -1,0 +1,41 @@
+"""Commands of this tool that the Go original does not have."""
+
+from __future__ import annotations
+
+from cos_customizer.cli.command import Command, Context
+from cos_customizer.cli.flags import Flag, Kind, Parsed
+from cos_customizer.errors import NotAvailableError, UsageError
+
+
+def handle_sample_image(_context: Context, args: Parsed) -> int:
+    if args["size-gb"] < 10:
+        raise UsageError(f"-size-gb={args['size-gb']}: a sample COS image needs at least 10 GB")
+    raise NotAvailableError("sample-image comes with the disk toolkit, which this version does not have yet")
+
+
+SAMPLE_IMAGE = Command(
+    name="sample-image",
+    synopsis="Write a small sample COS disk image to try the tool with.",
+    description=(
+        "Write a sparse disk image with the real COS partition layout and a small runnable ROOT-A, so the "
+        "tool can be tried with no COS image at hand."
+    ),
+    flags=(Flag("size-gb", Kind.INT, "Size of the disk image in GB.", default=10, ours=True),),
+    handler=handle_sample_image,
+    positional=("OUTPUT",),
+)
+
+
+def handle_build_provisioner(_context: Context, args: Parsed) -> int:
+    if not args["output"]:
+        raise UsageError("-output=PATH must be set: where to write the provisioner executable")
+    raise NotAvailableError("build-provisioner comes with the provisioner executable, not in this version yet")
+
+
+BUILD_PROVISIONER = Command(
+    name="build-provisioner",
+    synopsis="Build the standalone provisioner executable for COS VMs.",
+    description="Build the provisioner as one static executable that runs on a COS VM with nothing installed.",
+    flags=(Flag("output", Kind.STRING, "Where to write the executable.", ours=True),),
+    handler=handle_build_provisioner,
+)

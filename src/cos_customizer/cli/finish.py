@@ -1,0 +1,332 @@
+"""`finish-image-build`: validate everything, then preload with the chosen executor.
+
+Validation happens before anything is touched. `-dry-run` stops after it
+and prints the plan: human text on stderr, one JSON document on stdout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from cos_customizer import plan
+from cos_customizer.cli.command import Command, Context
+from cos_customizer.cli.flags import Flag, Kind, Parsed
+from cos_customizer.config import BuildConfig, SourceImage
+from cos_customizer.errors import NotAvailableError, UsageError, ValidationError
+from cos_customizer.executors import STEP_COMMANDS, Executor, check_supported, executor_for, gce
+from cos_customizer.provisioner.config import InstallGPUArgs, ProvisionerConfig, Step, StepType
+from cos_customizer.units import format_duration
+
+log = logging.getLogger(__name__)
+
+FLAG_FORMATTERS = {Kind.DURATION: format_duration}
+DEFAULT_TIMEOUT = 3600 * 10**9
+
+FLAGS = (
+    Flag("image-project", Kind.STRING, "Output image project."),
+    Flag("image-name", Kind.STRING, "Output image name. Mutually exclusive with 'image-suffix'."),
+    Flag(
+        "image-suffix",
+        Kind.STRING,
+        "Construct the output image name from the input image name and this suffix. "
+        "Mutually exclusive with 'image-name'.",
+    ),
+    Flag("image-family", Kind.STRING, "Output image family."),
+    Flag(
+        "deprecate-old-images",
+        Kind.BOOL,
+        "Deprecate old images in the output image family. Can only be used if 'image-family' is set.",
+    ),
+    Flag(
+        "old-image-ttl",
+        Kind.INT,
+        "Time-to-live in seconds for old images that are deprecated. After this period of time, old images "
+        "will enter the deleted state. Can only be used if 'deprecate-old-images' is set. '0' indicates no "
+        "time-to-live.",
+    ),
+    Flag("zone", Kind.STRING, "Zone to make GCE resources in."),
+    Flag("project", Kind.STRING, "Project to make GCE resources in."),
+    Flag("machine-type", Kind.STRING, "Machine type to use during the build.", default="n1-standard-1"),
+    Flag("service-account", Kind.STRING, "Service account to be used by the preload VM.", default="default"),
+    Flag("gpu-type", Kind.STRING, "GPU type attached to the preload VM, e.g. 'nvidia-tesla-t4'."),
+    Flag(
+        "network",
+        Kind.STRING,
+        "Network to use during the build. The network must have access to Google Cloud Storage. If not "
+        "specified, the network named default is used.",
+    ),
+    Flag(
+        "subnet",
+        Kind.STRING,
+        "SubNetwork to use during the build. Must belong to -network; required for custom-mode networks.",
+    ),
+    Flag(
+        "labels",
+        Kind.MAP,
+        "Image labels to apply to the result image. Format is 'key1=value1,key2=value2,...'. "
+        "Example: -labels=hello=world,foo=bar",
+    ),
+    Flag(
+        "licenses",
+        Kind.LIST,
+        "Image licenses to apply to the result image. Format is 'license1,license2,...' or "
+        "'-licenses=license1 -licenses=license2'.",
+    ),
+    Flag(
+        "inherit-labels",
+        Kind.BOOL,
+        "Indicates if the result image should inherit labels from the source image. Labels specified "
+        "through the '-labels' flag take precedence over inherited labels.",
+    ),
+    Flag(
+        "oem-size",
+        Kind.STRING,
+        "Size of the new OEM partition, can be a number with unit like 10G, 10M, 10K or 10B, or without "
+        "unit indicating the number of 512B sectors. At least 16M.",
+        check=plan.check_oem_size,
+    ),
+    Flag("disk-type", Kind.STRING, "The disk type to use when creating the image.", default="pd-standard"),
+    Flag(
+        "disk-size-gb",
+        Kind.INT,
+        "The disk size to use when creating the image in GB. Value of '0' indicates the default size.",
+    ),
+    Flag(
+        "timeout",
+        Kind.DURATION,
+        "Timeout value of the image build process. Must be formatted according to Golang's time.Duration "
+        "string format.",
+        default=DEFAULT_TIMEOUT,
+    ),
+    Flag("enable-cleanup", Kind.BOOL, "Enable cleanup of old VM instances created by COS-Customizer."),
+    Flag("sbom-input-path", Kind.STRING, "The path to the SBOM input file."),
+    Flag("sbom-output-path", Kind.STRING, "The GCS path to store the output SBOM file."),
+    Flag(
+        "output",
+        Kind.STRING,
+        "Local builds: where to write the customized image. The format follows the name: .tar.gz (GCE "
+        "import format, a tar holding a sparse disk.raw), .qcow2, anything else raw.",
+        ours=True,
+    ),
+    Flag(
+        "dry-run",
+        Kind.BOOL,
+        "Validate everything and print the plan (text on stderr, JSON on stdout); change nothing.",
+        ours=True,
+    ),
+)
+
+GCE_ONLY = tuple(
+    flag.name for flag in FLAGS if flag.name not in {"oem-size", "disk-size-gb", "timeout", "output", "dry-run"}
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    path: Path
+    format: str
+
+    @classmethod
+    def from_flag(cls, value: str) -> Output:
+        path = Path(value).absolute()
+        if value.endswith(".tar.gz"):
+            return cls(path, "tar.gz")
+        if value.endswith(".qcow2"):
+            return cls(path, "qcow2")
+        return cls(path, "raw")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishPlan:
+    executor: Executor
+    source: SourceImage
+    build: BuildConfig
+    provisioner: ProvisionerConfig
+    output: Output | None = None
+    output_image: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "executor": self.executor.value,
+            "source_image": self.source.model_dump(mode="json"),
+            "build_config": self.build.model_dump(mode="json"),
+            "provisioner_config": self.provisioner.to_json(),
+            "disk_plan": {
+                "before": {},
+                "after": {},
+                "pending": "the partition plan comes from the disk toolkit, which this version does not have yet",
+            },
+        }
+        if self.executor is Executor.LOCAL:
+            assert self.output is not None
+            doc["output"] = {"path": str(self.output.path), "format": self.output.format}
+        else:
+            doc["output_image"] = self.output_image
+            doc["workflow"] = None
+            doc["daisy_args"] = None
+            doc["pending"] = "the Daisy workflow and its arguments come with the GCE executor, not in this version yet"
+        return doc
+
+
+def _check_gce_flags(args: Parsed) -> None:
+    if "output" in args.given:
+        raise UsageError("-output is for local builds (started with -image-file); a GCE build makes a GCE image")
+    if not args["image-name"] and not args["image-suffix"]:
+        raise UsageError("one of -image-name or -image-suffix must be set")
+    if args["image-name"] and args["image-suffix"]:
+        raise UsageError("-image-name and -image-suffix are mutually exclusive")
+    if args["deprecate-old-images"] and not args["image-family"]:
+        raise UsageError("-deprecate-old-images can only be used if -image-family is set")
+    if args["old-image-ttl"] and not args["deprecate-old-images"]:
+        raise UsageError("-old-image-ttl can only be used if -deprecate-old-images is set")
+    if args["old-image-ttl"] < 0:
+        raise UsageError("-old-image-ttl must be a number of seconds >= 0")
+    for name in ("zone", "project"):
+        if not args[name]:
+            raise UsageError(f"-{name} must be set for a GCE build")
+    if bool(args["sbom-input-path"]) != bool(args["sbom-output-path"]):
+        raise UsageError("-sbom-input-path and -sbom-output-path must be set together")
+
+
+def _check_local_flags(args: Parsed, source: SourceImage) -> Output:
+    for name in GCE_ONLY:
+        if name in args.given:
+            raise UsageError(
+                f"-{name} applies to GCE builds only; this build was started with -image-file, "
+                "so it runs with the local executor"
+            )
+    if not args["output"]:
+        raise UsageError("-output=PATH must be set for a local build: where to write the customized image")
+    output = Output.from_flag(args["output"])
+    if output.path.resolve() == Path(source.ImageFile).resolve():
+        raise UsageError(f"-output={args['output']} is the source image; the source is never written, choose another name")
+    if output.path.exists() or output.path.is_symlink():
+        raise ValidationError(f"-output={args['output']} already exists: remove it or choose another name")
+    if not output.path.parent.is_dir():
+        raise ValidationError(f"-output={args['output']}: the directory {output.path.parent} does not exist")
+    return output
+
+
+def _gce_provisioner(config: ProvisionerConfig, build: BuildConfig) -> ProvisionerConfig:
+    """The provisioner config as the preload VM will see it."""
+    managed = f"gs://{build.GCSBucket}/{build.GCSDir}"
+    steps = []
+    for step in config.steps:
+        if isinstance(step.args, InstallGPUArgs) and step.args.gcs_deps_prefix:
+            step = Step(dataclasses.replace(step.args, gcs_deps_prefix=f"{managed}/gcs_files"))
+        steps.append(step)
+    return dataclasses.replace(
+        config.with_boot_disk(wait_for_disk_resize=plan.need_disk_resize(config.boot_disk, build.DiskSize)),
+        build_contexts=(("user", f"{managed}/user_build_context.tar"),),
+        steps=tuple(steps),
+    )
+
+
+def make_plan(context: Context, args: Parsed) -> FinishPlan:
+    """Everything finish-image-build will do, validated; nothing is touched."""
+    ws = context.workspace
+    source, build, config = ws.source_image(), ws.build(), ws.provisioner()
+    executor = executor_for(source)
+    output = _check_local_flags(args, source) if executor is Executor.LOCAL else None
+    if executor is Executor.GCE:
+        _check_gce_flags(args)
+    if args["timeout"] <= 0:
+        raise UsageError(f"-timeout={format_duration(args['timeout'])}: give a positive duration such as 1h0m0s")
+    boot_disk = plan.resolve_boot_disk(config, args["oem-size"], args["disk-size-gb"])
+    config = dataclasses.replace(config, boot_disk=boot_disk)
+    check_supported(executor, config)
+    build = build.model_copy(update={"DiskSize": args["disk-size-gb"], "Timeout": format_duration(args["timeout"])})
+    if executor is Executor.LOCAL:
+        config = dataclasses.replace(config, build_contexts=(("user", str(ws.build_context_archive)),))
+        return FinishPlan(executor, source, build, config, output=output)
+    build = build.model_copy(
+        update={
+            "Project": args["project"],
+            "Zone": args["zone"],
+            "MachineType": args["machine-type"],
+            "ServiceAccount": args["service-account"],
+            "DiskType": args["disk-type"],
+            "Network": args["network"],
+            "Subnet": args["subnet"],
+            "GPUType": args["gpu-type"] or build.GPUType,
+            "GCEEndpoint": context.compute_endpoint,
+        }
+    )
+    base_name = source.Name or f"<image of family {source.Family or source.Milestone}>"
+    output_image = {
+        "Name": args["image-name"] or base_name + args["image-suffix"],
+        "Project": args["image-project"],
+        "Family": args["image-family"],
+        "Labels": dict(sorted(args["labels"].items())),
+        "Licenses": [item for item in args["licenses"] if item],
+        "InheritLabels": args["inherit-labels"],
+    }
+    return FinishPlan(executor, source, build, _gce_provisioner(config, build), output_image=output_image)
+
+
+def _describe_step(step: Step) -> str:
+    name = STEP_COMMANDS[step.type]
+    if step.type is StepType.RUN_SCRIPT:
+        env = getattr(step.args, "env", ())
+        return f"{name} {getattr(step.args, 'path', '')}" + (f" (env: {', '.join(env)})" if env else "")
+    if isinstance(step.args, InstallGPUArgs):
+        return f"{name} {step.args.nvidia_driver_version}"
+    if step.type is StepType.INSTALL_PACKAGES:
+        return f"{name} {getattr(step.args, 'pkg_spec_url', '')}"
+    return name
+
+
+def describe(finish: FinishPlan) -> str:
+    build = finish.build
+    sealed = finish.provisioner.has_step(StepType.SEAL_OEM)
+    lines = ["Plan (dry run: nothing was changed)", f"  executor:  {finish.executor.value}"]
+    lines.append(f"  source:    {finish.source.describe()}")
+    if finish.output is not None:
+        lines.append(f"  output:    {finish.output.path} ({finish.output.format})")
+    if finish.output_image is not None:
+        image = finish.output_image
+        lines.append(f"  output:    image {image['Project']}/{image['Name']}" + (
+            f" in family {image['Family']}" if image["Family"] else ""
+        ))
+        lines.append(f"  build in:  project {build.Project}, zone {build.Zone}, {build.MachineType}")
+    size = f"{build.DiskSize} GB" if build.DiskSize else f"{plan.IMAGE_SIZE_GB} GB (the image's size)"
+    lines.append(f"  disk:      {size}; {plan.describe_boot_disk(finish.provisioner.boot_disk, sealed)}")
+    lines.append(f"  timeout:   {build.Timeout}")
+    lines.append("  steps:" if finish.provisioner.steps else "  steps:     none (the output equals the source)")
+    ordered = [s for s in finish.provisioner.steps if s.type is not StepType.SEAL_OEM]
+    ordered += [s for s in finish.provisioner.steps if s.type is StepType.SEAL_OEM]
+    lines.extend(f"    {number}. {_describe_step(step)}" for number, step in enumerate(ordered, 1))
+    lines.append("  partitions: computed by the disk toolkit (not in this version yet)")
+    return "\n".join(lines) + "\n"
+
+
+def handle(context: Context, args: Parsed) -> int:
+    finish = make_plan(context, args)
+    if args["dry-run"]:
+        sys.stderr.write(describe(finish))
+        sys.stdout.write(json.dumps(finish.to_json(), indent=2) + "\n")
+        return 0
+    if finish.executor is Executor.LOCAL:
+        raise NotAvailableError(
+            "this version of cos-customizer plans local builds but cannot run them yet; "
+            "run finish-image-build with -dry-run to see the plan (the workspace is kept)"
+        )
+    gce.build()
+    return 0
+
+
+COMMAND = Command(
+    name="finish-image-build",
+    synopsis="Complete the COS image build and generate a GCE image.",
+    description=(
+        "Complete the COS image build: run the configured steps on a copy of the source and produce the "
+        "result (a GCE image, or with a local build the -output file). The workspace is removed at the end."
+    ),
+    flags=FLAGS,
+    handler=handle,
+)

@@ -1,0 +1,189 @@
+"""The `cos-customizer` entry point: global flags, dispatch, exit codes.
+
+`cos-customizer [global flags] STEP [step flags]`. This is the one place
+where errors become exit codes: 0 success, 1 failure, 2 usage error.
+Tracebacks are shown only with `-debug`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from cos_customizer import __version__
+from cos_customizer.cli import extra, finish, start, steps
+from cos_customizer.cli.command import Command, Context
+from cos_customizer.cli.flags import Flag, HelpRequested, Kind, describe, parse
+from cos_customizer.errors import EXIT_FAILURE, EXIT_OK, CustomizerError, UsageError
+from cos_customizer.workspace import DEFAULT_WORKDIR, WORKDIR_ENV, resolve_root
+
+log = logging.getLogger("cos_customizer")
+
+COMPUTE_ENDPOINT_ENV = "COS_CUSTOMIZER_COMPUTE_ENDPOINT"
+
+GLOBAL_FLAGS = (
+    Flag(
+        "local-state-workdir",
+        Kind.STRING,
+        f"Directory for the build's local state; relative names are under $HOME. Default: ${WORKDIR_ENV} "
+        f"when set, else {DEFAULT_WORKDIR}.",
+    ),
+    Flag(
+        "compute-endpoint",
+        Kind.STRING,
+        f"If set, used as the endpoint for the GCE API (default ${COMPUTE_ENDPOINT_ENV} when set).",
+    ),
+    Flag("debug", Kind.BOOL, "Log every detail and show tracebacks on errors.", ours=True),
+)
+
+ORIGINAL_STEPS: tuple[Command, ...] = (
+    start.COMMAND,
+    steps.RUN_SCRIPT,
+    steps.INSTALL_GPU,
+    steps.SEAL_OEM,
+    steps.DISABLE_AUTO_UPDATE,
+    steps.ANTHOS_INSTALLER_INSTALL,
+    finish.COMMAND,
+)
+OUR_COMMANDS: tuple[Command, ...] = (extra.SAMPLE_IMAGE, extra.BUILD_PROVISIONER)
+COMMANDS = {command.name: command for command in (*ORIGINAL_STEPS, *OUR_COMMANDS)}
+
+
+def overview() -> str:
+    def rows(commands: Sequence[Command]) -> str:
+        return "\n".join(f"  {command.name:<26} {command.synopsis}" for command in commands)
+
+    return (
+        f"cos-customizer {__version__}: customize Container-Optimized OS images.\n\n"
+        "Usage: cos-customizer [global flags] STEP [step flags]\n\n"
+        "Steps of Google's COS Customizer (same flags, same meaning):\n"
+        f"{rows(ORIGINAL_STEPS)}\n\n"
+        "Commands of this tool:\n"
+        f"{rows(OUR_COMMANDS)}\n\n"
+        "Global flags:\n"
+        f"{describe(GLOBAL_FLAGS)}\n\n"
+        "Run 'cos-customizer STEP --help' for the flags of a step.\n"
+    )
+
+
+def command_help(command: Command) -> str:
+    flags = describe(command.flags, finish.FLAG_FORMATTERS) if command.flags else "  (none)"
+    return (
+        f"Usage: cos-customizer [global flags] {command.usage}\n\n"
+        f"{command.description or command.synopsis}\n\n"
+        f"Flags:\n{flags}\n\n"
+        "Global flags (also accepted after the step name):\n"
+        f"{describe(GLOBAL_FLAGS)}\n"
+    )
+
+
+@dataclass(frozen=True)
+class Invocation:
+    command: Command | None
+    args: list[str]
+    global_values: dict[str, object]
+    help: bool = False
+
+
+def _split(argv: Sequence[str]) -> Invocation:
+    try:
+        parsed = parse(GLOBAL_FLAGS, argv, command="", interspersed=False)
+    except HelpRequested:
+        return Invocation(None, [], {}, help=True)
+    if not parsed.positional:
+        return Invocation(None, [], parsed.values, help=True)
+    name, *rest = parsed.positional
+    if name == "help":
+        if not rest:
+            return Invocation(None, [], parsed.values, help=True)
+        name, rest = rest[0], ["--help"]
+    command = COMMANDS.get(name)
+    if command is None:
+        raise UsageError(f'unknown step "{name}": run cos-customizer --help for the list of steps')
+    return Invocation(command, rest, {k: v for k, v in parsed.values.items() if k in parsed.given})
+
+
+GLOBAL_NAMES = frozenset(flag.name for flag in GLOBAL_FLAGS)
+
+
+@dataclass
+class Session:
+    debug: bool = False
+
+
+def run(argv: Sequence[str], environ: Mapping[str, str], session: Session) -> int:
+    invocation = _split(argv)
+    session.debug = bool(invocation.global_values.get("debug", False))
+    if invocation.command is None:
+        sys.stdout.write(overview())
+        return EXIT_OK
+    command = invocation.command
+    try:
+        parsed = parse((*command.flags, *GLOBAL_FLAGS), invocation.args, command=command.name)
+    except HelpRequested:
+        sys.stdout.write(command_help(command))
+        return EXIT_OK
+    chosen = dict(invocation.global_values)
+    chosen.update({name: parsed.values[name] for name in parsed.given & GLOBAL_NAMES})
+    session.debug = bool(chosen.get("debug", False))
+    _setup_logging(session.debug)
+    _check_positional(command, parsed.positional)
+    workdir = chosen.get("local-state-workdir")
+    context = Context(
+        workspace_root=resolve_root(None if workdir is None else str(workdir), environ),
+        environ=environ,
+        compute_endpoint=str(chosen.get("compute-endpoint") or environ.get(COMPUTE_ENDPOINT_ENV, "")),
+    )
+    return command.handler(context, parsed)
+
+
+def _check_positional(command: Command, positional: Sequence[str]) -> None:
+    if len(positional) > len(command.positional):
+        unexpected = positional[len(command.positional)]
+        raise UsageError(
+            f'unexpected argument "{unexpected}": usage: cos-customizer {command.usage} (flags are written -name=value)'
+        )
+    if len(positional) < len(command.positional):
+        missing = command.positional[len(positional)]
+        raise UsageError(f"missing {missing}: usage: cos-customizer {command.usage}")
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Run the command line and return the exit code; errors become one line on stderr."""
+    argv = sys.argv[1:] if argv is None else argv
+    session = Session()
+    _setup_logging(False)
+    try:
+        return run(argv, os.environ if environ is None else environ, session)
+    except CustomizerError as err:
+        if session.debug:
+            log.exception("cos-customizer failed")
+        sys.stderr.write(f"cos-customizer: error: {err}\n")
+        return err.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("cos-customizer: interrupted\n")
+        return 130
+    except Exception as err:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if session.debug:
+            log.exception("cos-customizer failed")
+        sys.stderr.write(
+            f"cos-customizer: internal error: {type(err).__name__}: {err} (run again with -debug for the traceback)\n"
+        )
+        return EXIT_FAILURE
+
+
+def _setup_logging(debug: bool) -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def entry() -> None:
+    sys.exit(main())
+

@@ -1,0 +1,54 @@
+"""Where finish-image-build does its work, and what each executor can do.
+
+The build's source decides the executor: `-image-file` means `local`
+(offline, on an image file), a Compute Engine image means `gce` (Daisy).
+"""
+
+from __future__ import annotations
+
+import enum
+
+from cos_customizer.config import SourceImage
+from cos_customizer.errors import ValidationError
+from cos_customizer.provisioner.config import ProvisionerConfig, StepType
+
+# The command-line step that adds each provisioner step.
+STEP_COMMANDS = {
+    StepType.RUN_SCRIPT: "run-script",
+    StepType.INSTALL_GPU: "install-gpu",
+    StepType.DISABLE_AUTO_UPDATE: "disable-auto-update",
+    StepType.SEAL_OEM: "seal-oem",
+    StepType.INSTALL_PACKAGES: "anthos-installer-install",
+}
+
+
+class Executor(str, enum.Enum):
+    LOCAL = "local"
+    GCE = "gce"
+
+
+SUPPORTED_STEPS = {
+    Executor.LOCAL: frozenset({StepType.RUN_SCRIPT, StepType.DISABLE_AUTO_UPDATE, StepType.SEAL_OEM}),
+    Executor.GCE: frozenset(StepType),
+}
+
+WHY_NOT_LOCAL = {
+    StepType.INSTALL_GPU: "it runs the COS GPU installer container, which needs Docker and a GPU on a running COS VM",
+    StepType.INSTALL_PACKAGES: "the Anthos installer needs a running COS VM",
+}
+
+
+def executor_for(source: SourceImage) -> Executor:
+    return Executor.LOCAL if source.is_local else Executor.GCE
+
+
+def check_supported(executor: Executor, config: ProvisionerConfig) -> None:
+    """Refuse, before anything is touched, a step that `executor` cannot run."""
+    for index, step in enumerate(config.steps):
+        if step.type in SUPPORTED_STEPS[executor]:
+            continue
+        raise ValidationError(
+            f"step {index + 1} ({STEP_COMMANDS[step.type]}) cannot run on the {executor.value} executor: "
+            f"{WHY_NOT_LOCAL.get(step.type, 'not supported')}; use the gce executor "
+            "(start-image-build with -image-project and -image-name, -image-family or -image-milestone)"
+        )

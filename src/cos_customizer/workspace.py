@@ -1,0 +1,178 @@
+"""The local workspace that carries a build from step to step.
+
+Layout (as in the Go original):
+
+    config/source_image      JSON, the source image
+    config/build             JSON, the build config
+    config/provisioner       JSON, the provisioner config
+    user_build_context.tar   the build context archive
+
+Every write is atomic (temporary file, fsync, rename), so a crash never
+leaves a half-written config; `start-image-build` builds a new workspace
+beside the old one and swaps it in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pydantic
+
+from cos_customizer.config import BuildConfig, SourceImage
+from cos_customizer.errors import ConfigError, WorkspaceError
+from cos_customizer.provisioner.config import ProvisionerConfig
+
+DEFAULT_WORKDIR = ".cos-customizer-workdir"
+WORKDIR_ENV = "COS_CUSTOMIZER_WORKDIR"
+
+SOURCE_IMAGE = "config/source_image"
+BUILD = "config/build"
+PROVISIONER = "config/provisioner"
+BUILD_CONTEXT_ARCHIVE = "user_build_context.tar"
+
+T = TypeVar("T")
+
+
+def resolve_root(flag_value: str | None, environ: Mapping[str, str]) -> Path:
+    """The workspace directory: the flag, else $COS_CUSTOMIZER_WORKDIR, else the default.
+
+    Relative names are under $HOME, absolute ones are used as they are.
+    """
+    name = flag_value if flag_value is not None else environ.get(WORKDIR_ENV) or DEFAULT_WORKDIR
+    path = Path(name)
+    if path.is_absolute():
+        return path
+    home = environ.get("HOME")
+    if not home:
+        raise WorkspaceError(f"HOME is not set, so the workspace {name} has no place: set HOME or pass an absolute path")
+    return Path(home) / path
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write `data` as JSON to `path` so readers see the old or the new file, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump(data, out, indent=2, sort_keys=False)
+            out.write("\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @property
+    def source_image_path(self) -> Path:
+        return self.root / SOURCE_IMAGE
+
+    @property
+    def build_path(self) -> Path:
+        return self.root / BUILD
+
+    @property
+    def provisioner_path(self) -> Path:
+        return self.root / PROVISIONER
+
+    @property
+    def build_context_archive(self) -> Path:
+        return self.root / BUILD_CONTEXT_ARCHIVE
+
+    # Reading
+
+    def require(self) -> None:
+        """Fail with a clear message unless a build has been started here."""
+        if not self.root.is_dir():
+            raise WorkspaceError(f"no image build in progress in {self.root}: run start-image-build first")
+        for path in (self.source_image_path, self.build_path, self.provisioner_path, self.build_context_archive):
+            if not path.is_file():
+                raise WorkspaceError(
+                    f"the workspace {self.root} is incomplete ({path.relative_to(self.root)} is missing): "
+                    "run start-image-build again"
+                )
+
+    def _load(self, path: Path, parse: Callable[[Any], T]) -> T:
+        self.require()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise self._corrupted(path, "not UTF-8 text") from err
+        except json.JSONDecodeError as err:
+            raise self._corrupted(path, f"invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
+        except OSError as err:
+            raise WorkspaceError(f"cannot read {path}: {err.strerror}") from err
+        try:
+            return parse(data)
+        except pydantic.ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "document"
+            raise self._corrupted(path, f"{where}: {first['msg']}") from err
+        except ConfigError as err:
+            raise self._corrupted(path, str(err)) from err
+
+    def _corrupted(self, path: Path, why: str) -> WorkspaceError:
+        return WorkspaceError(
+            f"the workspace file {path} is corrupted ({why}): run start-image-build again to start a fresh build"
+        )
+
+    def source_image(self) -> SourceImage:
+        return self._load(self.source_image_path, SourceImage.model_validate)
+
+    def build(self) -> BuildConfig:
+        return self._load(self.build_path, BuildConfig.model_validate)
+
+    def provisioner(self) -> ProvisionerConfig:
+        return self._load(self.provisioner_path, lambda data: ProvisionerConfig.from_json(data, "document"))
+
+    # Writing
+
+    def save_build(self, build: BuildConfig) -> None:
+        write_json_atomic(self.build_path, build.model_dump(mode="json"))
+
+    def save_provisioner(self, config: ProvisionerConfig) -> None:
+        write_json_atomic(self.provisioner_path, config.to_json())
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def create(root: Path, fill: Callable[[Workspace], None]) -> Workspace:
+    """Make a fresh workspace at `root`, replacing any previous one.
+
+    `fill` writes the new workspace's files; it works in a staging
+    directory beside `root`, so a failure leaves the previous workspace as
+    it was.
+    """
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.new.", dir=root.parent))
+    try:
+        fill(Workspace(staging))
+        if root.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old.", dir=root.parent))
+            os.replace(root, old / "workspace")
+            os.replace(staging, root)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Workspace(root)
