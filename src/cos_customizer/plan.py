@@ -78,7 +78,9 @@ def _replace(boot_disk: BootDisk, oem_size: str, fs_size_4k: int) -> BootDisk:
 def _too_small(disk_size_gb: int, needed_gb: int, oem_size: str, sealed: bool, reclaim: bool) -> str:
     given = f"-disk-size-gb={disk_size_gb}" if disk_size_gb else f"the default disk size ({IMAGE_SIZE_GB} GB)"
     if sealed:
-        rule = f"{IMAGE_SIZE_GB} GB image + 2 x {oem_size} OEM (file system and hash tree) - {RECLAIMED_MB} MB reclaimed"
+        rule = (
+            f"{IMAGE_SIZE_GB} GB image + 2 x {oem_size} OEM (file system and hash tree) - {RECLAIMED_MB} MB reclaimed"
+        )
     elif reclaim:
         rule = f"{IMAGE_SIZE_GB} GB image + {oem_size} OEM - {RECLAIMED_MB} MB reclaimed"
     else:
@@ -104,4 +106,3 @@ def describe_boot_disk(boot_disk: BootDisk, sealed: bool) -> str:
         parts.append(f"sealed file system of {format_size(boot_disk.oem_fs_size_4k * 4096)}")
     parts.append("ROOT-A reclaimed" if boot_disk.reclaim_sda3 else "ROOT-A kept")
     return ", ".join(parts)
-

@@ -51,7 +51,9 @@ def resolve_root(flag_value: str | None, environ: Mapping[str, str]) -> Path:
         return path
     home = environ.get("HOME")
     if not home:
-        raise WorkspaceError(f"HOME is not set, so the workspace {name} has no place: set HOME or pass an absolute path")
+        raise WorkspaceError(
+            f"HOME is not set, so the workspace {name} has no place: set HOME or pass an absolute path"
+        )
     return Path(home) / path
 
 
@@ -140,7 +142,9 @@ class Workspace:
         return self._load(self.build_path, BuildConfig.model_validate)
 
     def provisioner(self) -> ProvisionerConfig:
-        return self._load(self.provisioner_path, lambda data: ProvisionerConfig.from_json(data, "document"))
+        return self._load(
+            self.provisioner_path, lambda data: ProvisionerConfig.from_json(data, "the provisioner config")
+        )
 
     # Writing
 

@@ -204,7 +204,9 @@ def _check_local_flags(args: Parsed, source: SourceImage) -> Output:
         raise UsageError("-output=PATH must be set for a local build: where to write the customized image")
     output = Output.from_flag(args["output"])
     if output.path.resolve() == Path(source.ImageFile).resolve():
-        raise UsageError(f"-output={args['output']} is the source image; the source is never written, choose another name")
+        raise UsageError(
+            f"-output={args['output']} is the source image; the source is never written, choose another name"
+        )
     if output.path.exists() or output.path.is_symlink():
         raise ValidationError(f"-output={args['output']} already exists: remove it or choose another name")
     if not output.path.parent.is_dir():
@@ -290,9 +292,10 @@ def describe(finish: FinishPlan) -> str:
         lines.append(f"  output:    {finish.output.path} ({finish.output.format})")
     if finish.output_image is not None:
         image = finish.output_image
-        lines.append(f"  output:    image {image['Project']}/{image['Name']}" + (
-            f" in family {image['Family']}" if image["Family"] else ""
-        ))
+        lines.append(
+            f"  output:    image {image['Project']}/{image['Name']}"
+            + (f" in family {image['Family']}" if image["Family"] else "")
+        )
         lines.append(f"  build in:  project {build.Project}, zone {build.Zone}, {build.MachineType}")
     size = f"{build.DiskSize} GB" if build.DiskSize else f"{plan.IMAGE_SIZE_GB} GB (the image's size)"
     lines.append(f"  disk:      {size}; {plan.describe_boot_disk(finish.provisioner.boot_disk, sealed)}")

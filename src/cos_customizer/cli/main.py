@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except KeyboardInterrupt:
         sys.stderr.write("cos-customizer: interrupted\n")
         return 130
-    except Exception as err:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+    except Exception as err:
         if session.debug:
             log.exception("cos-customizer failed")
         sys.stderr.write(
@@ -175,15 +175,25 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return EXIT_FAILURE
 
 
+class _StderrHandler(logging.Handler):
+    """Writes to whatever sys.stderr is at the time (so captured output works)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
 def _setup_logging(debug: bool) -> None:
-    root = logging.getLogger()
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(handler, _StderrHandler) for handler in log.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
 def entry() -> None:
     sys.exit(main())
-

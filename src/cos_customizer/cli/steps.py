@@ -151,7 +151,9 @@ def handle_install_gpu(context: Context, args: Parsed) -> int:
     if args["md5sum"] and not _MD5.match(args["md5sum"]):
         raise UsageError(f"-md5sum={args['md5sum']}: expected 32 hexadecimal digits")
     if not args["install-dir"].startswith("/"):
-        raise UsageError(f"-install-dir={args['install-dir']}: give an absolute path on the image, like /var/lib/nvidia")
+        raise UsageError(
+            f"-install-dir={args['install-dir']}: give an absolute path on the image, like /var/lib/nvidia"
+        )
     build = ws.build()
     files = _deps_files(deps_dir) if deps_dir else ()
     step = InstallGPUArgs(

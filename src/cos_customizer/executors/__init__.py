@@ -22,7 +22,7 @@ STEP_COMMANDS = {
 }
 
 
-class Executor(str, enum.Enum):
+class Executor(enum.StrEnum):
     LOCAL = "local"
     GCE = "gce"
 

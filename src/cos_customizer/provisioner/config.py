@@ -17,7 +17,7 @@ from typing import Any, ClassVar, TypeVar
 from cos_customizer.errors import ConfigError
 
 
-class StepType(str, enum.Enum):
+class StepType(enum.StrEnum):
     RUN_SCRIPT = "RunScript"
     INSTALL_GPU = "InstallGPU"
     DISABLE_AUTO_UPDATE = "DisableAutoUpdate"
@@ -149,13 +149,12 @@ class ProvisionerConfig:
     def from_json(cls, data: Any, where: str = "provisioner config") -> ProvisionerConfig:
         obj = _expect_object(data, where)
         _reject_unknown(obj, {"BuildContexts", "BootDisk", "Steps"}, where)
-        contexts = obj.get("BuildContexts") or {}
-        contexts = _expect_object(contexts, f"{where}: BuildContexts")
+        contexts = _expect_object(_or(obj.get("BuildContexts"), {}), f"{where}: BuildContexts")
         for name, url in contexts.items():
             if not isinstance(url, str):
                 raise ConfigError(f"{where}: BuildContexts.{name} must be a string")
-        boot_disk = _from_json(BootDisk, obj.get("BootDisk") or {}, f"{where}: BootDisk")
-        raw_steps = obj.get("Steps") or []
+        boot_disk = _from_json(BootDisk, _or(obj.get("BootDisk"), {}), f"{where}: BootDisk")
+        raw_steps = _or(obj.get("Steps"), [])
         if not isinstance(raw_steps, list):
             raise ConfigError(f"{where}: Steps must be a list")
         steps = tuple(_step_from_json(raw, f"{where}: Steps[{index}]") for index, raw in enumerate(raw_steps))
@@ -166,12 +165,14 @@ def _step_from_json(data: Any, where: str) -> Step:
     obj = _expect_object(data, where)
     _reject_unknown(obj, {"Type", "Args"}, where)
     raw_type = obj.get("Type")
+    if not isinstance(raw_type, str) or not raw_type:
+        raise ConfigError(f'{where}: missing required field "Type"')
     try:
         step_type = StepType(raw_type)
     except ValueError:
         known = ", ".join(t.value for t in StepType)
         raise ConfigError(f'{where}: unknown step type "{raw_type}"; known types: {known}') from None
-    args = obj.get("Args") or {}
+    args = _or(obj.get("Args"), {})
     return Step(_from_json(STEP_ARGS[step_type], args, f"{where} ({step_type.value})"))
 
 
@@ -219,6 +220,11 @@ def _convert(value: Any, default: Any, key: str, where: str) -> Any:
     if isinstance(value, list) and all(isinstance(item, str) for item in value):
         return tuple(value)
     raise ConfigError(f"{where}: {key} must be a list of strings, not {value!r}")
+
+
+def _or(value: Any, default: Any) -> Any:
+    """JSON null (Go's nil map, slice or RawMessage) means the default."""
+    return default if value is None else value
 
 
 def _expect_object(data: Any, where: str) -> Mapping[str, Any]:

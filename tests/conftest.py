@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cos_customizer.cli.main import main
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+CLI = Callable[..., Result]
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    path = tmp_path / "home"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def workspace_root(tmp_path: Path) -> Path:
+    return tmp_path / "ws"
+
+
+@pytest.fixture
+def cli(home: Path, workspace_root: Path, capsys: pytest.CaptureFixture[str]) -> CLI:
+    """Run the command line in-process with an isolated HOME and workspace."""
+
+    def run(*argv: str, env: dict[str, str] | None = None) -> Result:
+        environ = {"HOME": str(home), "COS_CUSTOMIZER_WORKDIR": str(workspace_root), "PATH": os.environ["PATH"]}
+        environ.update(env or {})
+        capsys.readouterr()
+        code = main(list(argv), environ)
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture
+def context_dir(tmp_path: Path) -> Path:
+    """A build context with a script, a library and an executable."""
+    path = tmp_path / "context"
+    (path / "lib").mkdir(parents=True)
+    (path / "preload.sh").write_text("echo hello > /var/lib/hello\n")
+    (path / "lib" / "mylib.sh").write_text("greet() { echo hi; }\n")
+    tool = path / "tool.sh"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    (path / "pkgspec").mkdir()
+    (path / "pkgspec" / "k8s.yaml").write_text("packages: []\n")
+    return path
+
+
+@pytest.fixture
+def image_file(tmp_path: Path) -> Path:
+    path = tmp_path / "cos.raw"
+    with open(path, "wb") as out:
+        out.truncate(10 << 30)
+    return path
+
+
+@pytest.fixture
+def local_build(cli: CLI, context_dir: Path, image_file: Path) -> CLI:
+    """A started local build; returns the cli runner."""
+    result = cli("start-image-build", f"-build-context={context_dir}", f"-image-file={image_file}")
+    assert result.code == 0, result.err
+    return cli
+
+
+@pytest.fixture
+def gce_build(cli: CLI, context_dir: Path) -> CLI:
+    result = cli(
+        "start-image-build",
+        f"-build-context={context_dir}",
+        "-image-project=cos-cloud",
+        "-image-name=cos-stable-109-17800-66-0",
+        "-gcs-bucket=bucket",
+        "-gcs-workdir=build-1",
+    )
+    assert result.code == 0, result.err
+    return cli
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under `root` with its bytes: to show that nothing changed."""
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

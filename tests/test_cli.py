@@ -1,0 +1,798 @@
+"""The command line end to end: every step, its effect on the workspace, and its refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cos_customizer.cli.main import COMMANDS
+from tests.conftest import CLI, snapshot
+
+# Help
+
+
+def test_help_lists_every_command(cli: CLI) -> None:
+    for argv in ([], ["--help"], ["-h"], ["help"]):
+        result = cli(*argv)
+        assert result.code == 0
+        for name, command in COMMANDS.items():
+            assert f"  {name:<26} {command.synopsis}" in result.out
+    assert len(COMMANDS) == 9
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_step_help_documents_every_flag(cli: CLI, name: str) -> None:
+    result = cli(name, "--help")
+    assert result.code == 0
+    assert f"Usage: cos-customizer [global flags] {name}" in result.out
+    for flag in COMMANDS[name].flags:
+        assert f"  -{flag.name}" in result.out
+    assert "-local-state-workdir" in result.out
+    assert cli("help", name).out == result.out
+
+
+def test_finish_help_shows_go_defaults(cli: CLI) -> None:
+    out = cli("finish-image-build", "-help").out
+    assert '(default "pd-standard")' in out
+    assert "(default 1h0m0s)" in out
+
+
+def test_unknown_step(cli: CLI) -> None:
+    result = cli("make-it-so")
+    assert result.code == 2
+    assert (
+        result.err
+        == 'cos-customizer: error: unknown step "make-it-so": run cos-customizer --help for the list of steps\n'
+    )
+
+
+def test_unknown_flag_and_stray_argument(cli: CLI, workspace_root: Path) -> None:
+    result = cli("seal-oem", "-force")
+    assert (result.code, result.err) == (
+        2,
+        "cos-customizer: error: flag provided but not defined: -force (see cos-customizer seal-oem --help)\n",
+    )
+    result = cli("run-script", "preload.sh")
+    assert result.code == 2
+    assert result.err == (
+        'cos-customizer: error: unexpected argument "preload.sh": usage: cos-customizer run-script [flags] '
+        "(flags are written -name=value)\n"
+    )
+    assert not workspace_root.exists()
+
+
+# start-image-build
+
+
+def test_start_local(cli: CLI, context_dir: Path, image_file: Path, workspace_root: Path) -> None:
+    result = cli("start-image-build", f"--build-context={context_dir}", "--image-file", str(image_file))
+    assert result.code == 0, result.err
+    assert "Started an image build from" in result.err
+    source = json.loads((workspace_root / "config/source_image").read_text())
+    assert source["ImageFile"] == str(image_file)
+    build = json.loads((workspace_root / "config/build").read_text())
+    assert build["GCSBucket"] == "" and build["DiskSize"] == 0
+    prov = json.loads((workspace_root / "config/provisioner").read_text())
+    assert prov == {
+        "BuildContexts": {},
+        "BootDisk": {"OEMSize": "", "OEMFSSize4K": 0, "ReclaimSDA3": False, "WaitForDiskResize": False},
+        "Steps": [],
+    }
+    assert (workspace_root / "user_build_context.tar").is_file()
+
+
+def test_start_gce_records_what_was_given(cli: CLI, context_dir: Path, workspace_root: Path) -> None:
+    result = cli(
+        "start-image-build",
+        f"-build-context={context_dir}",
+        "-image-project=cos-cloud",
+        "-image-family=cos-stable",
+        "-gcs-bucket=b",
+        "-gcs-workdir=w",
+    )
+    assert result.code == 0, result.err
+    source = json.loads((workspace_root / "config/source_image").read_text())
+    assert source == {"Name": "", "Project": "cos-cloud", "Family": "cos-stable", "Milestone": 0, "ImageFile": ""}
+    build = json.loads((workspace_root / "config/build").read_text())
+    assert (build["GCSBucket"], build["GCSDir"]) == ("b", "w")
+
+
+def test_start_uses_home_for_relative_workdir(cli: CLI, context_dir: Path, image_file: Path, home: Path) -> None:
+    result = cli(
+        "-local-state-workdir=state", "start-image-build", f"-build-context={context_dir}", f"-image-file={image_file}"
+    )
+    assert result.code == 0, result.err
+    assert (home / "state" / "config" / "provisioner").is_file()
+
+
+def test_global_flag_after_the_step(cli: CLI, context_dir: Path, image_file: Path, tmp_path: Path) -> None:
+    where = tmp_path / "elsewhere"
+    result = cli(
+        "start-image-build",
+        f"-build-context={context_dir}",
+        f"-image-file={image_file}",
+        f"-local-state-workdir={where}",
+    )
+    assert result.code == 0, result.err
+    assert (where / "config" / "source_image").is_file()
+
+
+def test_start_replaces_the_previous_build(
+    local_build: CLI, context_dir: Path, image_file: Path, workspace_root: Path
+) -> None:
+    assert local_build("seal-oem").code == 0
+    result = local_build("start-image-build", f"-build-context={context_dir}", f"-image-file={image_file}")
+    assert result.code == 0
+    assert json.loads((workspace_root / "config/provisioner").read_text())["Steps"] == []
+    assert sorted(p.name for p in workspace_root.parent.iterdir() if p.name.startswith(".ws")) == []
+
+
+GCE = ["-image-project=cos-cloud", "-gcs-bucket=b", "-gcs-workdir=w"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            [*GCE],
+            "exactly one of -image-name, -image-milestone, -image-family must be set "
+            "(or -image-file=PATH for a local build)",
+        ),
+        (
+            [*GCE, "-image-name=a", "-image-family=b"],
+            "exactly one of -image-name, -image-milestone, -image-family must be set "
+            "(or -image-file=PATH for a local build)",
+        ),
+        (
+            ["-image-project=my-proj", "-gcs-bucket=b", "-gcs-workdir=w", "-image-milestone=109"],
+            '-image-milestone can only be used if -image-project is set to cos-cloud (image-milestone: 109, image-project: "my-proj")',
+        ),
+        (
+            [*GCE, "-image-milestone=-3"],
+            "-image-milestone must be a positive milestone number such as 113, not -3",
+        ),
+        (
+            ["-image-project=cos-cloud", "-gcs-workdir=w", "-image-name=x"],
+            "-gcs-bucket must be set for a GCE build (or use -image-file=PATH for a local build)",
+        ),
+        (
+            ["-image-project=cos-cloud", "-gcs-bucket=b", "-image-name=x"],
+            "-gcs-workdir must be set for a GCE build (or use -image-file=PATH for a local build)",
+        ),
+        (
+            ["-gcs-bucket=b", "-gcs-workdir=w", "-image-name=x"],
+            "-image-project must be set for a GCE build (or use -image-file=PATH for a local build)",
+        ),
+        (["-image-milestone=abc"], 'invalid value "abc" for flag -image-milestone: parse error'),
+    ],
+)
+def test_start_refusals(cli: CLI, context_dir: Path, workspace_root: Path, args: list[str], message: str) -> None:
+    result = cli("start-image-build", f"-build-context={context_dir}", *args)
+    assert (result.code, result.err) == (2, f"cos-customizer: error: {message}\n")
+    assert not workspace_root.exists()
+
+
+def test_start_local_refusals(
+    cli: CLI, context_dir: Path, image_file: Path, tmp_path: Path, workspace_root: Path
+) -> None:
+    result = cli("start-image-build", f"-image-file={image_file}", "-image-name=cos-1")
+    assert result.code == 2
+    assert result.err == (
+        "cos-customizer: error: -image-file and -image-name are mutually exclusive: a build starts either from a "
+        "local image file (local executor) or from a Compute Engine image (gce executor)\n"
+    )
+    missing = tmp_path / "missing.raw"
+    result = cli("start-image-build", f"-image-file={missing}")
+    assert result.err == (
+        f"cos-customizer: error: -image-file={missing}: no such file; give a raw, .qcow2 or .tar.gz COS disk image\n"
+    )
+    result = cli("start-image-build", f"-image-file={tmp_path}")
+    assert result.err.endswith("not a file; give a raw, .qcow2 or .tar.gz COS disk image\n")
+    assert not workspace_root.exists()
+
+
+def test_missing_build_context_keeps_the_previous_build(
+    local_build: CLI, image_file: Path, tmp_path: Path, workspace_root: Path
+) -> None:
+    assert local_build("seal-oem").code == 0
+    before = snapshot(workspace_root)
+    result = local_build("start-image-build", f"-build-context={tmp_path / 'nope'}", f"-image-file={image_file}")
+    assert result.code == 2
+    assert result.err == (
+        f"cos-customizer: error: build context {tmp_path / 'nope'} does not exist: pass -build-context=DIR, "
+        "the directory holding your scripts and files\n"
+    )
+    assert snapshot(workspace_root) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".ws")) == []
+
+
+# Steps before start-image-build
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run-script", "-script=a.sh"],
+        ["install-gpu", "-version=535.104.05"],
+        ["seal-oem"],
+        ["disable-auto-update"],
+        ["anthos-installer-install", "-pkgspec-url=gs://b/spec"],
+        ["finish-image-build", "-output=/tmp/x.raw"],
+    ],
+)
+def test_steps_need_a_started_build(cli: CLI, workspace_root: Path, argv: list[str]) -> None:
+    result = cli(*argv)
+    assert (result.code, result.err) == (
+        1,
+        f"cos-customizer: error: no image build in progress in {workspace_root}: run start-image-build first\n",
+    )
+    assert not workspace_root.exists()
+
+
+def test_incomplete_and_corrupted_workspace(local_build: CLI, workspace_root: Path) -> None:
+    prov = workspace_root / "config/provisioner"
+    prov.write_text('{"Steps": [')
+    result = local_build("seal-oem")
+    assert result.code == 1
+    assert result.err == (
+        f"cos-customizer: error: the workspace file {prov} is corrupted (invalid JSON at line 1 column 12: "
+        "Expecting value): run start-image-build again to start a fresh build\n"
+    )
+    assert prov.read_text() == '{"Steps": ['
+    prov.write_text('{"Steps": [{"Type": "Reboot"}]}')
+    result = local_build("seal-oem")
+    assert 'corrupted (the provisioner config: Steps[0]: unknown step type "Reboot"; known types:' in result.err
+    prov.write_text("{}")
+    (workspace_root / "config/build").write_text('{"DiskSize": "big"}')
+    result = local_build("install-gpu", "-version=535.104.05")
+    assert result.err == (
+        f"cos-customizer: error: the workspace file {workspace_root / 'config/build'} is corrupted "
+        "(DiskSize: Input should be a valid integer, unable to parse string as an integer): "
+        "run start-image-build again to start a fresh build\n"
+    )
+    prov.unlink()
+    result = local_build("seal-oem")
+    assert result.err == (
+        f"cos-customizer: error: the workspace {workspace_root} is incomplete (config/provisioner is missing): "
+        "run start-image-build again\n"
+    )
+
+
+# run-script
+
+
+def steps_of(workspace_root: Path) -> list[dict[str, object]]:
+    return list(json.loads((workspace_root / "config/provisioner").read_text())["Steps"])
+
+
+def test_run_script(local_build: CLI, workspace_root: Path) -> None:
+    assert local_build("run-script", "-script=preload.sh", "-env=B=2,A=1", "-env", "LIST=x,y").code == 0
+    assert local_build("run-script", "--script", "./lib/mylib.sh").code == 0
+    assert steps_of(workspace_root) == [
+        {
+            "Type": "RunScript",
+            "Args": {"BuildContext": "user", "Path": "preload.sh", "Env": ["A=1", "B=2", "LIST=x,y"]},
+        },
+        {"Type": "RunScript", "Args": {"BuildContext": "user", "Path": "lib/mylib.sh", "Env": []}},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        ([], 2, "script not provided for run-script step; -script is required"),
+        (
+            ["-script=nope.sh"],
+            1,
+            "could not find nope.sh in the build context; the build context is the -build-context of "
+            "start-image-build, and paths are relative to it",
+        ),
+        (
+            ["-script=lib"],
+            1,
+            "could not find lib in the build context; the build context is the -build-context of "
+            "start-image-build, and paths are relative to it",
+        ),
+        (
+            ["-script=/etc/passwd"],
+            2,
+            "-script=/etc/passwd: give a path relative to the build context, not an absolute path",
+        ),
+        (
+            ["-script=a.sh", "-env=oops"],
+            2,
+            "invalid value \"oops\" for flag -env: item 'oops' is improperly formatted; does it have an '=' character?",
+        ),
+    ],
+)
+def test_run_script_refusals(local_build: CLI, workspace_root: Path, args: list[str], code: int, message: str) -> None:
+    before = snapshot(workspace_root)
+    result = local_build("run-script", *args)
+    assert (result.code, result.err) == (code, f"cos-customizer: error: {message}\n")
+    assert snapshot(workspace_root) == before
+
+
+# install-gpu
+
+
+def test_install_gpu(gce_build: CLI, workspace_root: Path) -> None:
+    assert gce_build("install-gpu", "-version=535.104.05", "-md5sum=" + "a" * 32).code == 0
+    assert steps_of(workspace_root) == [
+        {
+            "Type": "InstallGPU",
+            "Args": {
+                "NvidiaDriverVersion": "535.104.05",
+                "NvidiaDriverMD5Sum": "a" * 32,
+                "NvidiaInstallDirHost": "/var/lib/nvidia",
+                "NvidiaInstallerContainer": "gcr.io/cos-cloud/cos-gpu-installer:v20230815",
+                "GCSDepsPrefix": "",
+            },
+        }
+    ]
+    build = json.loads((workspace_root / "config/build").read_text())
+    assert build["GPUType"] == "nvidia-tesla-p100"
+    result = gce_build("install-gpu", "-version=535.104.05")
+    assert (result.code, result.err) == (
+        1,
+        "cos-customizer: error: install-gpu can only be invoked once in an image build process. "
+        "Only one driver version can be installed on the image\n",
+    )
+
+
+def test_install_gpu_from_a_run_file(gce_build: CLI, workspace_root: Path, tmp_path: Path) -> None:
+    deps = tmp_path / "deps"
+    deps.mkdir()
+    (deps / "NVIDIA-Linux-x86_64-450.51.06.run").write_text("installer")
+    (deps / "toolchain.tar.xz").write_text("tc")
+    (deps / "subdir").mkdir()
+    result = gce_build(
+        "install-gpu", "-version=NVIDIA-Linux-x86_64-450.51.06.run", f"-deps-dir={deps}", "-gpu-type=nvidia-tesla-t4"
+    )
+    assert result.code == 0, result.err
+    build = json.loads((workspace_root / "config/build").read_text())
+    assert build["GPUType"] == "nvidia-tesla-t4"
+    assert build["GCSFiles"] == [str(deps / "NVIDIA-Linux-x86_64-450.51.06.run"), str(deps / "toolchain.tar.xz")]
+    assert steps_of(workspace_root)[0]["Args"]["GCSDepsPrefix"] == str(deps)  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        ([], 2, "-version must be set: a driver version such as 535.104.05, or an NVIDIA .run installer"),
+        (
+            ["-version=NVIDIA-Linux-x86_64-450.51.06.run"],
+            2,
+            '"-deps-dir" must be set when the version is specified as an nvidia installer file',
+        ),
+        (
+            ["-version=NVIDIA-Linux-x86_64-450.51.06.run", "-deps-dir={tmp}"],
+            1,
+            'nvidia installer file at "{tmp}/NVIDIA-Linux-x86_64-450.51.06.run" does not exist',
+        ),
+        (
+            ["-version=latest"],
+            2,
+            "driver version latest is not valid: give a version such as 535.104.05, or the name of an NVIDIA "
+            "installer file in -deps-dir such as NVIDIA-Linux-x86_64-450.51.06.run",
+        ),
+        (["-version=535.104.05", "-md5sum=xyz"], 2, "-md5sum=xyz: expected 32 hexadecimal digits"),
+        (
+            ["-version=535.104.05", "-install-dir=var/lib/nvidia"],
+            2,
+            "-install-dir=var/lib/nvidia: give an absolute path on the image, like /var/lib/nvidia",
+        ),
+        (
+            ["-get-valid-drivers"],
+            1,
+            "-get-valid-drivers needs Google Cloud Storage: this version of cos-customizer does not run GCE builds "
+            "yet; use -dry-run to see the plan, or start a local build with -image-file",
+        ),
+    ],
+)
+def test_install_gpu_refusals(
+    gce_build: CLI, workspace_root: Path, tmp_path: Path, args: list[str], code: int, message: str
+) -> None:
+    before = snapshot(workspace_root)
+    result = gce_build("install-gpu", *[a.format(tmp=tmp_path) for a in args])
+    assert (result.code, result.err) == (code, f"cos-customizer: error: {message.format(tmp=tmp_path)}\n")
+    assert snapshot(workspace_root) == before
+
+
+def test_install_gpu_run_file_is_a_directory(gce_build: CLI, tmp_path: Path) -> None:
+    (tmp_path / "NVIDIA-Linux-x86_64-450.51.06.run").mkdir()
+    result = gce_build("install-gpu", "-version=NVIDIA-Linux-x86_64-450.51.06.run", f"-deps-dir={tmp_path}")
+    assert result.err == (
+        f'cos-customizer: error: nvidia installer file at "{tmp_path}/NVIDIA-Linux-x86_64-450.51.06.run" is a directory\n'
+    )
+
+
+# seal-oem, disable-auto-update
+
+
+@pytest.mark.parametrize(("step", "step_type"), [("seal-oem", "SealOEM"), ("disable-auto-update", "DisableAutoUpdate")])
+def test_reclaiming_steps(local_build: CLI, workspace_root: Path, step: str, step_type: str) -> None:
+    assert local_build(step).code == 0
+    prov = json.loads((workspace_root / "config/provisioner").read_text())
+    assert prov["BootDisk"]["ReclaimSDA3"] is True
+    assert prov["Steps"] == [{"Type": step_type, "Args": {}}]
+    result = local_build(step)
+    assert result.code == 0
+    assert f"{step} is already configured for this build; nothing to change" in result.err
+    assert len(steps_of(workspace_root)) == 1
+
+
+def test_script_after_seal_oem_gets_a_note(local_build: CLI) -> None:
+    assert local_build("seal-oem").code == 0
+    result = local_build("run-script", "-script=preload.sh")
+    assert result.code == 0
+    assert "the OEM partition is sealed after every other step, so run-script still runs before it" in result.err
+
+
+# anthos-installer-install
+
+
+def test_anthos_installer(local_build: CLI, workspace_root: Path) -> None:
+    assert local_build("anthos-installer-install", "-pkgspec-url=pkgspec", "-top-workdir=/var/lib/anthos").code == 0
+    assert local_build("anthos-installer-install", "-pkgspec-url=gs://bucket/spec.tar.gz").code == 0
+    steps = steps_of(workspace_root)
+    assert steps[0] == {
+        "Type": "InstallPackages",
+        "Args": {
+            "BuildContext": "user",
+            "PkgSpecURL": "pkgspec",
+            "TopWorkDir": "/var/lib/anthos",
+            "AnthosInstallerDir": "",
+            "AnthosInstallerVersion": "anthos_installer-linux-amd64-v0.0.1-bb7e04e.tar.gz",
+            "AnthosInstallerReleaseBucket": "cos-anthos-builds-us",
+        },
+    }
+    assert steps[1]["Args"]["PkgSpecURL"] == "gs://bucket/spec.tar.gz"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        ([], 2, "Required package spec is not provided for anthos-installer-install step: set -pkgspec-url"),
+        (
+            ["-pkgspec-url=ftp://host/spec"],
+            2,
+            "-pkgspec-url=ftp://host/spec: use a gs://, http:// or https:// address, or a path inside the build context",
+        ),
+        (
+            ["-pkgspec-url=specs"],
+            1,
+            "could not find specs in the build context; the build context is the -build-context of "
+            "start-image-build, and paths are relative to it",
+        ),
+    ],
+)
+def test_anthos_refusals(local_build: CLI, workspace_root: Path, args: list[str], code: int, message: str) -> None:
+    before = snapshot(workspace_root)
+    result = local_build("anthos-installer-install", *args)
+    assert (result.code, result.err) == (code, f"cos-customizer: error: {message}\n")
+    assert snapshot(workspace_root) == before
+
+
+# finish-image-build: local
+
+
+def test_finish_local_dry_run(local_build: CLI, workspace_root: Path, tmp_path: Path, image_file: Path) -> None:
+    for argv in (["run-script", "-script=preload.sh"], ["seal-oem"], ["disable-auto-update"]):
+        assert local_build(*argv).code == 0
+    before = snapshot(workspace_root)
+    output = tmp_path / "out.tar.gz"
+    result = local_build(
+        "finish-image-build", "-oem-size=1G", "-disk-size-gb=12", f"-output={output}", "-timeout=30m", "-dry-run"
+    )
+    assert result.code == 0, result.err
+    plan = json.loads(result.out)
+    assert plan["executor"] == "local"
+    assert plan["output"] == {"path": str(output), "format": "tar.gz"}
+    assert plan["source_image"]["ImageFile"] == str(image_file)
+    assert plan["build_config"]["DiskSize"] == 12
+    assert plan["build_config"]["Timeout"] == "30m0s"
+    assert plan["provisioner_config"]["BootDisk"] == {
+        "OEMSize": "2047M",
+        "OEMFSSize4K": 262144,
+        "ReclaimSDA3": True,
+        "WaitForDiskResize": False,
+    }
+    assert [s["Type"] for s in plan["provisioner_config"]["Steps"]] == ["RunScript", "SealOEM", "DisableAutoUpdate"]
+    assert plan["disk_plan"]["before"] == {} and plan["disk_plan"]["after"] == {}
+    assert "disk toolkit" in plan["disk_plan"]["pending"]
+    assert "Plan (dry run: nothing was changed)" in result.err
+    assert "1. run-script preload.sh\n    2. disable-auto-update\n    3. seal-oem" in result.err
+    assert snapshot(workspace_root) == before
+    assert not output.exists()
+
+
+@pytest.mark.parametrize(("name", "fmt"), [("out.qcow2", "qcow2"), ("out.raw", "raw"), ("out.img", "raw")])
+def test_finish_output_format_follows_the_name(local_build: CLI, tmp_path: Path, name: str, fmt: str) -> None:
+    result = local_build("finish-image-build", f"-output={tmp_path / name}", "-dry-run")
+    assert json.loads(result.out)["output"]["format"] == fmt
+
+
+def test_finish_local_without_dry_run_keeps_the_workspace(
+    local_build: CLI, workspace_root: Path, tmp_path: Path
+) -> None:
+    before = snapshot(workspace_root)
+    result = local_build("finish-image-build", f"-output={tmp_path / 'out.raw'}")
+    assert result.code == 1
+    assert "cannot run them yet" in result.err
+    assert snapshot(workspace_root) == before
+    assert not (tmp_path / "out.raw").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (
+            ["-zone=us-west1-b"],
+            2,
+            "-zone applies to GCE builds only; this build was started with -image-file, so it runs with the local executor",
+        ),
+        (
+            ["-image-name=x"],
+            2,
+            "-image-name applies to GCE builds only; this build was started with -image-file, so it runs with the local executor",
+        ),
+        ([], 2, "-output=PATH must be set for a local build: where to write the customized image"),
+        (
+            ["-output={image}"],
+            2,
+            "-output={image} is the source image; the source is never written, choose another name",
+        ),
+        (["-output={tmp}/exists.raw"], 1, "-output={tmp}/exists.raw already exists: remove it or choose another name"),
+        (
+            ["-output={tmp}/no/dir/out.raw"],
+            1,
+            "-output={tmp}/no/dir/out.raw: the directory {tmp}/no/dir does not exist",
+        ),
+        (
+            ["-output={tmp}/o.raw", "-oem-size=200T"],
+            2,
+            'invalid value "200T" for flag -oem-size: unknown unit "T"; use a whole number followed by B, K, M or G (for example 500M), or a bare number of 512-byte sectors',
+        ),
+        (
+            ["-output={tmp}/o.raw", "-oem-size=-200K"],
+            2,
+            'invalid value "-200K" for flag -oem-size: a size must start with a digit; use a whole number followed by B, K, M or G (for example 500M), or a bare number of 512-byte sectors',
+        ),
+        (
+            ["-output={tmp}/o.raw", "-oem-size=+200K"],
+            2,
+            'invalid value "+200K" for flag -oem-size: a size must start with a digit; use a whole number followed by B, K, M or G (for example 500M), or a bare number of 512-byte sectors',
+        ),
+        (
+            ["-output={tmp}/o.raw", "-oem-size=A45M"],
+            2,
+            'invalid value "A45M" for flag -oem-size: a size must start with a digit; use a whole number followed by B, K, M or G (for example 500M), or a bare number of 512-byte sectors',
+        ),
+        (
+            ["-output={tmp}/o.raw", "-oem-size="],
+            2,
+            'invalid value "" for flag -oem-size: empty size; use a whole number followed by B, K, M or G (for example 500M), or a bare number of 512-byte sectors',
+        ),
+        (
+            ["-output={tmp}/o.raw", "-oem-size=8M"],
+            2,
+            'invalid value "8M" for flag -oem-size: oem-size must be at least 16M (the size of the OEM partition in a COS image)',
+        ),
+        (
+            ["-output={tmp}/o.raw", "-oem-size=1G"],
+            1,
+            "the default disk size (10 GB) is too small for -oem-size=1G: the disk must be at least 11 GB (10 GB image + 1G OEM, rounded up to whole GB); pass -disk-size-gb=11 or a smaller -oem-size",
+        ),
+        (["-output={tmp}/o.raw", "-timeout=0s"], 2, "-timeout=0s: give a positive duration such as 1h0m0s"),
+        (
+            ["-output={tmp}/o.raw", "-timeout=1d"],
+            2,
+            'invalid value "1d" for flag -timeout: unknown unit "d" in duration "1d"; use Go duration syntax such as "1h0m0s", "90m" or "45s"',
+        ),
+        (
+            ["-output={tmp}/o.raw", "-disk-size-gb=8"],
+            2,
+            "-disk-size-gb=8: give 0 (keep the image's 10 GB) or at least 10",
+        ),
+    ],
+)
+def test_finish_local_refusals(
+    local_build: CLI, workspace_root: Path, tmp_path: Path, image_file: Path, args: list[str], code: int, message: str
+) -> None:
+    (tmp_path / "exists.raw").write_text("precious")
+    before = snapshot(workspace_root)
+    image_before = image_file.stat()
+    fill = {"tmp": tmp_path, "image": image_file}
+    result = local_build("finish-image-build", "-dry-run", *[a.format(**fill) for a in args])
+    assert (result.code, result.err) == (code, f"cos-customizer: error: {message.format(**fill)}\n")
+    assert result.out == ""
+    assert snapshot(workspace_root) == before
+    assert (tmp_path / "exists.raw").read_text() == "precious"
+    assert image_file.stat().st_mtime_ns == image_before.st_mtime_ns
+
+
+def test_finish_oem_size_edges_through_the_cli(local_build: CLI, tmp_path: Path) -> None:
+    assert local_build("seal-oem").code == 0
+    out = f"-output={tmp_path / 'o.raw'}"
+    refused = local_build("finish-image-build", out, "-oem-size=2G", "-disk-size-gb=12", "-dry-run")
+    assert refused.code == 1
+    assert "the disk must be at least 13 GB" in refused.err
+    accepted = local_build("finish-image-build", out, "-oem-size=2G", "-disk-size-gb=13", "-dry-run")
+    assert accepted.code == 0, accepted.err
+    assert json.loads(accepted.out)["provisioner_config"]["BootDisk"]["OEMSize"] == "4095M"
+
+
+@pytest.mark.parametrize(
+    ("argv", "step"),
+    [
+        (["install-gpu", "-version=535.104.05"], "install-gpu"),
+        (["anthos-installer-install", "-pkgspec-url=pkgspec"], "anthos-installer-install"),
+    ],
+)
+def test_finish_local_refuses_steps_it_cannot_run(
+    local_build: CLI, workspace_root: Path, tmp_path: Path, argv: list[str], step: str
+) -> None:
+    assert local_build("run-script", "-script=preload.sh").code == 0
+    assert local_build(*argv).code == 0
+    result = local_build("finish-image-build", f"-output={tmp_path / 'o.raw'}", "-dry-run")
+    assert result.code == 1
+    assert result.err.startswith(f"cos-customizer: error: step 2 ({step}) cannot run on the local executor: ")
+    assert result.err.endswith(
+        "; use the gce executor (start-image-build with -image-project and -image-name, -image-family or "
+        "-image-milestone)\n"
+    )
+
+
+# finish-image-build: GCE
+
+
+GCE_FINISH = ["-zone=us-west1-b", "-project=my-proj", "-image-project=my-proj"]
+
+
+def test_finish_gce_dry_run(gce_build: CLI, workspace_root: Path, tmp_path: Path) -> None:
+    deps = tmp_path / "deps"
+    deps.mkdir()
+    (deps / "NVIDIA-Linux-x86_64-450.51.06.run").write_text("x")
+    assert gce_build("install-gpu", "-version=NVIDIA-Linux-x86_64-450.51.06.run", f"-deps-dir={deps}").code == 0
+    assert gce_build("disable-auto-update").code == 0
+    before = snapshot(workspace_root)
+    result = gce_build(
+        "finish-image-build",
+        *GCE_FINISH,
+        "-image-suffix=-custom",
+        "-image-family=my-family",
+        "-labels=b=2,a=1",
+        "-licenses=projects/p/global/licenses/l",
+        "-disk-size-gb=20",
+        "-oem-size=1G",
+        "-dry-run",
+        env={"COS_CUSTOMIZER_COMPUTE_ENDPOINT": "http://127.0.0.1:9/"},
+    )
+    assert result.code == 0, result.err
+    plan = json.loads(result.out)
+    assert plan["executor"] == "gce"
+    assert plan["output_image"] == {
+        "Name": "cos-stable-109-17800-66-0-custom",
+        "Project": "my-proj",
+        "Family": "my-family",
+        "Labels": {"a": "1", "b": "2"},
+        "Licenses": ["projects/p/global/licenses/l"],
+        "InheritLabels": False,
+    }
+    prov = plan["provisioner_config"]
+    assert prov["BuildContexts"] == {"user": "gs://bucket/build-1/user_build_context.tar"}
+    assert prov["BootDisk"] == {"OEMSize": "1023M", "OEMFSSize4K": 0, "ReclaimSDA3": True, "WaitForDiskResize": True}
+    assert prov["Steps"][0]["Args"]["GCSDepsPrefix"] == "gs://bucket/build-1/gcs_files"
+    build = plan["build_config"]
+    assert (build["Zone"], build["Project"], build["MachineType"], build["DiskType"]) == (
+        "us-west1-b",
+        "my-proj",
+        "n1-standard-1",
+        "pd-standard",
+    )
+    assert build["GPUType"] == "nvidia-tesla-p100"
+    assert build["GCEEndpoint"] == "http://127.0.0.1:9/"
+    assert plan["workflow"] is None and plan["daisy_args"] is None
+    assert "GCE executor" in plan["pending"]
+    assert snapshot(workspace_root) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-zone=z", "-project=p"], "one of -image-name or -image-suffix must be set"),
+        (
+            ["-zone=z", "-project=p", "-image-name=a", "-image-suffix=b"],
+            "-image-name and -image-suffix are mutually exclusive",
+        ),
+        (
+            ["-zone=z", "-project=p", "-image-name=a", "-deprecate-old-images"],
+            "-deprecate-old-images can only be used if -image-family is set",
+        ),
+        (
+            ["-zone=z", "-project=p", "-image-name=a", "-old-image-ttl=60"],
+            "-old-image-ttl can only be used if -deprecate-old-images is set",
+        ),
+        (["-project=p", "-image-name=a"], "-zone must be set for a GCE build"),
+        (["-zone=z", "-image-name=a"], "-project must be set for a GCE build"),
+        (
+            ["-zone=z", "-project=p", "-image-name=a", "-sbom-input-path=s.json"],
+            "-sbom-input-path and -sbom-output-path must be set together",
+        ),
+        (
+            ["-zone=z", "-project=p", "-image-name=a", "-output=/tmp/x.raw"],
+            "-output is for local builds (started with -image-file); a GCE build makes a GCE image",
+        ),
+        (
+            ["-zone=z", "-project=p", "-image-name=a", "-deprecate-old-images=maybe"],
+            'invalid boolean value "maybe" for flag -deprecate-old-images: parse error',
+        ),
+    ],
+)
+def test_finish_gce_refusals(gce_build: CLI, workspace_root: Path, args: list[str], message: str) -> None:
+    before = snapshot(workspace_root)
+    result = gce_build("finish-image-build", "-dry-run", *args)
+    assert (result.code, result.err) == (2, f"cos-customizer: error: {message}\n")
+    assert snapshot(workspace_root) == before
+
+
+def test_finish_gce_without_dry_run_is_not_available(gce_build: CLI, workspace_root: Path) -> None:
+    result = gce_build("finish-image-build", *GCE_FINISH, "-image-name=out")
+    assert result.code == 1
+    assert "does not run GCE builds yet" in result.err
+    assert workspace_root.exists()
+
+
+# Our extra commands (their work comes in later issues)
+
+
+def test_sample_image_and_build_provisioner_validate(cli: CLI, tmp_path: Path) -> None:
+    result = cli("sample-image")
+    assert (result.code, result.err) == (
+        2,
+        "cos-customizer: error: missing OUTPUT: usage: cos-customizer sample-image OUTPUT [flags]\n",
+    )
+    result = cli("sample-image", str(tmp_path / "s.raw"), "-size-gb=4")
+    assert (result.code, result.err) == (
+        2,
+        "cos-customizer: error: -size-gb=4: a sample COS image needs at least 10 GB\n",
+    )
+    assert cli("sample-image", str(tmp_path / "s.raw")).code == 1
+    assert cli("build-provisioner").code == 2
+    assert not (tmp_path / "s.raw").exists()
+
+
+# Errors: one line, tracebacks only with -debug
+
+
+def test_debug_shows_the_traceback(cli: CLI, workspace_root: Path) -> None:
+    plain = cli("seal-oem")
+    assert "Traceback" not in plain.err
+    debug = cli("-debug", "seal-oem")
+    assert debug.code == 1
+    assert "Traceback (most recent call last)" in debug.err
+    assert debug.err.endswith(
+        f"cos-customizer: error: no image build in progress in {workspace_root}: run start-image-build first\n"
+    )
+
+
+def test_console_script_exit_codes(tmp_path: Path) -> None:
+    env = {"HOME": str(tmp_path), "COS_CUSTOMIZER_WORKDIR": str(tmp_path / "ws"), "PATH": "/usr/bin:/bin"}
+    exe = Path(sys.executable).parent / "cos-customizer"
+    usage = subprocess.run([exe, "seal-oem", "-x"], env=env, capture_output=True, text=True, check=False)
+    assert (usage.returncode, usage.stdout) == (2, "")
+    assert (
+        usage.stderr
+        == "cos-customizer: error: flag provided but not defined: -x (see cos-customizer seal-oem --help)\n"
+    )
+    failure = subprocess.run([exe, "seal-oem"], env=env, capture_output=True, text=True, check=False)
+    assert failure.returncode == 1
+    assert failure.stderr.count("\n") == 1
+    module = subprocess.run(
+        [sys.executable, "-m", "cos_customizer", "--help"], env=env, capture_output=True, text=True, check=False
+    )
+    assert module.returncode == 0 and "finish-image-build" in module.stdout
