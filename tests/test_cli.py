@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from cos_customizer import buildcontext
 from cos_customizer.cli.main import COMMANDS
 from tests.conftest import CLI, snapshot
 
@@ -796,3 +799,34 @@ def test_console_script_exit_codes(tmp_path: Path) -> None:
         [sys.executable, "-m", "cos_customizer", "--help"], env=env, capture_output=True, text=True, check=False
     )
     assert module.returncode == 0 and "finish-image-build" in module.stdout
+
+
+# Signals: cleanup runs, the previous workspace stays
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_during_start_keeps_the_previous_build(
+    local_build: CLI,
+    workspace_root: Path,
+    context_dir: Path,
+    image_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    sig: signal.Signals,
+    code: int,
+) -> None:
+    assert local_build("seal-oem").code == 0
+    before = snapshot(workspace_root)
+    real = buildcontext.create_archive
+
+    def archive_then_signal(*args: object, **kwargs: object) -> int:
+        real(*args, **kwargs)  # type: ignore[arg-type]
+        os.kill(os.getpid(), sig)
+        raise AssertionError("the signal should have stopped the build")
+
+    monkeypatch.setattr(buildcontext, "create_archive", archive_then_signal)
+    result = local_build("start-image-build", f"-build-context={context_dir}", f"-image-file={image_file}")
+    assert result.code == code
+    assert "nothing was left half-written" in result.err
+    assert snapshot(workspace_root) == before
+    assert sorted(p.name for p in workspace_root.parent.iterdir() if p.name.startswith(".ws")) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -156,6 +157,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     argv = sys.argv[1:] if argv is None else argv
     session = Session()
     _setup_logging(False)
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return run(argv, os.environ if environ is None else environ, session)
     except CustomizerError as err:
@@ -164,8 +166,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         sys.stderr.write(f"cos-customizer: error: {err}\n")
         return err.exit_code
     except KeyboardInterrupt:
-        sys.stderr.write("cos-customizer: interrupted\n")
+        sys.stderr.write("cos-customizer: interrupted (Ctrl-C); nothing was left half-written\n")
         return 130
+    except Terminated:
+        sys.stderr.write("cos-customizer: stopped by SIGTERM; nothing was left half-written\n")
+        return 143
     except Exception as err:
         if session.debug:
             log.exception("cos-customizer failed")
@@ -173,6 +178,16 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             f"cos-customizer: internal error: {type(err).__name__}: {err} (run again with -debug for the traceback)\n"
         )
         return EXIT_FAILURE
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind like Ctrl-C so every cleanup runs."""
+
+
+def _terminated(_signum: int, _frame: object) -> None:
+    raise Terminated()
 
 
 class _StderrHandler(logging.Handler):
