@@ -54,6 +54,11 @@ def test_unknown_step(cli: CLI) -> None:
 
 
 def test_unknown_flag_and_stray_argument(cli: CLI, workspace_root: Path) -> None:
+    result = cli("-verbose", "seal-oem")
+    assert (result.code, result.err) == (
+        2,
+        "cos-customizer: error: flag provided but not defined: -verbose (see cos-customizer --help)\n",
+    )
     result = cli("seal-oem", "-force")
     assert (result.code, result.err) == (
         2,

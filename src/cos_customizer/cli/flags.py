@@ -156,7 +156,8 @@ def parse(flags: Sequence[Flag], args: Sequence[str], *, command: str, intersper
         if flag is None:
             if name in ("h", "help"):
                 raise HelpRequested()
-            raise UsageError(f"flag provided but not defined: -{name} (see cos-customizer {command} --help)")
+            where = f"cos-customizer {command} --help" if command else "cos-customizer --help"
+            raise UsageError(f"flag provided but not defined: -{name} (see {where})")
         if flag.kind is Kind.BOOL and not has_value:
             value = "true"
         elif not has_value:
