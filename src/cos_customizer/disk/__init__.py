@@ -1,0 +1,1 @@
+"""The disk toolkit: GPT, planner, mover, verity, grub.cfg, ext tools."""

@@ -1,0 +1,167 @@
+"""Relocate data inside one image file or block device, keeping it sparse.
+
+Two movers, both correct when source and destination overlap in either
+direction:
+
+- `move_ext`: an ext2/3/4 file system, with `e2image -ra -o SRC -O DST
+  IMAGE` given ONE file argument (an in-place move that copies only the
+  blocks the file system uses). Cost follows the data, not the partition.
+- `copy_range`: any byte range, byte for byte: data extents found with
+  `SEEK_DATA`/`SEEK_HOLE` are copied with `copy_file_range`, and holes in
+  the source become holes (or zeros) at the destination, so the result is
+  identical to the source and the image stays sparse.
+
+Order of writes and crash safety: the movers only write the destination
+range, in an order that never overwrites source bytes not yet copied
+(front to back when moving left, back to front when moving right, in
+pieces no larger than the distance moved). The partition table is written
+after all data has moved (see `disk.apply`), so a failure before that
+leaves the old table valid and, for non-overlapping moves, the old data
+intact. An overlapping move interrupted midway damages the partition being
+moved: that is why the local executor moves data only in its working copy,
+never in the source image.
+
+Standard library only: the provisioner uses this module too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import stat
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from cos_customizer.runner import require_tool, run
+
+CHUNK = 8 << 20
+Progress = Callable[[int, int], None]
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_BLKZEROOUT = 0x127F  # _IO(0x12, 127)
+
+
+def move_ext(image: Path, src_offset: int, dst_offset: int) -> None:
+    """Move the ext file system at byte `src_offset` of `image` to `dst_offset`."""
+    if src_offset == dst_offset:
+        return
+    tool = require_tool("e2image", "e2fsprogs")
+    run([tool, "-ra", "-o", str(src_offset), "-O", str(dst_offset), str(image)])
+
+
+def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of every data extent of `fd` within [start, end)."""
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as err:
+            if err.errno == errno.ENXIO:  # nothing but a hole up to the end of the file
+                return
+            raise
+        if data >= end:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, hole - data
+        pos = hole
+
+
+def _segments(fd: int, start: int, length: int) -> list[tuple[int, int, bool]]:
+    """[start, start+length) cut into (relative offset, length, is_data) pieces."""
+    pieces: list[tuple[int, int, bool]] = []
+    pos = start
+    for offset, size in data_extents(fd, start, start + length):
+        if offset > pos:
+            pieces.append((pos - start, offset - pos, False))
+        pieces.append((offset - start, size, True))
+        pos = offset + size
+    if pos < start + length:
+        pieces.append((pos - start, start + length - pos, False))
+    return pieces
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    result = _libc.fallocate(fd, mode, ctypes.c_int64(offset), ctypes.c_int64(length))
+    if result != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def zero_range(fd: int, offset: int, length: int) -> None:
+    """Make [offset, offset+length) read as zeros: a hole in a file, zeroed blocks on a device."""
+    if length <= 0:
+        return
+    if stat.S_ISBLK(os.fstat(fd).st_mode):
+        try:
+            fcntl.ioctl(fd, _BLKZEROOUT, struct.pack("QQ", offset, length))
+            return
+        except OSError:
+            pass
+    else:
+        try:
+            _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+            return
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+    zeros = bytes(min(CHUNK, length))
+    done = 0
+    while done < length:
+        done += os.pwrite(fd, zeros[: min(len(zeros), length - done)], offset + done)
+
+
+def _copy(fd: int, src: int, dst: int, length: int) -> None:
+    """Copy a non-overlapping piece inside one file."""
+    done = 0
+    while done < length:
+        try:
+            copied = os.copy_file_range(fd, fd, length - done, src + done, dst + done)
+        except OSError as err:
+            if err.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            copied = 0
+        if copied == 0:
+            data = os.pread(fd, min(CHUNK, length - done), src + done)
+            if not data:
+                raise OSError(errno.EIO, f"short read at byte {src + done}")
+            copied = os.pwrite(fd, data, dst + done)
+        done += copied
+
+
+def copy_range(path: Path, src: int, dst: int, length: int, progress: Progress | None = None) -> None:
+    """Copy `length` bytes from `src` to `dst` inside `path`, byte for byte and overlap-safe."""
+    if src == dst or length <= 0:
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        segments = _segments(fd, src, length)
+        total = sum(size for _, size, is_data in segments if is_data)
+        distance = abs(dst - src)
+        step = min(CHUNK, distance) if distance < length else CHUNK
+        backwards = dst > src
+        done = 0
+        for offset, size, is_data in reversed(segments) if backwards else segments:
+            if not is_data:
+                zero_range(fd, dst + offset, size)
+                continue
+            starts = range(offset, offset + size, step)
+            for piece in reversed(starts) if backwards else starts:
+                n = min(step, offset + size - piece)
+                _copy(fd, src + piece, dst + piece, n)
+                done += n
+                if progress is not None:
+                    progress(done, total)
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,236 @@
+"""`cos-customizer sample-image`: a small COS-shaped disk image, made offline.
+
+Same partition table as a real 10 GiB COS image (numbers, names, types,
+sector positions, kernel priority bits); ROOT-A is a small runnable system
+(bash, coreutils, grep, sed and their libraries, taken from this machine)
+with a real dm-verity tree whose root hash and salt are in grub.cfg; STATE,
+OEM and EFI-SYSTEM carry the file systems and directories COS has. The file
+systems are written straight into the sparse image at their offsets
+(`mke2fs -E offset`, `mkfs.vfat --offset`, mtools), so no root, loop device
+or mount is needed, and the output is written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from cos_customizer.disk import grub
+from cos_customizer.disk.gpt import (
+    BIOS_BOOT,
+    CHROMEOS_KERNEL,
+    CHROMEOS_RESERVED,
+    CHROMEOS_ROOT,
+    EFI_SYSTEM,
+    LINUX_DATA,
+    SECTOR,
+    Partition,
+    new_table,
+    write_table,
+)
+from cos_customizer.disk.verity import format_verity, random_salt
+from cos_customizer.errors import UsageError
+from cos_customizer.runner import require_tool, run
+
+GiB = 1 << 30
+ROOT_FS_BLOCKS = 516096  # 2 GiB less 32 MiB: the hash tree follows the file system in ROOT-A
+VERSION = "113.18244.85.59"
+MILESTONE = "113"
+
+# number, name, first, last (None: to the end of the disk), type, file system
+LAYOUT: tuple[tuple[int, str, int, int | None, uuid.UUID], ...] = (
+    (1, "STATE", 8704000, None, LINUX_DATA),
+    (2, "KERN-A", 20480, 53247, CHROMEOS_KERNEL),
+    (3, "ROOT-A", 4509696, 8703999, CHROMEOS_ROOT),
+    (4, "KERN-B", 53248, 86015, CHROMEOS_KERNEL),
+    (5, "ROOT-B", 315392, 4509695, CHROMEOS_ROOT),
+    (6, "KERN-C", 16448, 16448, CHROMEOS_KERNEL),
+    (7, "ROOT-C", 16449, 16449, CHROMEOS_ROOT),
+    (8, "OEM", 86016, 118783, LINUX_DATA),
+    (9, "reserved", 16450, 16450, CHROMEOS_RESERVED),
+    (10, "reserved", 16451, 16451, CHROMEOS_RESERVED),
+    (11, "RWFW", 64, 16447, BIOS_BOOT),
+    (12, "EFI-SYSTEM", 249856, 315391, EFI_SYSTEM),
+)
+
+# Commands a customization script commonly uses; their libraries come along.
+TOOLS = (
+    "bash", "cat", "chmod", "chown", "cp", "cut", "date", "dd", "df", "dirname", "basename", "du", "echo",
+    "env", "false", "grep", "head", "id", "install", "ln", "ls", "md5sum", "mkdir", "mktemp", "mv", "printf",
+    "pwd", "readlink", "realpath", "rm", "rmdir", "sed", "seq", "sha256sum", "sleep", "sort", "stat", "sync",
+    "tail", "tee", "test", "touch", "tr", "true", "uname", "uniq", "wc", "whoami", "xargs", "yes",
+)  # fmt: skip
+
+
+def partitions(disk_sectors: int) -> list[Partition]:
+    """The COS layout for a disk of `disk_sectors`, with fresh GUIDs."""
+    result = []
+    for number, name, first, last, type_guid in LAYOUT:
+        end = disk_sectors - 34 if last is None else last
+        part = Partition(number, type_guid, uuid.uuid4(), first, end, 0, name)
+        if name == "KERN-A":
+            part = part.with_chromeos(priority=1, tries=0, successful=True)
+        result.append(part)
+    return result
+
+
+def grub_cfg(root_a: Partition, root_b: Partition, root_hexdigest: str, salt: str) -> str:
+    """A grub.cfg of the COS shape: local and verified entries for A and B, each line with cros_efi."""
+    common = "init=/usr/lib/systemd/systemd boot=local rootwait ro noresume noswap loglevel=7 console=ttyS0"
+    sectors = ROOT_FS_BLOCKS * 8
+
+    def dm(part: Partition) -> str:
+        uid = str(part.guid).upper()
+        return (
+            f'root=/dev/dm-0 dm="1 vroot none ro 1,0 {sectors} verity payload=PARTUUID={uid} '
+            f"hashtree=PARTUUID={uid} hashstart={sectors} alg=sha256 root_hexdigest={root_hexdigest} "
+            f'salt={salt}"'
+        )
+
+    def entry(title: str, kernel: str, root: str) -> str:
+        return f'menuentry "{title}" {{\n  linux /syslinux/vmlinuz.{kernel} {common} cros_efi {root}\n}}\n'
+
+    return (
+        "defaultA=2\ndefaultB=3\ngptpriority $grubdisk 2 prioA\ngptpriority $grubdisk 4 prioB\n\n"
+        "if [ $prioA -lt $prioB ]; then\n  set default=$defaultB\nelse\n  set default=$defaultA\nfi\n\n"
+        "set timeout=0\n\n"
+        + entry("local image A", "A", f"root=PARTUUID={str(root_a.guid).upper()}")
+        + "\n"
+        + entry("local image B", "B", f"root=PARTUUID={str(root_b.guid).upper()}")
+        + "\n"
+        + entry("verified image A", "A", dm(root_a))
+        + "\n"
+        + entry("verified image B", "B", dm(root_b))
+    )
+
+
+def _libraries(binaries: list[Path]) -> set[Path]:
+    ldd = require_tool("ldd", "libc-bin")
+    found: set[Path] = set()
+    for binary in binaries:
+        result = run([ldd, str(binary)], check=False)
+        for line in result.stdout.decode().splitlines():
+            words = line.split()
+            path = words[2] if len(words) >= 3 and words[1] == "=>" else words[0] if words else ""
+            if path.startswith("/"):
+                found.add(Path(path))
+    return found
+
+
+def _place(src: Path, root: Path) -> None:
+    """Copy `src` to the same path under `root` (following links to the real file)."""
+    target = root / str(src).lstrip("/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        shutil.copy2(src.resolve(), target)
+
+
+def root_tree(root: Path) -> None:
+    """A small runnable COS-like root file system."""
+    for directory in ("usr/bin", "usr/sbin", "usr/lib", "usr/lib64", "usr/share/oem", "etc", "proc", "sys",
+                      "dev", "run", "tmp", "var", "home", "root", "mnt/stateful_partition", "mnt/disks"):  # fmt: skip
+        (root / directory).mkdir(parents=True, exist_ok=True)
+    for link, target in (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")):
+        (root / link).symlink_to(target)
+    binaries = []
+    for name in TOOLS:
+        path = shutil.which(name, path="/usr/bin:/bin")
+        if path is None:
+            raise UsageError(f"{name} is not on this machine; sample-image copies it from here (apt-get install it)")
+        binaries.append(Path(path))
+        shutil.copy2(Path(path).resolve(), root / "usr/bin" / name)
+    for library in _libraries(binaries):
+        _place(library, root / "usr" if str(library).startswith(("/lib", "/lib64")) else root)
+    (root / "usr/bin/sh").symlink_to("bash")
+    (root / "etc/os-release").write_text(
+        f'NAME="Container-Optimized OS"\nID=cos\nPRETTY_NAME="Container-Optimized OS from Google"\n'
+        f'HOME_URL="https://cloud.google.com/container-optimized-os/docs"\nVERSION={MILESTONE}\n'
+        f"VERSION_ID={MILESTONE}\nBUILD_ID={VERSION.split('.', 1)[1]}\n"
+    )
+    (root / "etc/passwd").write_text(
+        "root:x:0:0:root:/root:/bin/bash\nchronos:x:1000:1000:chronos:/home/chronos:/bin/bash\n"
+    )
+    (root / "etc/group").write_text("root:x:0:\nchronos:x:1000:\n")
+
+
+def state_tree(root: Path) -> None:
+    for directory in ("var_overlay/lib", "var_overlay/log", "var_overlay/cache", "var_overlay/tmp",
+                      "home/chronos", "dev_image"):  # fmt: skip
+        (root / directory).mkdir(parents=True)
+    (root / "var_overlay/lib/sample-image").write_text("this file was on STATE before the build\n")
+
+
+def oem_tree(root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "README").write_text("OEM partition of the cos-customizer sample image\n")
+
+
+def _mke2fs(image: Path, part: Partition, fstype: str, label: str, tree: Path, blocks: int | None = None) -> None:
+    tool = require_tool("mke2fs", "e2fsprogs")
+    size = blocks if blocks is not None else part.size * SECTOR // 4096
+    extended = f"offset={part.first * SECTOR},lazy_itable_init=1,lazy_journal_init=1,nodiscard"
+    run([tool, "-q", "-F", "-t", fstype, "-b", "4096", "-L", label, "-d", str(tree), "-E", extended,
+         "-U", "random", str(image), str(size)])  # fmt: skip
+
+
+def _efi(image: Path, part: Partition, cfg: str) -> None:
+    mkfs = require_tool("mkfs.vfat", "dosfstools")
+    run([mkfs, "-n", "EFI-SYSTEM", f"--offset={part.first}", str(image), str(part.size * SECTOR // 1024)])
+    mmd = require_tool("mmd", "mtools")
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+    for directory in ("::/efi", "::/efi/boot", "::/syslinux"):
+        run([mmd, "-i", f"{image}@@{part.first * SECTOR}", directory], env=env)
+    grub.write_grub_cfg(image, part.first * SECTOR, cfg)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    path: Path
+    root_hexdigest: str
+    salt: str
+
+
+@contextlib.contextmanager
+def _atomic_output(output: Path) -> Iterator[Path]:
+    tmp = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    try:
+        yield tmp
+        tmp.replace(output)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def build(output: Path, size_gb: int = 10) -> Sample:
+    """Write the sample image to `output` (replaced atomically)."""
+    if size_gb < 10:
+        raise UsageError(f"-size-gb={size_gb}: a sample COS image needs at least 10 GB")
+    disk_sectors = size_gb * GiB // SECTOR
+    parts = {p.name: p for p in partitions(disk_sectors)}
+    with tempfile.TemporaryDirectory(prefix="cos-sample.") as tmp, _atomic_output(output) as image:
+        staging = Path(tmp)
+        with open(image, "wb") as out:
+            out.truncate(disk_sectors * SECTOR)
+        write_table(image, new_table(disk_sectors, parts.values()))
+        root_tree(staging / "root")
+        _mke2fs(image, parts["ROOT-A"], "ext2", "ROOT-A", staging / "root", ROOT_FS_BLOCKS)
+        root_a = parts["ROOT-A"].first * SECTOR
+        params = format_verity(
+            image,
+            data_offset=root_a,
+            data_blocks=ROOT_FS_BLOCKS,
+            hash_offset=root_a + ROOT_FS_BLOCKS * 4096,
+            salt=random_salt(),
+        )
+        state_tree(staging / "state")
+        _mke2fs(image, parts["STATE"], "ext4", "STATE", staging / "state")
+        oem_tree(staging / "oem")
+        _mke2fs(image, parts["OEM"], "ext4", "OEM", staging / "oem")
+        cfg = grub_cfg(parts["ROOT-A"], parts["ROOT-B"], params.root_hexdigest, params.salt_hex)
+        _efi(image, parts["EFI-SYSTEM"], cfg)
+    return Sample(output, params.root_hexdigest, params.salt_hex)

@@ -1,0 +1,162 @@
+"""The mover against a model of the bytes, and e2image moves checked with e2fsck."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cos_customizer.disk import ext, mover
+from cos_customizer.errors import CustomizerError
+
+MiB = 1 << 20
+
+
+def sparse_file(path: Path, size: int, chunks: list[tuple[int, bytes]]) -> None:
+    with open(path, "wb") as out:
+        out.truncate(size)
+        for offset, data in chunks:
+            out.seek(offset)
+            out.write(data)
+
+
+def allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def scattered(rng: random.Random, start: int, length: int, count: int) -> list[tuple[int, bytes]]:
+    chunks = []
+    for _ in range(count):
+        offset = start + rng.randrange(0, length - 256 * 1024) // 4096 * 4096
+        chunks.append((offset, rng.randbytes(rng.choice([4096, 65536, 200 * 1024]))))
+    return chunks
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "length"),
+    [
+        (8 * MiB, 20 * MiB, 32 * MiB),  # right, overlapping
+        (20 * MiB, 8 * MiB, 32 * MiB),  # left, overlapping
+        (8 * MiB, 8 * MiB + 4096, 16 * MiB),  # right by one block
+        (8 * MiB + 4096, 8 * MiB, 16 * MiB),  # left by one block
+        (4 * MiB, 60 * MiB, 16 * MiB),  # apart
+        (60 * MiB, 4 * MiB, 16 * MiB),
+    ],
+)
+def test_copy_range_is_byte_exact_and_sparse(tmp_path: Path, src: int, dst: int, length: int) -> None:
+    rng = random.Random(src * 7 + dst)
+    image = tmp_path / "disk.raw"
+    size = 96 * MiB
+    # Old data in the destination that must not survive where the source has holes.
+    old = [(dst + i * MiB, b"\xee" * 8192) for i in range(0, length // MiB, 3)]
+    data = scattered(rng, src, length, 12)
+    sparse_file(image, size, [*old, *data])
+    before = image.read_bytes()
+    progress: list[tuple[int, int]] = []
+    mover.copy_range(image, src, dst, length, progress=lambda done, total: progress.append((done, total)))
+    after = image.read_bytes()
+    assert after[dst : dst + length] == before[src : src + length]
+    # Nothing outside the destination changes (the source may only be overwritten where they overlap).
+    assert after[:dst] == before[:dst]
+    assert after[dst + length :] == before[dst + length :]
+    assert allocated(image) <= 2 * sum(len(d) for _, d in data) + 4 * MiB + sum(len(d) for _, d in old)
+    assert progress and progress[-1][0] == progress[-1][1]
+
+
+def test_copy_range_noop(tmp_path: Path) -> None:
+    image = tmp_path / "disk.raw"
+    sparse_file(image, MiB, [(0, b"x" * 4096)])
+    mover.copy_range(image, 0, 0, 4096)
+    mover.copy_range(image, 0, 8192, 0)
+    assert image.read_bytes()[:4096] == b"x" * 4096
+
+
+def test_copy_range_on_a_fully_written_region(tmp_path: Path) -> None:
+    rng = random.Random(3)
+    image = tmp_path / "disk.raw"
+    payload = rng.randbytes(24 * MiB)
+    sparse_file(image, 64 * MiB, [(MiB, payload)])
+    mover.copy_range(image, MiB, MiB + 5 * 4096, len(payload))
+    assert image.read_bytes()[MiB + 5 * 4096 : MiB + 5 * 4096 + len(payload)] == payload
+
+
+def make_ext(image: Path, offset: int, size: int, tree: Path) -> None:
+    subprocess.run(
+        [
+            "mke2fs",
+            "-q",
+            "-t",
+            "ext4",
+            "-L",
+            "STATE",
+            "-d",
+            str(tree),
+            "-E",
+            f"offset={offset}",
+            str(image),
+            f"{size // 1024}k",
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+
+def read_file(image: Path, offset: int, name: str) -> bytes:
+    result = subprocess.run(
+        ["debugfs", "-R", f"cat {name}", ext.device(image, offset)], check=True, capture_output=True
+    )
+    return result.stdout
+
+
+@pytest.mark.parametrize(("src", "dst"), [(16 * MiB, 40 * MiB), (40 * MiB, 16 * MiB), (16 * MiB, 200 * MiB)])
+def test_move_ext_keeps_the_file_system(tmp_path: Path, src: int, dst: int) -> None:
+    rng = random.Random(src + dst)
+    tree = tmp_path / "tree"
+    (tree / "var_overlay" / "lib").mkdir(parents=True)
+    files = {f"/var_overlay/lib/f{i}": rng.randbytes(rng.randrange(1, 300_000)) for i in range(20)}
+    for name, content in files.items():
+        (tree / name.lstrip("/")).write_bytes(content)
+    image = tmp_path / "disk.raw"
+    with open(image, "wb") as out:
+        out.truncate(512 * MiB)
+    make_ext(image, src, 64 * MiB, tree)
+    mover.move_ext(image, src, dst)
+    ext.check(image, dst)
+    info = ext.info(image, dst)
+    assert (info.label, info.size) == ("STATE", 64 * MiB)
+    for name, content in files.items():
+        assert read_file(image, dst, name) == content
+    assert allocated(image) < 40 * MiB
+
+
+def test_ext_resize_grows_to_exact_size(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "hello").write_text("hi")
+    image = tmp_path / "disk.raw"
+    with open(image, "wb") as out:
+        out.truncate(256 * MiB)
+    make_ext(image, 8 * MiB, 32 * MiB, tree)
+    ext.resize(image, 8 * MiB, 100 * MiB)
+    assert ext.info(image, 8 * MiB).size == 100 * MiB
+    ext.check(image, 8 * MiB)
+    assert read_file(image, 8 * MiB, "/hello") == b"hi"
+
+
+def test_ext_info_on_no_file_system(tmp_path: Path) -> None:
+    image = tmp_path / "disk.raw"
+    with open(image, "wb") as out:
+        out.truncate(8 * MiB)
+    with pytest.raises(CustomizerError, match="no ext file system at byte 4096 of"):
+        ext.info(image, 4096)
+
+
+def test_parse_dumpe2fs() -> None:
+    text = "Filesystem volume name:   <none>\nBlock count:              2048\nBlock size:               4096\n"
+    info = ext.parse_dumpe2fs(text)
+    assert (info.label, info.block_count, info.size) == ("", 2048, 8 * MiB)
+    with pytest.raises(CustomizerError, match="cannot read the dumpe2fs output"):
+        ext.parse_dumpe2fs("Block size: 4096\n")
