@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cos_customizer import sample_image
 from cos_customizer.cli.main import main
 
 
@@ -62,12 +63,17 @@ def context_dir(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def image_file(tmp_path: Path) -> Path:
-    path = tmp_path / "cos.raw"
-    with open(path, "wb") as out:
-        out.truncate(10 << 30)
+@pytest.fixture(scope="session")
+def sample_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One sample COS image for the whole session; tests must not write it."""
+    path = tmp_path_factory.mktemp("sample") / "cos.raw"
+    sample_image.build(path)
     return path
+
+
+@pytest.fixture
+def image_file(sample_raw: Path) -> Path:
+    return sample_raw
 
 
 @pytest.fixture

@@ -510,10 +510,21 @@ def test_finish_local_dry_run(local_build: CLI, workspace_root: Path, tmp_path: 
         "WaitForDiskResize": False,
     }
     assert [s["Type"] for s in plan["provisioner_config"]["Steps"]] == ["RunScript", "SealOEM", "DisableAutoUpdate"]
-    assert plan["disk_plan"]["before"] == {} and plan["disk_plan"]["after"] == {}
-    assert "disk toolkit" in plan["disk_plan"]["pending"]
+    disk = plan["disk_plan"]
+    assert disk["before"]["3"] == {"name": "ROOT-A", "start": 4509696, "size": 4194304}
+    assert disk["after"]["3"] == {"name": "ROOT-A", "start": 4509696, "size": 8}
+    assert disk["after"]["8"] == {"name": "OEM", "start": 4513792, "size": 2047 * 2048}
+    assert disk["after"]["1"] == {
+        "name": "STATE",
+        "start": 4513792 + 2047 * 2048,
+        "size": 12 * 2097152 - 34 - (4513792 + 2047 * 2048) + 1,
+    }
+    assert disk["disk_sectors"] == {"before": 20971520, "after": 12 * 2097152}
+    assert [m["name"] for m in disk["moves"]] == ["ROOT-B", "OEM", "STATE"]
+    assert disk["oem_fs_bytes"] == 1 << 30
     assert "Plan (dry run: nothing was changed)" in result.err
     assert "1. run-script preload.sh\n    2. disable-auto-update\n    3. seal-oem" in result.err
+    assert "     8 OEM              86016 +32768 ->    4513792 +4192256" in result.err
     assert snapshot(workspace_root) == before
     assert not output.exists()
 
@@ -755,23 +766,11 @@ def test_finish_gce_without_dry_run_is_not_available(gce_build: CLI, workspace_r
     assert workspace_root.exists()
 
 
-# Our extra commands (their work comes in later issues)
+# Our extra commands
 
 
-def test_sample_image_and_build_provisioner_validate(cli: CLI, tmp_path: Path) -> None:
-    result = cli("sample-image")
-    assert (result.code, result.err) == (
-        2,
-        "cos-customizer: error: missing OUTPUT: usage: cos-customizer sample-image OUTPUT [flags]\n",
-    )
-    result = cli("sample-image", str(tmp_path / "s.raw"), "-size-gb=4")
-    assert (result.code, result.err) == (
-        2,
-        "cos-customizer: error: -size-gb=4: a sample COS image needs at least 10 GB\n",
-    )
-    assert cli("sample-image", str(tmp_path / "s.raw")).code == 1
+def test_build_provisioner_validates(cli: CLI) -> None:
     assert cli("build-provisioner").code == 2
-    assert not (tmp_path / "s.raw").exists()
 
 
 # Errors: one line, tracebacks only with -debug

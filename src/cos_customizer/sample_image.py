@@ -181,7 +181,7 @@ def _mke2fs(image: Path, part: Partition, fstype: str, label: str, tree: Path, b
 
 def _efi(image: Path, part: Partition, cfg: str) -> None:
     mkfs = require_tool("mkfs.vfat", "dosfstools")
-    run([mkfs, "-n", "EFI-SYSTEM", f"--offset={part.first}", str(image), str(part.size * SECTOR // 1024)])
+    run([mkfs, "-F", "16", "-n", "EFI-SYSTEM", f"--offset={part.first}", str(image), str(part.size * SECTOR // 1024)])
     mmd = require_tool("mmd", "mtools")
     env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
     for directory in ("::/efi", "::/efi/boot", "::/syslinux"):
@@ -211,12 +211,13 @@ def build(output: Path, size_gb: int = 10) -> Sample:
     if size_gb < 10:
         raise UsageError(f"-size-gb={size_gb}: a sample COS image needs at least 10 GB")
     disk_sectors = size_gb * GiB // SECTOR
-    parts = {p.name: p for p in partitions(disk_sectors)}
+    table = new_table(disk_sectors, partitions(disk_sectors))
+    parts = {p.name: p for p in table.partitions if p.name != "reserved"}
     with tempfile.TemporaryDirectory(prefix="cos-sample.") as tmp, _atomic_output(output) as image:
         staging = Path(tmp)
         with open(image, "wb") as out:
             out.truncate(disk_sectors * SECTOR)
-        write_table(image, new_table(disk_sectors, parts.values()))
+        write_table(image, table)
         root_tree(staging / "root")
         _mke2fs(image, parts["ROOT-A"], "ext2", "ROOT-A", staging / "root", ROOT_FS_BLOCKS)
         root_a = parts["ROOT-A"].first * SECTOR

@@ -13,14 +13,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cos_customizer import plan
+from cos_customizer import images, plan
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import Flag, Kind, Parsed
 from cos_customizer.config import BuildConfig, SourceImage
+from cos_customizer.disk import planner
+from cos_customizer.disk.gpt import SECTOR
+from cos_customizer.disk.planner import DiskPlan
 from cos_customizer.errors import NotAvailableError, UsageError, ValidationError
 from cos_customizer.executors import STEP_COMMANDS, Executor, check_supported, executor_for, gce
 from cos_customizer.provisioner.config import InstallGPUArgs, ProvisionerConfig, Step, StepType
-from cos_customizer.units import format_duration
+from cos_customizer.units import GiB, format_duration, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +152,7 @@ class FinishPlan:
     provisioner: ProvisionerConfig
     output: Output | None = None
     output_image: dict[str, Any] | None = None
+    disk_plan: DiskPlan | None = None
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -156,10 +160,12 @@ class FinishPlan:
             "source_image": self.source.model_dump(mode="json"),
             "build_config": self.build.model_dump(mode="json"),
             "provisioner_config": self.provisioner.to_json(),
-            "disk_plan": {
+            "disk_plan": self.disk_plan.to_json()
+            if self.disk_plan is not None
+            else {
                 "before": {},
                 "after": {},
-                "pending": "the partition plan comes from the disk toolkit, which this version does not have yet",
+                "pending": "the GCE executor plans the partitions on the preload VM (not in this version yet)",
             },
         }
         if self.executor is Executor.LOCAL:
@@ -245,7 +251,14 @@ def make_plan(context: Context, args: Parsed) -> FinishPlan:
     build = build.model_copy(update={"DiskSize": args["disk-size-gb"], "Timeout": format_duration(args["timeout"])})
     if executor is Executor.LOCAL:
         config = dataclasses.replace(config, build_contexts=(("user", str(ws.build_context_archive)),))
-        return FinishPlan(executor, source, build, config, output=output)
+        return FinishPlan(
+            executor,
+            source,
+            build,
+            config,
+            output=output,
+            disk_plan=local_disk_plan(source, config, args["disk-size-gb"]),
+        )
     build = build.model_copy(
         update={
             "Project": args["project"],
@@ -269,6 +282,31 @@ def make_plan(context: Context, args: Parsed) -> FinishPlan:
         "InheritLabels": args["inherit-labels"],
     }
     return FinishPlan(executor, source, build, _gce_provisioner(config, build), output_image=output_image)
+
+
+def local_disk_plan(source: SourceImage, config: ProvisionerConfig, disk_size_gb: int = 0) -> DiskPlan:
+    """The partition plan for a local build, from the source image's own table."""
+    table = images.read_source_table(Path(source.ImageFile))
+    boot = config.boot_disk
+    return planner.plan(
+        table,
+        disk_sectors=disk_size_gb * GiB // SECTOR if disk_size_gb else table.disk_sectors,
+        reclaim_sda3=boot.reclaim_sda3,
+        oem_size=parse_size(boot.oem_size) if boot.oem_size else 0,
+        oem_fs_size_4k=boot.oem_fs_size_4k,
+    )
+
+
+def describe_disk_plan(disk_plan: DiskPlan) -> list[str]:
+    before = {p.number: p for p in disk_plan.before.partitions}
+    lines = [f"  partitions (sectors; disk {disk_plan.before.disk_sectors} -> {disk_plan.after.disk_sectors}):"]
+    for part in disk_plan.after.partitions:
+        old = before[part.number]
+        change = "" if (old.first, old.size) == (part.first, part.size) else f" -> {part.first:>10} +{part.size}"
+        lines.append(f"    {part.number:>2} {part.name:<11} {old.first:>10} +{old.size}{change}")
+    lines.extend(f"  moves: {m.kind.value} {m.name} {m.src} -> {m.dst} ({m.sectors} sectors)" for m in disk_plan.moves)
+    lines.extend(f"  warning: {w}" for w in disk_plan.warnings)
+    return lines
 
 
 def _describe_step(step: Step) -> str:
@@ -304,7 +342,10 @@ def describe(finish: FinishPlan) -> str:
     ordered = [s for s in finish.provisioner.steps if s.type is not StepType.SEAL_OEM]
     ordered += [s for s in finish.provisioner.steps if s.type is StepType.SEAL_OEM]
     lines.extend(f"    {number}. {_describe_step(step)}" for number, step in enumerate(ordered, 1))
-    lines.append("  partitions: computed by the disk toolkit (not in this version yet)")
+    if finish.disk_plan is not None:
+        lines.extend(describe_disk_plan(finish.disk_plan))
+    else:
+        lines.append("  partitions: planned on the preload VM")
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,88 @@
+"""Source image files: raw disks, qcow2, and GCE's `.tar.gz` holding `disk.raw`.
+
+The format is read from the file's first bytes, not its name. The source
+is only ever opened read-only.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import tarfile
+import tempfile
+from pathlib import Path
+
+from cos_customizer.disk.gpt import SECTOR, GptError, Table, read_table
+from cos_customizer.errors import CustomizerError
+from cos_customizer.runner import require_tool, run
+
+GPT_HEAD = 34 * SECTOR  # protective MBR, primary header and entry array
+TAR_MEMBER = "disk.raw"
+
+
+class ImageFormat(enum.StrEnum):
+    RAW = "raw"
+    QCOW2 = "qcow2"
+    TAR_GZ = "tar.gz"
+
+
+def detect(path: Path) -> ImageFormat:
+    with open(path, "rb") as source:
+        magic = source.read(4)
+    if magic == b"QFI\xfb":
+        return ImageFormat.QCOW2
+    if magic[:2] == b"\x1f\x8b":
+        return ImageFormat.TAR_GZ
+    return ImageFormat.RAW
+
+
+def virtual_size(path: Path) -> int:
+    """Size in bytes of the disk the image holds."""
+    fmt = detect(path)
+    if fmt is ImageFormat.RAW:
+        return path.stat().st_size
+    if fmt is ImageFormat.QCOW2:
+        tool = require_tool("qemu-img", "qemu-utils")
+        info = json.loads(run([tool, "info", "--output=json", "-f", "qcow2", str(path)]).stdout)
+        return int(info["virtual-size"])
+    return _tar_member(path).size
+
+
+def _tar_member(path: Path) -> tarfile.TarInfo:
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for member in tar:
+                if member.name.lstrip("./") == TAR_MEMBER and member.isfile():
+                    return member
+    except (OSError, tarfile.TarError, EOFError) as err:
+        raise CustomizerError(
+            f"{path} is not a readable .tar.gz image ({err}): expected a tar holding disk.raw"
+        ) from err
+    raise CustomizerError(f"{path} holds no disk.raw: a GCE image archive is a .tar.gz with one member disk.raw")
+
+
+def _head(path: Path, out: Path) -> None:
+    """Write the first GPT_HEAD bytes of the disk inside `path` to `out`."""
+    fmt = detect(path)
+    if fmt is ImageFormat.QCOW2:
+        tool = require_tool("qemu-img", "qemu-utils")
+        run([tool, "dd", "-f", "qcow2", "-O", "raw", f"bs={SECTOR}", "count=34", f"if={path}", f"of={out}"])
+        return
+    with tarfile.open(path, "r:gz") as tar:
+        member = tar.extractfile(_tar_member(path).name) or None
+        if member is None:
+            raise CustomizerError(f"{path}: cannot read disk.raw")
+        out.write_bytes(member.read(GPT_HEAD))
+
+
+def read_source_table(path: Path) -> Table:
+    """The partition table of a source image of any supported format."""
+    try:
+        if detect(path) is ImageFormat.RAW:
+            return read_table(path)
+        with tempfile.TemporaryDirectory(prefix="cos-customizer-head.") as tmp:
+            head = Path(tmp) / "head.raw"
+            _head(path, head)
+            return read_table(head)
+    except GptError as err:
+        raise CustomizerError(f"{path}: {err}") from err
