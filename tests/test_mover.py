@@ -160,3 +160,36 @@ def test_parse_dumpe2fs() -> None:
     assert (info.label, info.block_count, info.size) == ("", 2048, 8 * MiB)
     with pytest.raises(CustomizerError, match="cannot read the dumpe2fs output"):
         ext.parse_dumpe2fs("Block size: 4096\n")
+
+
+@pytest.mark.parametrize("delta", [-8 * MiB, 12 * MiB, -4096, 4096])
+def test_shift_tail_moves_the_end_of_the_file(tmp_path: Path, delta: int) -> None:
+    rng = random.Random(delta)
+    image = tmp_path / "disk.raw"
+    start = 32 * MiB
+    chunks = [(0, rng.randbytes(8192)), *scattered(rng, start, 24 * MiB, 10)]
+    sparse_file(image, 64 * MiB, chunks)
+    before = image.read_bytes()
+    assert mover.shift_tail(image, start, delta)
+    after = image.read_bytes()
+    assert len(after) == len(before) + delta
+    assert after[start + delta :] == before[start:]
+    assert after[: min(start, start + delta)] == before[: min(start, start + delta)]
+    if delta > 0:
+        assert after[start : start + delta] == bytes(delta)  # the inserted hole
+    assert allocated(image) <= allocated_of(chunks) + MiB
+
+
+def allocated_of(chunks: list[tuple[int, bytes]]) -> int:
+    return sum(len(data) for _, data in chunks) * 2
+
+
+@pytest.mark.parametrize(
+    ("start", "delta"), [(32 * MiB + 512, 4096), (32 * MiB, 1000), (64 * MiB, 4096), (4096, -8192)]
+)
+def test_shift_tail_refuses_what_it_cannot_do_and_changes_nothing(tmp_path: Path, start: int, delta: int) -> None:
+    image = tmp_path / "disk.raw"
+    sparse_file(image, 64 * MiB, [(32 * MiB, b"x" * 8192)])
+    before = image.read_bytes()
+    assert not mover.shift_tail(image, start, delta)
+    assert image.read_bytes() == before

@@ -43,6 +43,8 @@ Progress = Callable[[int, int], None]
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_COLLAPSE_RANGE = 0x08
+_FALLOC_FL_INSERT_RANGE = 0x20
 _BLKZEROOUT = 0x127F  # _IO(0x12, 127)
 
 
@@ -137,6 +139,42 @@ def _copy(fd: int, src: int, dst: int, length: int) -> None:
                 raise OSError(errno.EIO, f"short read at byte {src + done}")
             copied = os.pwrite(fd, data, dst + done)
         done += copied
+
+
+def shift_tail(path: Path, start: int, delta: int) -> bool:
+    """Shift every byte from `start` to the end of the file by `delta` bytes, in place.
+
+    Left (`delta` < 0) collapses the `-delta` bytes before `start` out of the
+    file; right inserts a hole of `delta` bytes at `start`. The kernel only
+    rewrites extent maps (FALLOC_FL_COLLAPSE_RANGE / FALLOC_FL_INSERT_RANGE), so
+    the cost follows the number of extents, not the bytes. The file's size
+    changes by `delta`. Returns False, having changed nothing, when the file
+    is not a regular file on a file system that can do it (ext4 and XFS can)
+    or the offsets are not multiples of its block size.
+    """
+    if delta == 0:
+        return True
+    fd = os.open(path, os.O_RDWR)
+    try:
+        info = os.fstat(fd)
+        block = info.st_blksize or 4096
+        if not stat.S_ISREG(info.st_mode) or start % block or delta % block or start >= info.st_size:
+            return False
+        try:
+            if delta < 0:
+                if start + delta < 0:
+                    return False
+                _fallocate(fd, _FALLOC_FL_COLLAPSE_RANGE, start + delta, -delta)
+            else:
+                _fallocate(fd, _FALLOC_FL_INSERT_RANGE, start, delta)
+        except OSError as err:
+            if err.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                return False
+            raise
+        os.fsync(fd)
+        return True
+    finally:
+        os.close(fd)
 
 
 def copy_range(path: Path, src: int, dst: int, length: int, progress: Progress | None = None) -> None:
