@@ -132,7 +132,8 @@ def test_move_ext_keeps_the_file_system(tmp_path: Path, src: int, dst: int) -> N
     assert allocated(image) < 40 * MiB
 
 
-def test_ext_resize_grows_to_exact_size(tmp_path: Path) -> None:
+@pytest.mark.root
+def test_ext_resize_grows_to_exact_size_and_keeps_the_rest_of_the_image(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "hello").write_text("hi")
@@ -140,8 +141,20 @@ def test_ext_resize_grows_to_exact_size(tmp_path: Path) -> None:
     with open(image, "wb") as out:
         out.truncate(256 * MiB)
     make_ext(image, 8 * MiB, 32 * MiB, tree)
+    tail = random.Random(5).randbytes(4096)
+    with open(image, "r+b") as out:
+        out.seek(200 * MiB)
+        out.write(tail)
     ext.resize(image, 8 * MiB, 100 * MiB)
     assert ext.info(image, 8 * MiB).size == 100 * MiB
+    # resize2fs on a plain file would have cut it to 100 MiB: the image keeps its size and its data.
+    assert image.stat().st_size == 256 * MiB
+    with open(image, "rb") as f:
+        f.seek(200 * MiB)
+        assert f.read(4096) == tail
+    ext.resize(image, 8 * MiB, 40 * MiB)
+    assert image.stat().st_size == 256 * MiB
+    assert ext.info(image, 8 * MiB).size == 40 * MiB
     ext.check(image, 8 * MiB)
     assert read_file(image, 8 * MiB, "/hello") == b"hi"
 

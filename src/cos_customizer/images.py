@@ -7,12 +7,16 @@ is only ever opened read-only.
 from __future__ import annotations
 
 import enum
+import fcntl
 import json
+import os
 import tarfile
 import tempfile
 from pathlib import Path
 
+from cos_customizer.disk import mover
 from cos_customizer.disk.gpt import SECTOR, GptError, Table, read_table
+from cos_customizer.disk.mover import Progress
 from cos_customizer.errors import CustomizerError
 from cos_customizer.runner import require_tool, run
 
@@ -86,3 +90,46 @@ def read_source_table(path: Path) -> Table:
             return read_table(head)
     except GptError as err:
         raise CustomizerError(f"{path}: {err}") from err
+
+
+_FICLONE = 0x40049409
+
+
+def working_copy(source: Path, target: Path, progress: Progress | None = None) -> None:
+    """Make a sparse raw copy of `source` (any format) at `target`; the source is opened read-only."""
+    fmt = detect(source)
+    if fmt is ImageFormat.QCOW2:
+        tool = require_tool("qemu-img", "qemu-utils")
+        run([tool, "convert", "-f", "qcow2", "-O", "raw", str(source), str(target)])
+    elif fmt is ImageFormat.TAR_GZ:
+        member = _tar_member(source)
+        tool = require_tool("tar", "tar")
+        run([tool, "-xzf", str(source), "-C", str(target.parent), member.name])
+        (target.parent / member.name).rename(target)
+    else:
+        _copy_raw(source, target, progress)
+
+
+def _copy_raw(source: Path, target: Path, progress: Progress | None) -> None:
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        size = os.fstat(src.fileno()).st_size
+        try:
+            fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())  # a reflink: instant, shares blocks
+            return
+        except OSError:
+            pass
+        dst.truncate(size)
+        extents = list(mover.data_extents(src.fileno(), 0, size))
+        total = sum(length for _, length in extents)
+        done = 0
+        for offset, length in extents:
+            copied = 0
+            while copied < length:
+                n = os.copy_file_range(src.fileno(), dst.fileno(), length - copied, offset + copied, offset + copied)
+                if n == 0:
+                    raise CustomizerError(f"{source} changed while it was being copied (short copy at byte {offset})")
+                copied += n
+                done += n
+                if progress is not None:
+                    progress(done, total)
+        os.fsync(dst.fileno())

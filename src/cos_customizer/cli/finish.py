@@ -13,15 +13,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cos_customizer import images, plan
+from cos_customizer import images, plan, report
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import Flag, Kind, Parsed
 from cos_customizer.config import BuildConfig, SourceImage
 from cos_customizer.disk import planner
 from cos_customizer.disk.gpt import SECTOR
 from cos_customizer.disk.planner import DiskPlan
-from cos_customizer.errors import NotAvailableError, UsageError, ValidationError
-from cos_customizer.executors import STEP_COMMANDS, Executor, check_supported, executor_for, gce
+from cos_customizer.errors import UsageError, ValidationError
+from cos_customizer.executors import STEP_COMMANDS, Executor, check_supported, executor_for, gce, local
+from cos_customizer.images import ImageFormat
 from cos_customizer.provisioner.config import InstallGPUArgs, ProvisionerConfig, Step, StepType
 from cos_customizer.units import GiB, format_duration, parse_size
 
@@ -356,11 +357,29 @@ def handle(context: Context, args: Parsed) -> int:
         sys.stdout.write(json.dumps(finish.to_json(), indent=2) + "\n")
         return 0
     if finish.executor is Executor.LOCAL:
-        raise NotAvailableError(
-            "this version of cos-customizer plans local builds but cannot run them yet; "
-            "run finish-image-build with -dry-run to see the plan (the workspace is kept)"
-        )
+        return _run_local(context, finish, args)
     gce.build()
+    return 0
+
+
+def _run_local(context: Context, finish: FinishPlan, args: Parsed) -> int:
+    assert finish.output is not None and finish.disk_plan is not None
+    build = local.LocalBuild(
+        source=Path(finish.source.ImageFile),
+        output=finish.output.path,
+        format=ImageFormat(finish.output.format),
+        config=finish.provisioner,
+        plan=finish.disk_plan,
+        timeout=args["timeout"] / 1e9,
+    )
+    local.preflight(build)
+    for warning in finish.disk_plan.warnings:
+        log.warning("warning: %s", warning)
+    try:
+        summary = local.run_build(build, dict(finish.provisioner.build_contexts))
+    finally:
+        context.workspace.remove()  # as the original: the build is over, success or failure
+    sys.stdout.write(report.summary(build, summary))
     return 0
 
 

@@ -8,8 +8,11 @@ a whole-disk image file needs no loop device: e2fsprogs accepts
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat
 from pathlib import Path
 
+from cos_customizer.disk import loop
 from cos_customizer.errors import CustomizerError
 from cos_customizer.runner import CommandError, require_tool, run
 
@@ -77,9 +80,19 @@ def check(path: Path, offset: int = 0, *, repair: bool = False) -> None:
 
 
 def resize(path: Path, offset: int, size_bytes: int) -> None:
-    """Grow (or shrink) the file system at `offset` to exactly `size_bytes` (a multiple of 512)."""
+    """Grow (or shrink) the file system at `offset` to exactly `size_bytes` (a multiple of 512).
+
+    On a regular file resize2fs sets the file's size to the new file-system
+    size, ignoring the offset: it would cut a disk image short. So the file
+    system is resized through a loop device that covers exactly its new
+    extent (this needs root, as the local executor does anyway).
+    """
     if size_bytes % 512:
         raise ValueError(f"resize2fs size {size_bytes} is not a whole number of sectors")
     check(path, offset, repair=True)  # resize2fs insists on a freshly checked file system
     tool = require_tool("resize2fs", E2FSPROGS)
-    run([tool, device(path, offset), f"{size_bytes // 512}s"])
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        run([tool, device(path, offset), f"{size_bytes // 512}s"])
+        return
+    with loop.attach(path, offset=offset, size=size_bytes) as dev:
+        run([tool, str(dev), f"{size_bytes // 512}s"])

@@ -1,0 +1,53 @@
+"""Carry out a `DiskPlan` on an image file, offline.
+
+Order (the crash-safety argument of `disk.mover`): first every data move,
+in the planner's order; then the new partition table (backup copy first);
+then the file systems grow (`e2fsck -fp`, `resize2fs`). Until the table is
+written the old table is valid. The image is a working copy: the source
+is never written.
+
+STATE is the last partition of a COS disk, so when it moves inside a regular
+file the file's tail is shifted in place (extent maps only) instead of
+copying its data; other moves copy only data extents, holes stay holes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from cos_customizer.disk import ext, gpt, mover
+from cos_customizer.disk.gpt import SECTOR
+from cos_customizer.disk.planner import OEM, STATE, DiskPlan, MoveKind
+
+Report = Callable[[str], None]
+
+
+def _is_tail(plan: DiskPlan, number: int) -> bool:
+    """Whether partition `number` holds the last data on the disk (nothing starts after it)."""
+    part = plan.before.partition(number)
+    return all(other.first < part.first for other in plan.before.partitions if other.number != number)
+
+
+def apply(image: Path, plan: DiskPlan, report: Report = lambda _: None) -> None:
+    """Move data, write the new table, grow the file systems."""
+    target_size = plan.after.disk_sectors * SECTOR
+    for move in plan.moves:
+        src, dst, length = move.src * SECTOR, move.dst * SECTOR, move.sectors * SECTOR
+        if move.kind is MoveKind.COPY:
+            report(f"copying ROOT-A to {move.name}")
+            mover.copy_range(image, src, dst, length)
+        elif move.number == STATE and _is_tail(plan, STATE) and mover.shift_tail(image, src, dst - src):
+            report(f"moved {move.name} by shifting the image's tail")
+        else:
+            report(f"moving {move.name}")
+            mover.copy_range(image, src, dst, length)
+    if os.stat(image).st_size != target_size:
+        os.truncate(image, target_size)
+    gpt.write_table(image, plan.after)
+    for number, size in ((OEM, plan.oem_fs_bytes), (STATE, plan.state_fs_bytes)):
+        if size is not None:
+            part = plan.after.partition(number)
+            report(f"resizing the {part.name} file system to {size} bytes")
+            ext.resize(image, part.first * SECTOR, size)

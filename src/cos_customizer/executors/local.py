@@ -1,0 +1,295 @@
+"""The local executor: a complete offline build of a COS image file.
+
+1. preflight: root, Linux, tools, free space (steps were checked already);
+2. a sparse working copy of the source next to the output (the source is
+   only ever opened read-only);
+3. the disk plan, applied offline (`disk.apply`);
+4. the stage (`executors.runtime`) in a private mount namespace: the COS
+   runtime layout, the scripts, the cleanup;
+5. the offline steps, last: disable-auto-update, then seal-oem;
+6. the output, written under a temporary name and renamed;
+7. the summary.
+
+Any failure, Ctrl-C or SIGTERM stops the stage's whole process group, and
+removes the working copy and any partial output; the stage's mounts and
+loop devices vanish with its mount namespace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from cos_customizer import images, output
+from cos_customizer.disk import apply, ext, grub
+from cos_customizer.disk.gpt import SECTOR, Table
+from cos_customizer.disk.planner import OEM, ROOT_A, ROOT_B, STATE, DiskPlan
+from cos_customizer.disk.verity import VerityParams, format_verity, random_salt
+from cos_customizer.errors import CustomizerError, ValidationError
+from cos_customizer.executors.runtime import Region, Script, StageSpec
+from cos_customizer.images import ImageFormat
+from cos_customizer.provisioner.config import ProvisionerConfig, RunScriptArgs, StepType
+from cos_customizer.runner import require_tool
+
+log = logging.getLogger("cos_customizer")
+
+EFI = 12
+TOOLS = (
+    ("e2fsck", "e2fsprogs"),
+    ("resize2fs", "e2fsprogs"),
+    ("dumpe2fs", "e2fsprogs"),
+    ("mount", "mount"),
+    ("umount", "mount"),
+    ("unshare", "util-linux"),
+    ("tar", "tar"),
+    ("mtype", "mtools"),
+    ("mcopy", "mtools"),
+)
+SPACE_MARGIN = 256 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalBuild:
+    source: Path
+    output: Path
+    format: ImageFormat
+    config: ProvisionerConfig
+    plan: DiskPlan
+    timeout: float  # seconds
+
+
+@dataclasses.dataclass
+class Summary:
+    phases: list[tuple[str, float]] = dataclasses.field(default_factory=list)
+    steps: list[tuple[str, float]] = dataclasses.field(default_factory=list)
+    cleanup: list[str] = dataclasses.field(default_factory=list)
+    oem_verity: VerityParams | None = None
+
+
+class BuildFailed(CustomizerError):
+    """The build ran and failed (a script, a tool); nothing was left behind."""
+
+
+def preflight(build: LocalBuild) -> None:
+    """Everything that can be checked before the build touches anything."""
+    if not sys.platform.startswith("linux"):
+        raise ValidationError("local builds need Linux (loop devices, mount namespaces)")
+    if os.geteuid() != 0:
+        raise ValidationError(
+            "a local build needs root (it mounts file systems from loop devices): run finish-image-build as root, "
+            "for example with sudo"
+        )
+    tools = list(TOOLS)
+    if images.detect(build.source) is ImageFormat.QCOW2 or build.format is ImageFormat.QCOW2:
+        tools.append(("qemu-img", "qemu-utils"))
+    for name, package in tools:
+        require_tool(name, package)
+    if build.format is ImageFormat.TAR_GZ and shutil.which("pigz") is None:
+        require_tool("gzip", "gzip")
+    needed = _space_needed(build)
+    stats = os.statvfs(build.output.parent)
+    free = stats.f_bavail * stats.f_frsize
+    if free < needed:
+        raise ValidationError(
+            f"not enough free space in {build.output.parent}: the build needs about {needed >> 20} MiB "
+            f"(working copy and output), {free >> 20} MiB are free; free some space or choose another -output"
+        )
+
+
+def _space_needed(build: LocalBuild) -> int:
+    allocated = build.source.stat().st_blocks * 512
+    if images.detect(build.source) is not ImageFormat.RAW:
+        allocated *= 4  # compressed sources expand; a rough bound
+    copies = 1 if build.format is ImageFormat.RAW else 2
+    return allocated * copies + SPACE_MARGIN
+
+
+@contextmanager
+def _phase(summary: Summary, name: str) -> Iterator[None]:
+    log.info("==> %s", name)
+    started = time.monotonic()
+    yield
+    summary.phases.append((name, time.monotonic() - started))
+
+
+def _region(table: Table, number: int) -> Region:
+    part = table.partition(number)
+    return Region(part.first * SECTOR, part.size * SECTOR)
+
+
+def _scripts(config: ProvisionerConfig) -> tuple[Script, ...]:
+    scripts = []
+    for step in config.steps:
+        if isinstance(step.args, RunScriptArgs):
+            args = step.args
+            scripts.append(Script(f"run-script {args.path}", args.build_context, args.path, args.env))
+    return tuple(scripts)
+
+
+class _Stage:
+    """The stage process group, stopped as a whole on any failure or signal."""
+
+    def __init__(self, spec_path: Path) -> None:
+        unshare = [
+            require_tool("unshare", "util-linux"),
+            "--mount",
+            "--propagation",
+            "private",
+            "--fork",
+            "--kill-child",
+        ]
+        argv = [*unshare, "--", sys.executable, "-m", "cos_customizer.executors.runtime", str(spec_path)]
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def stream(self, deadline: float, on_line: Callable[[str], None]) -> int:
+        assert self.proc.stdout is not None
+        os.set_blocking(self.proc.stdout.fileno(), True)
+        for raw in self.proc.stdout:
+            on_line(raw.decode(errors="replace").rstrip("\n"))
+            if time.monotonic() > deadline:
+                raise BuildFailed("the build took longer than -timeout and was stopped")
+        remaining = max(0.0, deadline - time.monotonic())
+        try:
+            return self.proc.wait(timeout=remaining)
+        except subprocess.TimeoutExpired:
+            raise BuildFailed("the build took longer than -timeout and was stopped") from None
+
+    def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
+        for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(timeout=grace)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def _echo(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def _run_stage(
+    build: LocalBuild, work: Path, disk: Path, contexts: dict[str, str], deadline: float
+) -> dict[str, object]:
+    table = build.plan.after
+    root = ROOT_B if build.config.boot_disk.reclaim_sda3 else ROOT_A
+    result_path = work / "result.json"
+    spec = StageSpec(
+        image=str(disk),
+        root=_region(table, root),
+        state=_region(table, STATE),
+        oem=_region(table, OEM),
+        workdir=str(work / "stage"),
+        contexts=contexts,
+        scripts=_scripts(build.config),
+        result=str(result_path),
+    )
+    spec_path = work / "stage.json"
+    spec_path.write_text(json.dumps(spec.to_json()))
+    stage = _Stage(spec_path)
+    try:
+        stage.stream(deadline, _echo)
+    finally:
+        stage.stop()
+    if not result_path.exists():
+        raise BuildFailed("the build stage stopped without a result (see the output above)")
+    result: dict[str, object] = json.loads(result_path.read_text())
+    if not result.get("ok"):
+        tail = result.get("tail") or []
+        last = "; last output: " + " | ".join(str(line) for line in tail[-5:]) if tail else ""  # type: ignore[index]
+        raise BuildFailed(f"{result.get('message')}{last}")
+    return result
+
+
+def _offline_steps(build: LocalBuild, disk: Path, summary: Summary) -> None:
+    table = build.plan.after
+    efi = table.partition(EFI).first * SECTOR
+    units: list[str] = []
+    if build.config.has_step(StepType.DISABLE_AUTO_UPDATE) or build.config.has_step(StepType.SEAL_OEM):
+        units.append(grub.UPDATE_ENGINE)
+    cfg = grub.read_grub_cfg(disk, efi)
+    if build.config.has_step(StepType.SEAL_OEM):
+        started = time.monotonic()
+        oem = table.partition(OEM)
+        fs_4k = build.config.boot_disk.oem_fs_size_4k
+        ext.check(disk, oem.first * SECTOR)
+        info = ext.info(disk, oem.first * SECTOR)
+        if info.size != fs_4k * 4096:
+            raise BuildFailed(f"the OEM file system is {info.size} bytes, not the {fs_4k * 4096} to seal")
+        params = format_verity(
+            disk,
+            data_offset=oem.first * SECTOR,
+            data_blocks=fs_4k,
+            hash_offset=oem.first * SECTOR + fs_4k * 4096,
+            salt=random_salt(),
+        )
+        summary.oem_verity = params
+        cfg = grub.add_oem_verity(
+            cfg,
+            partuuid=str(oem.guid).upper(),
+            fs_size_4k=fs_4k,
+            root_hexdigest=params.root_hexdigest,
+            salt=params.salt_hex,
+        )
+        units.append(grub.OEM_MOUNT)
+        summary.steps.append(("seal-oem", time.monotonic() - started))
+    if units:
+        grub.write_grub_cfg(disk, efi, grub.mask_units(cfg, *units))
+    if build.config.has_step(StepType.DISABLE_AUTO_UPDATE):
+        summary.steps.append(("disable-auto-update", 0.0))
+
+
+def run_build(build: LocalBuild, contexts: dict[str, str]) -> Summary:
+    """Run the whole build; on any failure nothing is left behind but the untouched source."""
+    summary = Summary()
+    deadline = time.monotonic() + build.timeout
+    work = Path(tempfile.mkdtemp(prefix=f".{build.output.name}.work-", dir=build.output.parent))
+    try:
+        disk = work / "disk.raw"
+        with _phase(summary, f"copy {build.source.name} (sparse)"):
+            images.working_copy(build.source, disk)
+        with _phase(summary, "apply the disk plan"):
+            apply.apply(disk, build.plan, report=lambda message: log.info("    %s", message))
+        with _phase(summary, "run the steps in the COS runtime layout"):
+            result = _run_stage(build, work, disk, contexts, deadline)
+            summary.steps.extend((str(s["name"]), float(s["seconds"])) for s in result["steps"])  # type: ignore[attr-defined]
+            summary.cleanup = [str(item) for item in result["cleanup"]]  # type: ignore[attr-defined]
+        with _phase(summary, "offline steps and checks"):
+            _offline_steps(build, disk, summary)
+            for number in (STATE, OEM):
+                ext.check(disk, build.plan.after.partition(number).first * SECTOR)
+        if time.monotonic() > deadline:
+            raise BuildFailed("the build took longer than -timeout and was stopped")
+        with _phase(summary, f"write {build.output.name} ({build.format.value})"):
+            output.write(disk, build.output, build.format)
+    finally:
+        _remove_work(work)
+    return summary
+
+
+def _remove_work(work: Path) -> None:
+    """Delete the work directory, but never through a mount point (mounts live in the stage's namespace)."""
+    mounted = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    inside = [m for m in mounted if m == str(work) or m.startswith(f"{work}/")]
+    if inside:
+        raise CustomizerError(f"{inside[0]} is still mounted: unmount it, then remove {work}")
+    shutil.rmtree(work, ignore_errors=True)

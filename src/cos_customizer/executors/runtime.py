@@ -1,0 +1,243 @@
+"""The local executor's stage: the COS runtime layout, the scripts, the cleanup.
+
+Runs as its own process inside a private mount namespace (started by
+`executors.local` through `unshare --mount --propagation private`), so every
+mount vanishes with the process, and every partition is mounted with
+`mount -o loop,offset=,sizelimit=`, whose loop device the kernel frees when
+the mount goes: no mount or loop device can outlive the build, even after
+SIGKILL.
+
+The layout is the one of 03-cos-disk.md: the root read-only; STATE at
+/mnt/stateful_partition with /var and /home bound from it (/var noexec,
+/var/lib/{google,docker,toolbox} exec); OEM at /usr/share/oem; /etc writable
+through an overlay whose upper layer is discarded; tmpfs on /tmp, /run,
+/mnt/disks and /var/lib/cloud; /dev and /sys from the host; /proc fresh for
+each script; the host's resolv.conf. Each script runs as `/bin/bash FILE` in
+its own mount and PID namespace, chrooted into that tree, in the build
+context directory, its output streamed line by line.
+
+Usage: python -m cos_customizer.executors.runtime SPEC.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+from cos_customizer.provisioner.cleanup import STATE_DIR, clean
+from cos_customizer.runner import CommandError, require_tool, run
+
+BASE_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "LANG": "C.UTF-8",
+    "TERM": "dumb",
+}
+TAIL_LINES = 20
+EXEC_DIRS = ("google", "docker", "toolbox")
+
+
+@dataclasses.dataclass(frozen=True)
+class Region:
+    offset: int
+    size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Script:
+    name: str  # for the log: "run-script preload.sh"
+    context: str
+    path: str
+    env: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    image: str
+    root: Region
+    state: Region
+    oem: Region
+    workdir: str  # a private directory for mount points
+    contexts: dict[str, str]  # build context name -> archive path
+    scripts: tuple[Script, ...]
+    result: str  # where the stage writes its result (JSON)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StageSpec:
+        return cls(
+            image=data["image"],
+            root=Region(**data["root"]),
+            state=Region(**data["state"]),
+            oem=Region(**data["oem"]),
+            workdir=data["workdir"],
+            contexts=dict(data["contexts"]),
+            scripts=tuple(Script(**{**s, "env": tuple(s["env"])}) for s in data["scripts"]),
+            result=data["result"],
+        )
+
+
+class StageError(Exception):
+    """The stage failed; `info` goes to the result file."""
+
+    def __init__(self, message: str, **info: Any) -> None:
+        super().__init__(message)
+        self.info = {"message": message, **info}
+
+
+def _mount(stack: ExitStack, source: str, target: Path, *options: str, fstype: str | None = None) -> Path:
+    argv = [require_tool("mount", "mount")]
+    if fstype:
+        argv += ["-t", fstype]
+    if options:
+        argv += ["-o", ",".join(options)]
+    run([*argv, source, str(target)])
+    stack.callback(_umount, target)
+    return target
+
+
+def _umount(target: Path) -> None:
+    tool = require_tool("umount", "mount")
+    if run([tool, "--recursive", str(target)], check=False).returncode != 0:
+        run([tool, "--recursive", "--lazy", str(target)], check=False)
+
+
+def _bind(stack: ExitStack, source: Path, target: Path, *flags: str) -> None:
+    _mount(stack, str(source), target, "bind")
+    if flags:
+        run([require_tool("mount", "mount"), "-o", ",".join(("remount", "bind", *flags)), str(target)])
+
+
+def _mountpoint(root: Path, relative: str) -> Path:
+    path = root / relative
+    if not path.is_dir():
+        raise StageError(f"the root file system has no /{relative} directory: is this a COS image?")
+    return path
+
+
+def _partition(stack: ExitStack, image: str, region: Region, target: Path, *options: str) -> None:
+    _mount(stack, image, target, "loop", f"offset={region.offset}", f"sizelimit={region.size}", *options)
+
+
+@contextmanager
+def layout(spec: StageSpec) -> Iterator[Path]:
+    """Assemble the runtime tree; everything is unmounted when the block ends."""
+    work = Path(spec.workdir)
+    root = work / "root"
+    root.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        _partition(stack, spec.image, spec.root, root, "ro")
+        stateful = _mountpoint(root, "mnt/stateful_partition")
+        _partition(stack, spec.image, spec.state, stateful)
+        for name in ("var_overlay", "home"):
+            (stateful / name).mkdir(exist_ok=True)
+        _bind(stack, stateful / "var_overlay", _mountpoint(root, "var"), "nosuid", "nodev", "noexec")
+        _bind(stack, stateful / "home", _mountpoint(root, "home"), "nosuid", "nodev", "noexec")
+        for name in EXEC_DIRS:
+            path = root / "var/lib" / name
+            path.mkdir(parents=True, exist_ok=True)
+            _bind(stack, path, path, "nosuid", "nodev", "exec")
+        (root / "var/lib/cloud").mkdir(parents=True, exist_ok=True)
+        _mount(stack, "tmpfs", root / "var/lib/cloud", "mode=0755", fstype="tmpfs")
+        _partition(stack, spec.image, spec.oem, _mountpoint(root, "usr/share/oem"))
+        layers = work / "etc-layers"
+        layers.mkdir(exist_ok=True)
+        _mount(stack, "tmpfs", layers, "mode=0755", fstype="tmpfs")
+        (layers / "upper").mkdir()
+        (layers / "work").mkdir()
+        etc = _mountpoint(root, "etc")
+        overlay = f"lowerdir={etc},upperdir={layers / 'upper'},workdir={layers / 'work'}"
+        _mount(stack, "overlay", etc, overlay, fstype="overlay")
+        resolv = etc / "resolv.conf"
+        if Path("/etc/resolv.conf").exists():
+            if resolv.is_symlink() or resolv.exists():
+                resolv.unlink()
+            resolv.touch()
+            _bind(stack, Path("/etc/resolv.conf").resolve(), resolv, "ro")
+        for relative, options in (
+            ("tmp", ("nosuid", "nodev", "noexec")),
+            ("run", ("nosuid", "nodev")),
+            ("mnt/disks", ()),
+        ):
+            mode = "mode=1777" if relative == "tmp" else "mode=0755"
+            _mount(stack, "tmpfs", _mountpoint(root, relative), mode, *options, fstype="tmpfs")
+        _mount(stack, "/dev", _mountpoint(root, "dev"), "rbind")
+        _mount(stack, "/sys", _mountpoint(root, "sys"), "rbind")
+        _mountpoint(root, "proc")
+        yield root
+
+
+def unpack_contexts(root: Path, contexts: dict[str, str]) -> None:
+    tar = require_tool("tar", "tar")
+    for name, archive in contexts.items():
+        target = root / STATE_DIR / name
+        target.mkdir(parents=True, exist_ok=True)
+        run([tar, "-xpf", archive, "-C", str(target)])
+
+
+def run_script(root: Path, script: Script) -> None:
+    """`/bin/bash FILE` in its own mount and PID namespace, chrooted into `root`; output streamed."""
+    workdir = f"/{STATE_DIR}/{script.context}"
+    env = dict(BASE_ENV)
+    for item in script.env:
+        key, _, value = item.partition("=")
+        env[key] = value
+    argv = [require_tool("unshare", "util-linux"), "--mount", "--pid", "--fork", "--kill-child", "--mount-proc",
+            f"--root={root}", f"--wd={workdir}", "/bin/bash", script.path]  # fmt: skip
+    tail: list[str] = []
+    with subprocess.Popen(
+        argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    ) as proc:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            print(f"[{script.name}] {line}", flush=True)
+            tail.append(line)
+            del tail[:-TAIL_LINES]
+    if proc.returncode != 0:
+        raise StageError(f"{script.name} failed with exit status {proc.returncode}", status=proc.returncode, tail=tail)
+
+
+def stage(spec: StageSpec) -> dict[str, Any]:
+    timings: list[dict[str, Any]] = []
+    with layout(spec) as root:
+        unpack_contexts(root, spec.contexts)
+        for index, script in enumerate(spec.scripts):
+            started = time.monotonic()
+            try:
+                run_script(root, script)
+            except StageError as err:
+                err.info["index"] = index
+                raise
+            timings.append({"name": script.name, "seconds": round(time.monotonic() - started, 3)})
+        cleaned = clean(root)
+    return {"ok": True, "steps": timings, "cleanup": cleaned}
+
+
+def main(argv: list[str]) -> int:
+    spec = StageSpec.from_json(json.loads(Path(argv[0]).read_text()))
+    try:
+        result = stage(spec)
+    except StageError as err:
+        result = {"ok": False, **err.info}
+    except (CommandError, OSError) as err:
+        result = {"ok": False, "message": str(err)}
+    with tempfile.NamedTemporaryFile("w", dir=Path(spec.result).parent, delete=False) as out:
+        json.dump(result, out)
+    os.replace(out.name, spec.result)
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

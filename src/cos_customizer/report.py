@@ -1,0 +1,62 @@
+"""The end-of-build summary: steps, times, partition tables, verity root hash, output."""
+
+from __future__ import annotations
+
+import io
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.table import Table as RichTable
+
+from cos_customizer.units import format_size
+
+if TYPE_CHECKING:
+    from cos_customizer.executors.local import LocalBuild, Summary
+
+
+def summary(build: LocalBuild, result: Summary) -> str:
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=110, no_color=True, highlight=False)
+    console.print(f"Build succeeded: {build.output}")
+    steps = RichTable("step", "seconds", title="Steps", title_justify="left")
+    for name, seconds in result.steps:
+        steps.add_row(name, f"{seconds:.2f}")
+    if not result.steps:
+        steps.add_row("(none)", "")
+    console.print(steps)
+    phases = RichTable("phase", "seconds", title="Phases", title_justify="left")
+    for name, seconds in result.phases:
+        phases.add_row(name, f"{seconds:.2f}")
+    console.print(phases)
+    parts = RichTable(
+        "#",
+        "name",
+        "before start",
+        "before size",
+        "after start",
+        "after size",
+        title="Partitions (sectors)",
+        title_justify="left",
+    )
+    before = {p.number: p for p in build.plan.before.partitions}
+    for part in build.plan.after.partitions:
+        old = before[part.number]
+        same = (old.first, old.size) == (part.first, part.size)
+        parts.add_row(
+            str(part.number),
+            part.name,
+            str(old.first),
+            str(old.size),
+            "" if same else str(part.first),
+            "" if same else str(part.size),
+        )
+    console.print(parts)
+    if result.oem_verity is not None:
+        console.print(f"OEM verity root hash: {result.oem_verity.root_hexdigest}")
+        console.print(f"OEM verity salt:      {result.oem_verity.salt_hex}")
+    stat = build.output.stat()
+    size, allocated = format_size(stat.st_size), format_size(stat.st_blocks * 512)
+    console.print(f"Output: {build.output} ({build.format.value}), size {size}, allocated {allocated}")
+    if result.cleanup:
+        console.print("Cleanup: " + "; ".join(result.cleanup))
+    return buffer.getvalue()
