@@ -19,6 +19,8 @@ from cos_customizer.errors import CustomizerError
 log = logging.getLogger("cos_customizer.run")
 
 STDERR_TAIL_LINES = 8
+# Where tools live that a non-root PATH may lack (mke2fs, losetup, ...).
+FALLBACK_DIRS: tuple[str, ...] = ("/usr/sbin", "/sbin")
 
 
 class CommandError(CustomizerError):
@@ -43,9 +45,7 @@ class MissingToolError(CustomizerError):
 
 def require_tool(name: str, package: str) -> str:
     """The path of `name`, or a clear error naming the Debian package that provides it."""
-    path = shutil.which(name) or next(
-        (str(Path(d) / name) for d in ("/usr/sbin", "/sbin") if (Path(d) / name).exists()), None
-    )
+    path = shutil.which(name) or next((str(Path(d) / name) for d in FALLBACK_DIRS if (Path(d) / name).exists()), None)
     if path is None:
         raise MissingToolError(f"{name} is not installed: install the Debian package {package} (scripts/setup does)")
     return path

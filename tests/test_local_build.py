@@ -1,0 +1,391 @@
+"""The local executor end to end on the sample image, checked with standard tools.
+
+Needs root (loop devices, mounts, namespaces): CI runs as root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cos_customizer import runner
+from cos_customizer.cli.main import main
+from cos_customizer.disk import ext, gpt, grub, loop, mover
+from tests.conftest import snapshot
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices, mounts and namespaces"),
+]
+
+MiB = 1 << 20
+SCRIPT = """set -e
+echo "hello from the build" > /var/lib/hello
+echo "kept on STATE" > /mnt/stateful_partition/hello
+if [ -w /usr/share/oem ]; then echo "in the OEM" > /usr/share/oem/hello; fi
+if touch /usr/forbidden 2>/dev/null; then echo writable > /var/lib/usr-write; else echo read-only > /var/lib/usr-write; fi
+echo "$GREETING from $(pwd)" > /var/lib/greeting
+mkdir -p /var/log/app && echo "noise" > /var/log/app/app.log
+echo "step done"
+"""
+
+
+def sh(*argv: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=check)
+
+
+def data_digest(path: Path) -> str:
+    """A digest of the file's size and data extents: cheap on sparse images, changes if any byte does."""
+    digest = hashlib.sha256(str(path.stat().st_size).encode())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for offset, length in mover.data_extents(fd, 0, path.stat().st_size):
+            digest.update(offset.to_bytes(8, "little"))
+            digest.update(os.pread(fd, length, offset))
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
+
+
+def leaks(path: Path) -> tuple[list[str], list[str]]:
+    """Loop devices and mounts that mention `path`."""
+    loops = [line for line in sh("losetup", "-a").stdout.splitlines() if str(path) in line]
+    mounts = [line for line in Path("/proc/mounts").read_text().splitlines() if str(path) in line]
+    return loops, mounts
+
+
+def cat(image: Path, offset: int, name: str) -> str:
+    result = sh("debugfs", "-R", f"cat {name}", ext.device(image, offset))
+    return result.stdout
+
+
+def exists(image: Path, offset: int, name: str) -> bool:
+    result = sh("debugfs", "-R", f"stat {name}", ext.device(image, offset), check=False)
+    return "File not found" not in result.stderr and result.stdout.strip() != ""
+
+
+@dataclass(frozen=True)
+class Build:
+    source: Path
+    source_digest: str
+    output: Path
+    raw: Path  # the output as a raw disk
+    code: int
+    out: str
+    err: str
+
+
+def cli(env: dict[str, str], *argv: str) -> tuple[int, str, str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "cos_customizer", *argv], env=env, capture_output=True, text=True, check=False
+    )
+    return result.returncode, result.stdout, result.stderr
+
+
+def run_build(tmp: Path, sample: Path, steps: list[list[str]], finish: list[str], output_name: str) -> Build:
+    source = tmp / "source.raw"
+    sh("cp", "--sparse=always", sample, source)
+    context = tmp / "context"
+    context.mkdir()
+    (context / "preload.sh").write_text(SCRIPT)
+    env = {**os.environ, "HOME": str(tmp), "COS_CUSTOMIZER_WORKDIR": str(tmp / "ws")}
+    digest = data_digest(source)
+    code, _, err = cli(env, "start-image-build", f"-build-context={context}", f"-image-file={source}")
+    assert code == 0, err
+    for step in steps:
+        code, _, err = cli(env, *step)
+        assert code == 0, err
+    output = tmp / output_name
+    code, out, err = cli(env, "finish-image-build", f"-output={output}", *finish)
+    raw = output
+    if code == 0 and output_name.endswith(".tar.gz"):
+        listing = sh("tar", "-tvzf", output).stdout.splitlines()
+        assert len(listing) == 1 and listing[0].split()[-1] == "disk.raw"
+        (tmp / "extract").mkdir()
+        sh("tar", "-xzf", output, "-C", tmp / "extract")
+        raw = tmp / "extract" / "disk.raw"
+    elif code == 0 and output_name.endswith(".qcow2"):
+        assert output.read_bytes()[:4] == b"QFI\xfb"
+        raw = tmp / "converted.raw"
+        sh("qemu-img", "convert", "-f", "qcow2", "-O", "raw", output, raw)
+    return Build(source, digest, output, raw, code, out, err)
+
+
+SEALED = ([["run-script", "-script=preload.sh", "-env=GREETING=hi"], ["seal-oem"], ["disable-auto-update"]],
+          ["-oem-size=1G", "-disk-size-gb=12"])  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["out.raw", "out.tar.gz", "out.qcow2"])
+def sealed_build(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, sample_raw: Path) -> Build:
+    tmp = tmp_path_factory.mktemp("sealed")
+    build = run_build(tmp, sample_raw, SEALED[0], SEALED[1], request.param)
+    assert build.code == 0, build.err
+    return build
+
+
+def same_bytes(a_path: Path, a: gpt.Partition, b_path: Path, b: gpt.Partition) -> bool:
+    if a.size != b.size:
+        return False
+    with open(a_path, "rb") as fa, open(b_path, "rb") as fb:
+        for offset in range(0, a.size * 512, 64 * MiB):
+            fa.seek(a.first * 512 + offset)
+            fb.seek(b.first * 512 + offset)
+            if fa.read(64 * MiB) != fb.read(64 * MiB):
+                return False
+    return True
+
+
+def partition_offset(table: gpt.Table, number: int) -> int:
+    return table.partition(number).first * 512
+
+
+def verity_verify(image: Path, part: gpt.Partition, entry: grub.DmTarget) -> subprocess.CompletedProcess[str]:
+    blocks = entry.sectors // 8
+    with loop.attach(image, offset=part.first * 512, size=part.size * 512, read_only=True) as device:
+        return sh("veritysetup", "verify", "--format=0", "--no-superblock", "--hash=sha256",
+                  "--data-block-size=4096", "--hash-block-size=4096", f"--data-blocks={blocks}",
+                  f"--hash-offset={int(entry.params['hashstart']) * 512}", f"--salt={entry.params['salt']}",
+                  device, device, entry.params["root_hexdigest"], check=False)  # fmt: skip
+
+
+def test_sealed_build(sealed_build: Build, sample_raw: Path) -> None:
+    raw, before = sealed_build.raw, gpt.read_table(sample_raw)
+    assert "Build succeeded" in sealed_build.out
+    assert "OEM verity root hash" in sealed_build.out
+    assert "[run-script preload.sh] step done" in sealed_build.err
+    assert "No problems found" in sh("sgdisk", "-v", raw).stdout
+    table = gpt.read_table(raw)
+    assert table.disk_sectors == 12 * 2097152
+    # ROOT-A: 8 sectors at its old start. KERN-B boots first.
+    assert (table.partition(3).first, table.partition(3).size) == (4509696, 8)
+    kernels = {p.number: p.priority for p in table.partitions if p.type_guid == gpt.CHROMEOS_KERNEL}
+    assert kernels[4] == max(kernels.values()) and list(kernels.values()).count(kernels[4]) == 1
+    # OEM at P = ROOT-A start + 4096, 2047M; STATE right after it, to the end.
+    oem, state = table.partition(8), table.partition(1)
+    assert (oem.first, oem.size) == (4513792, 2047 * 2048)
+    assert (state.first, state.last) == (oem.last + 1, table.last_usable)
+    assert ext.info(raw, oem.first * 512).size == 1 << 30
+    assert ext.info(raw, state.first * 512).size == state.size * 512 // 4096 * 4096  # fills it, in whole blocks
+    # ROOT-B is byte-identical to the source's ROOT-A.
+    src_a, out_b = before.partition(3), table.partition(5)
+    assert same_bytes(sample_raw, src_a, raw, out_b)
+    # grub.cfg: both masks once per kernel line; ROOT-B and the sealed OEM verify with its parameters.
+    cfg = grub.read_grub_cfg(raw, partition_offset(table, 12))
+    for line in (line for line in cfg.splitlines() if "cros_efi" in line):
+        assert line.split().count("systemd.mask=update-engine.service") == 1
+        assert line.split().count("systemd.mask=usr-share-oem.mount") == 1
+    entries = grub.read_dm(cfg)
+    assert [[t.name for t in line] for line in entries] == [["vroot", "oemroot"], ["vroot", "oemroot"]]
+    vroot_b = entries[1][0]
+    assert vroot_b.params["payload"] == f"PARTUUID={str(out_b.guid).upper()}"
+    assert verity_verify(raw, out_b, vroot_b).returncode == 0
+    oemroot = entries[0][1]
+    assert oemroot.params["payload"] == f"PARTUUID={str(oem.guid).upper()}"
+    assert oemroot.sectors == 262144 * 8
+    verified = verity_verify(raw, oem, oemroot)
+    assert verified.returncode == 0, verified.stderr
+    # Files: written by the script, present before, and the state dir gone.
+    s, o = state.first * 512, oem.first * 512
+    assert cat(raw, s, "/var_overlay/lib/hello") == "hello from the build\n"
+    assert cat(raw, s, "/hello") == "kept on STATE\n"
+    assert cat(raw, o, "/hello") == "in the OEM\n"
+    assert cat(raw, s, "/var_overlay/lib/greeting") == "hi from /var/lib/.cos-customizer/user\n"
+    assert cat(raw, s, "/var_overlay/lib/usr-write") == "read-only\n"
+    assert cat(raw, s, "/var_overlay/lib/sample-image") == "this file was on STATE before the build\n"
+    assert cat(raw, o, "/README") == "OEM partition of the cos-customizer sample image\n"
+    assert cat(raw, s, "/var_overlay/log/app/app.log") == ""  # logs truncated by the cleanup
+    assert not exists(raw, s, "/var_overlay/lib/.cos-customizer")
+    ext.check(raw, s)
+    ext.check(raw, o)
+
+
+def test_sealed_build_leaves_nothing_behind(sealed_build: Build) -> None:
+    tmp = sealed_build.output.parent
+    assert leaks(tmp) == ([], [])
+    assert data_digest(sealed_build.source) == sealed_build.source_digest
+    assert not (tmp / "ws").exists()  # the workspace is removed, as the original does
+    assert [p.name for p in tmp.iterdir() if p.name.startswith(".")] == []
+    allocated = sealed_build.output.stat().st_blocks * 512
+    assert allocated < 200 * MiB
+
+
+@pytest.mark.parametrize(
+    ("steps", "finish", "oem_partition", "reclaimed"),
+    [
+        # disable-auto-update and a larger OEM, no seal: the OEM file system grows to fill its partition.
+        (
+            [["run-script", "-script=preload.sh"], ["disable-auto-update"]],
+            ["-oem-size=1G", "-disk-size-gb=11"],
+            1023 * 2048,
+            True,
+        ),
+        # seal-oem without -oem-size: a 32M OEM partition holding the 16M file system.
+        ([["run-script", "-script=preload.sh"], ["seal-oem"]], [], 32 * 2048, True),
+        # only a script: ROOT-A stays, nothing moves.
+        ([["run-script", "-script=preload.sh"]], [], 32768, False),
+    ],
+)
+def test_other_builds(
+    tmp_path: Path, sample_raw: Path, steps: list[list[str]], finish: list[str], oem_partition: int, reclaimed: bool
+) -> None:
+    build = run_build(tmp_path, sample_raw, steps, finish, "out.raw")
+    assert build.code == 0, build.err
+    raw = build.raw
+    table = gpt.read_table(raw)
+    oem, state = table.partition(8), table.partition(1)
+    assert oem.size == oem_partition
+    assert "No problems found" in sh("sgdisk", "-v", raw).stdout
+    sealed = ["seal-oem"] in steps
+    cfg = grub.read_grub_cfg(raw, partition_offset(table, 12))
+    masked = [line for line in cfg.splitlines() if "systemd.mask=update-engine.service" in line]
+    assert bool(masked) == reclaimed
+    assert ("oemroot" in cfg) == sealed
+    if sealed:
+        assert ext.info(raw, oem.first * 512).size == 16 * MiB
+        assert verity_verify(raw, oem, grub.read_dm(cfg)[0][1]).returncode == 0
+    elif finish:
+        assert ext.info(raw, oem.first * 512).size == oem.size * 512
+    if reclaimed:
+        assert table.partition(3).size == 8
+    else:
+        src = gpt.read_table(sample_raw)
+        assert table.partitions == src.partitions
+        assert same_bytes(sample_raw, src.partition(3), raw, table.partition(3))  # the root was mounted read-only
+    assert cat(raw, state.first * 512, "/var_overlay/lib/hello") == "hello from the build\n"
+    assert cat(raw, state.first * 512, "/var_overlay/lib/usr-write") == "read-only\n"
+    ext.check(raw, state.first * 512)
+    ext.check(raw, oem.first * 512)
+    assert leaks(tmp_path) == ([], [])
+    assert data_digest(build.source) == build.source_digest
+
+
+# Failures: nothing is left behind and the source is unchanged.
+
+
+def assert_clean_failure(tmp: Path, build: Build) -> None:
+    assert not build.output.exists()
+    assert [p.name for p in tmp.iterdir() if p.name.startswith(".")] == []
+    assert leaks(tmp) == ([], [])
+    assert data_digest(build.source) == build.source_digest
+
+
+def test_failing_script(tmp_path: Path, sample_raw: Path) -> None:
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "fail.sh").write_text("echo before the failure\necho oops >&2\nexit 3\n")
+    source = tmp_path / "source.raw"
+    sh("cp", "--sparse=always", sample_raw, source)
+    env = {**os.environ, "HOME": str(tmp_path), "COS_CUSTOMIZER_WORKDIR": str(tmp_path / "ws")}
+    digest = data_digest(source)
+    assert cli(env, "start-image-build", f"-build-context={context}", f"-image-file={source}")[0] == 0
+    assert cli(env, "run-script", "-script=fail.sh")[0] == 0
+    assert cli(env, "seal-oem")[0] == 0
+    code, out, err = cli(
+        env, "finish-image-build", f"-output={tmp_path / 'out.tar.gz'}", "-oem-size=1G", "-disk-size-gb=12"
+    )
+    assert code == 1
+    assert err.endswith(
+        "cos-customizer: error: run-script fail.sh failed with exit status 3; last output: before the failure | oops\n"
+    )
+    assert "Traceback" not in err
+    assert_clean_failure(tmp_path, Build(source, digest, tmp_path / "out.tar.gz", tmp_path, code, out, err))
+
+
+def test_sigterm_during_the_build(tmp_path: Path, sample_raw: Path) -> None:
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "slow.sh").write_text("echo started\nsleep 60\necho never\n")
+    source = tmp_path / "source.raw"
+    sh("cp", "--sparse=always", sample_raw, source)
+    env = {**os.environ, "HOME": str(tmp_path), "COS_CUSTOMIZER_WORKDIR": str(tmp_path / "ws")}
+    digest = data_digest(source)
+    assert cli(env, "start-image-build", f"-build-context={context}", f"-image-file={source}")[0] == 0
+    assert cli(env, "run-script", "-script=slow.sh")[0] == 0
+    output = tmp_path / "out.raw"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cos_customizer", "finish-image-build", f"-output={output}", "-disk-size-gb=11"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "[run-script slow.sh] started" in line:
+            break
+    else:
+        pytest.fail("the script never started: " + "".join(seen))
+    while not leaks(tmp_path)[1]:  # the stage's mounts are not visible here; loops are
+        if leaks(tmp_path)[0]:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=30) == 143
+    assert "stopped by SIGTERM" in rest
+    assert_clean_failure(tmp_path, Build(source, digest, output, tmp_path, 143, "", rest))
+
+
+@contextmanager
+def started(tmp_path: Path, sample_raw: Path) -> Iterator[dict[str, str]]:
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "ok.sh").write_text("true\n")
+    source = tmp_path / "source.raw"
+    sh("cp", "--sparse=always", sample_raw, source)
+    env = {"HOME": str(tmp_path), "COS_CUSTOMIZER_WORKDIR": str(tmp_path / "ws"), "PATH": os.environ["PATH"]}
+    assert main(["start-image-build", f"-build-context={context}", f"-image-file={source}"], env) == 0
+    assert main(["run-script", "-script=ok.sh"], env) == 0
+    yield env
+
+
+def test_missing_tool_is_refused_before_anything(
+    tmp_path: Path, sample_raw: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with started(tmp_path, sample_raw) as env:
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        for name in ("e2fsck", "dumpe2fs", "mount", "umount", "unshare", "tar", "mtype", "mcopy", "losetup"):
+            found = runner.require_tool(name, "x")
+            (bin_dir / name).symlink_to(found)
+        monkeypatch.setenv("PATH", str(bin_dir))
+        monkeypatch.setattr(runner, "FALLBACK_DIRS", ())
+        before = snapshot(tmp_path / "ws")
+        capsys.readouterr()
+        code = main(["finish-image-build", f"-output={tmp_path / 'out.raw'}"], env)
+        err = capsys.readouterr().err
+    assert code == 1
+    assert err == (
+        "cos-customizer: error: resize2fs is not installed: install the Debian package e2fsprogs (scripts/setup does)\n"
+    )
+    assert snapshot(tmp_path / "ws") == before
+    assert not (tmp_path / "out.raw").exists()
+
+
+def test_not_enough_space_is_refused_before_anything(
+    tmp_path: Path, sample_raw: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    with started(tmp_path, sample_raw) as env, loop.mounted("tmpfs", small, fstype="tmpfs", options=("size=16m",)):
+        before = snapshot(tmp_path / "ws")
+        capsys.readouterr()
+        code = main(["finish-image-build", f"-output={small / 'out.raw'}"], env)
+        err = capsys.readouterr().err
+        assert list(small.iterdir()) == []
+    assert code == 1
+    assert err.startswith(f"cos-customizer: error: not enough free space in {small}: the build needs about ")
+    assert err.endswith("MiB are free; free some space or choose another -output\n")
+    assert snapshot(tmp_path / "ws") == before
