@@ -104,3 +104,9 @@ def test_parse_duration_refuses(text: str, reason: str) -> None:
 )
 def test_format_duration_matches_go(nanos: int, text: str) -> None:
     assert format_duration(nanos) == text
+
+
+def test_human_size() -> None:
+    from cos_customizer.units import human_size
+
+    assert [human_size(n) for n in (512, 4371299, 12 << 30, 5 << 40)] == ["512 B", "4.2 MiB", "12.0 GiB", "5120.0 GiB"]

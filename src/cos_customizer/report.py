@@ -2,16 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import sys
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table as RichTable
 
-from cos_customizer.units import format_size
+from cos_customizer.disk.gpt import CHROMEOS_KERNEL
+from cos_customizer.units import human_size
 
 if TYPE_CHECKING:
     from cos_customizer.executors.local import LocalBuild, Summary
+
+
+@contextlib.contextmanager
+def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr while the block runs (when stderr is a terminal); yields `update(done, total)`."""
+    if not sys.stderr.isatty():
+        yield lambda _done, _total: None
+        return
+    columns = (TextColumn("    {task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        yield update
 
 
 def summary(build: LocalBuild, result: Summary) -> str:
@@ -35,6 +56,7 @@ def summary(build: LocalBuild, result: Summary) -> str:
         "before size",
         "after start",
         "after size",
+        "kernel priority",
         title="Partitions (sectors)",
         title_justify="left",
     )
@@ -49,13 +71,14 @@ def summary(build: LocalBuild, result: Summary) -> str:
             str(old.size),
             "" if same else str(part.first),
             "" if same else str(part.size),
+            f"{old.priority} -> {part.priority}" if part.type_guid == CHROMEOS_KERNEL else "",
         )
     console.print(parts)
     if result.oem_verity is not None:
         console.print(f"OEM verity root hash: {result.oem_verity.root_hexdigest}")
         console.print(f"OEM verity salt:      {result.oem_verity.salt_hex}")
     stat = build.output.stat()
-    size, allocated = format_size(stat.st_size), format_size(stat.st_blocks * 512)
+    size, allocated = human_size(stat.st_size), human_size(stat.st_blocks * 512)
     console.print(f"Output: {build.output} ({build.format.value}), size {size}, allocated {allocated}")
     if result.cleanup:
         console.print("Cleanup: " + "; ".join(result.cleanup))

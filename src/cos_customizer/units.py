@@ -58,6 +58,16 @@ def format_size(size: int) -> str:
     return f"{size}B"
 
 
+def human_size(size: int) -> str:
+    """For people: 512 B, 4.2 MiB, 12.0 GiB."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
 # Go's time.ParseDuration and time.Duration.String, in nanoseconds.
 NANOSECOND = 1
 MICROSECOND = 1000

@@ -10,7 +10,7 @@ from cos_customizer import sample_image
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import Flag, Kind, Parsed
 from cos_customizer.errors import NotAvailableError, UsageError, ValidationError
-from cos_customizer.units import format_size
+from cos_customizer.units import human_size
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def handle_sample_image(_context: Context, args: Parsed) -> int:
         "Wrote %s: a %d GB COS-layout disk image (%s allocated) in %.1f s; ROOT-A verity root hash %s",
         output,
         args["size-gb"],
-        format_size(allocated),
+        human_size(allocated),
         time.monotonic() - started,
         sample.root_hexdigest,
     )

@@ -30,19 +30,19 @@ def _is_tail(plan: DiskPlan, number: int) -> bool:
     return all(other.first < part.first for other in plan.before.partitions if other.number != number)
 
 
-def apply(image: Path, plan: DiskPlan, report: Report = lambda _: None) -> None:
+def apply(image: Path, plan: DiskPlan, report: Report = lambda _: None, progress: mover.Progress | None = None) -> None:
     """Move data, write the new table, grow the file systems."""
     target_size = plan.after.disk_sectors * SECTOR
     for move in plan.moves:
         src, dst, length = move.src * SECTOR, move.dst * SECTOR, move.sectors * SECTOR
         if move.kind is MoveKind.COPY:
             report(f"copying ROOT-A to {move.name}")
-            mover.copy_range(image, src, dst, length)
+            mover.copy_range(image, src, dst, length, progress)
         elif move.number == STATE and _is_tail(plan, STATE) and mover.shift_tail(image, src, dst - src):
             report(f"moved {move.name} by shifting the image's tail")
         else:
             report(f"moving {move.name}")
-            mover.copy_range(image, src, dst, length)
+            mover.copy_range(image, src, dst, length, progress)
     if os.stat(image).st_size != target_size:
         os.truncate(image, target_size)
     gpt.write_table(image, plan.after)

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cos_customizer import images, output
+from cos_customizer import images, output, report
 from cos_customizer.disk import apply, ext, grub
 from cos_customizer.disk.gpt import SECTOR, Table
 from cos_customizer.disk.planner import OEM, ROOT_A, ROOT_B, STATE, DiskPlan
@@ -235,13 +235,15 @@ def _offline_steps(build: LocalBuild, disk: Path, summary: Summary) -> None:
         info = ext.info(disk, oem.first * SECTOR)
         if info.size != fs_4k * 4096:
             raise BuildFailed(f"the OEM file system is {info.size} bytes, not the {fs_4k * 4096} to seal")
-        params = format_verity(
-            disk,
-            data_offset=oem.first * SECTOR,
-            data_blocks=fs_4k,
-            hash_offset=oem.first * SECTOR + fs_4k * 4096,
-            salt=random_salt(),
-        )
+        with report.progress_bar("verity") as progress:
+            params = format_verity(
+                disk,
+                data_offset=oem.first * SECTOR,
+                data_blocks=fs_4k,
+                hash_offset=oem.first * SECTOR + fs_4k * 4096,
+                salt=random_salt(),
+                progress=progress,
+            )
         summary.oem_verity = params
         cfg = grub.add_oem_verity(
             cfg,
@@ -265,10 +267,10 @@ def run_build(build: LocalBuild, contexts: dict[str, str]) -> Summary:
     work = Path(tempfile.mkdtemp(prefix=f".{build.output.name}.work-", dir=build.output.parent))
     try:
         disk = work / "disk.raw"
-        with _phase(summary, f"copy {build.source.name} (sparse)"):
-            images.working_copy(build.source, disk)
-        with _phase(summary, "apply the disk plan"):
-            apply.apply(disk, build.plan, report=lambda message: log.info("    %s", message))
+        with _phase(summary, f"copy {build.source.name} (sparse)"), report.progress_bar("copy") as progress:
+            images.working_copy(build.source, disk, progress)
+        with _phase(summary, "apply the disk plan"), report.progress_bar("move") as progress:
+            apply.apply(disk, build.plan, report=lambda message: log.info("    %s", message), progress=progress)
         with _phase(summary, "run the steps in the COS runtime layout"):
             result = _run_stage(build, work, disk, contexts, deadline)
             summary.steps.extend((str(s["name"]), float(s["seconds"])) for s in result["steps"])  # type: ignore[attr-defined]
