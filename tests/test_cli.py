@@ -535,17 +535,6 @@ def test_finish_output_format_follows_the_name(local_build: CLI, tmp_path: Path,
     assert json.loads(result.out)["output"]["format"] == fmt
 
 
-def test_finish_local_without_dry_run_keeps_the_workspace(
-    local_build: CLI, workspace_root: Path, tmp_path: Path
-) -> None:
-    before = snapshot(workspace_root)
-    result = local_build("finish-image-build", f"-output={tmp_path / 'out.raw'}")
-    assert result.code == 1
-    assert "cannot run them yet" in result.err
-    assert snapshot(workspace_root) == before
-    assert not (tmp_path / "out.raw").exists()
-
-
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [

@@ -90,6 +90,8 @@ def make_ext(image: Path, offset: int, size: int, tree: Path) -> None:
             "-q",
             "-t",
             "ext4",
+            "-b",
+            "4096",
             "-L",
             "STATE",
             "-d",
@@ -206,3 +208,36 @@ def test_shift_tail_refuses_what_it_cannot_do_and_changes_nothing(tmp_path: Path
     before = image.read_bytes()
     assert not mover.shift_tail(image, start, delta)
     assert image.read_bytes() == before
+
+
+@pytest.mark.root
+def test_ext_resize_far_beyond_the_reserved_descriptors(tmp_path: Path) -> None:
+    """A 16M OEM grown to 1 TiB: past mke2fs's 1024x reservation, the resize inode gives way."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "README").write_text("oem")
+    image = tmp_path / "disk.raw"
+    with open(image, "wb") as out:
+        out.truncate((1 << 40) + 64 * MiB)
+    make_ext(image, 8 * MiB, 16 * MiB, tree)
+    assert "resize_inode" in ext.info(image, 8 * MiB).features
+    ext.resize(image, 8 * MiB, 1 << 40)
+    info = ext.info(image, 8 * MiB)
+    assert info.size == 1 << 40
+    assert "resize_inode" not in info.features
+    ext.check(image, 8 * MiB)
+    assert read_file(image, 8 * MiB, "/README") == b"oem"
+    assert image.stat().st_size == (1 << 40) + 64 * MiB
+
+
+@pytest.mark.root
+def test_ext_resize_within_the_reservation_keeps_the_resize_inode(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    image = tmp_path / "disk.raw"
+    with open(image, "wb") as out:
+        out.truncate(2 << 30)
+    make_ext(image, 8 * MiB, 16 * MiB, tree)
+    ext.resize(image, 8 * MiB, 1 << 30)
+    assert "resize_inode" in ext.info(image, 8 * MiB).features
+    ext.check(image, 8 * MiB)

@@ -34,6 +34,9 @@ class ExtInfo:
     block_size: int
     free_blocks: int
     features: tuple[str, ...]
+    blocks_per_group: int = 32768
+    desc_size: int = 32
+    reserved_gdt_blocks: int = 0
 
     @property
     def size(self) -> int:
@@ -55,6 +58,9 @@ def parse_dumpe2fs(text: str) -> ExtInfo:
             block_size=int(fields["Block size"]),
             free_blocks=int(fields.get("Free blocks", "0")),
             features=tuple(fields.get("Filesystem features", "").split()),
+            blocks_per_group=int(fields.get("Blocks per group", "32768")),
+            desc_size=int(fields.get("Group descriptor size", "32")),
+            reserved_gdt_blocks=int(fields.get("Reserved GDT blocks", "0")),
         )
     except (KeyError, ValueError) as err:
         raise CustomizerError(f"cannot read the dumpe2fs output (missing or bad {err})") from err
@@ -79,6 +85,26 @@ def check(path: Path, offset: int = 0, *, repair: bool = False) -> None:
         raise CommandError(result.args, result.returncode, (result.stdout + result.stderr).decode(errors="replace"))
 
 
+def _gdt_blocks(fs: ExtInfo, size_bytes: int) -> int:
+    """Blocks of group descriptors a file system of `size_bytes` needs."""
+    groups = -(-(size_bytes // fs.block_size) // fs.blocks_per_group)
+    return -(-groups * fs.desc_size // fs.block_size)
+
+
+def _drop_resize_inode(path: Path, offset: int) -> None:
+    """Remove the resize inode, whose reserved descriptor blocks cannot cover the growth.
+
+    resize2fs fails ("Illegal doubly indirect block") when a file system grows
+    past what mke2fs reserved for it (1024 times its first size, as a 16M OEM
+    grown to 1024G); without the resize inode it grows by moving blocks. The
+    feature only serves online growth of a mounted file system.
+    """
+    run([require_tool("tune2fs", E2FSPROGS), "-O", "^resize_inode", device(path, offset)])
+    result = run([require_tool("e2fsck", E2FSPROGS), "-f", "-y", device(path, offset)], check=False)
+    if result.returncode not in (0, 1):
+        raise CommandError(result.args, result.returncode, (result.stdout + result.stderr).decode(errors="replace"))
+
+
 def resize(path: Path, offset: int, size_bytes: int) -> None:
     """Grow (or shrink) the file system at `offset` to exactly `size_bytes` (a multiple of 512).
 
@@ -90,6 +116,12 @@ def resize(path: Path, offset: int, size_bytes: int) -> None:
     if size_bytes % 512:
         raise ValueError(f"resize2fs size {size_bytes} is not a whole number of sectors")
     check(path, offset, repair=True)  # resize2fs insists on a freshly checked file system
+    current = info(path, offset)
+    if (
+        "resize_inode" in current.features
+        and _gdt_blocks(current, size_bytes) > _gdt_blocks(current, current.size) + current.reserved_gdt_blocks
+    ):
+        _drop_resize_inode(path, offset)
     tool = require_tool("resize2fs", E2FSPROGS)
     if not stat.S_ISREG(os.stat(path).st_mode):
         run([tool, device(path, offset), f"{size_bytes // 512}s"])
