@@ -181,15 +181,12 @@ def main() -> int:
         gz_ours, gz_naive = ((work / n).stat().st_size for n in ("ours.tar.gz", "naive.tar.gz"))
     speed, size, scale = t_naive / t_ours, alloc_naive / alloc_ours, t_huge / t_small
     print("sealed build, -oem-size=1G -disk-size-gb=12, .tar.gz output; same sample image, same run:")
-    print(
-        f"  ours:  {t_ours:7.2f} s   disk allocated {alloc_ours / 2**20:8.1f} MiB   tar.gz {gz_ours / 2**20:7.1f} MiB"
-    )
-    print(
-        f"  naive: {t_naive:7.2f} s   disk allocated {alloc_naive / 2**20:8.1f} MiB   tar.gz {gz_naive / 2**20:7.1f} MiB"
-    )
-    print(
-        f"  ours is {speed:.1f}x faster (target >= {SPEED_TARGET:.0f}x), its disk {size:.0f}x smaller (target >= {SIZE_TARGET:.0f}x)"
-    )
+    for name, seconds, alloc, gz in (("ours", t_ours, alloc_ours, gz_ours), ("naive", t_naive, alloc_naive, gz_naive)):
+        print(
+            f"  {name + ':':<6} {seconds:7.2f} s   disk allocated {alloc / 2**20:8.1f} MiB   tar.gz {gz / 2**20:7.1f} MiB"
+        )
+    print(f"  ours is {speed:.1f}x faster (target >= {SPEED_TARGET:.0f}x), ", end="")
+    print(f"its disk {size:.0f}x smaller (target >= {SIZE_TARGET:.0f}x)")
     print("OEM growth (run-script only, raw output):")
     print(f"  -oem-size=1G    -disk-size-gb=11:   {t_small:6.2f} s")
     print(f"  -oem-size=1024G -disk-size-gb=1034: {t_huge:6.2f} s   ({scale:.2f}x; target <= {SCALE_TARGET:.0f}x)")
