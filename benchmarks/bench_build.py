@@ -183,7 +183,7 @@ def main() -> int:
     print("sealed build, -oem-size=1G -disk-size-gb=12, .tar.gz output; same sample image, same run:")
     for name, seconds, alloc, gz in (("ours", t_ours, alloc_ours, gz_ours), ("naive", t_naive, alloc_naive, gz_naive)):
         print(
-            f"  {name + ':':<6} {seconds:7.2f} s   disk allocated {alloc / 2**20:8.1f} MiB   tar.gz {gz / 2**20:7.1f} MiB"
+            f"  {name + ':':<6} {seconds:7.2f} s  disk allocated {alloc / 2**20:8.1f} MiB  tar.gz {gz / 2**20:7.1f} MiB"
         )
     print(f"  ours is {speed:.1f}x faster (target >= {SPEED_TARGET:.0f}x), ", end="")
     print(f"its disk {size:.0f}x smaller (target >= {SIZE_TARGET:.0f}x)")
