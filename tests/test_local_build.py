@@ -6,10 +6,12 @@ Needs root (loop devices, mounts, namespaces): CI runs as root.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +38,14 @@ if [ -w /usr/share/oem ]; then echo "in the OEM" > /usr/share/oem/hello; fi
 if touch /usr/forbidden 2>/dev/null; then echo writable > /var/lib/usr-write; else echo read-only > /var/lib/usr-write; fi
 echo "$GREETING from $(pwd)" > /var/lib/greeting
 mkdir -p /var/log/app && echo "noise" > /var/log/app/app.log
+{
+  echo "etc: $(echo x > /etc/cos-customizer-test && cat /etc/cos-customizer-test)"
+  echo "pid: $$ $(cat /proc/1/comm)"
+  echo "dev: $(test -c /dev/null && echo ok)"
+  echo "sys: $(test -d /sys/kernel && echo ok)"
+  echo "tmp: $(echo t > /tmp/t && cat /tmp/t)"
+  echo "resolv: $(md5sum < /etc/resolv.conf | cut -c1-8)"
+} > /var/lib/checks
 echo "step done"
 """
 
@@ -45,13 +55,22 @@ def sh(*argv: str | Path, check: bool = True) -> subprocess.CompletedProcess[str
 
 
 def data_digest(path: Path) -> str:
-    """A digest of the file's size and data extents: cheap on sparse images, changes if any byte does."""
+    """A digest of the file's size and bytes, reading only around data extents (cheap on sparse images).
+
+    Canonical: 1 MiB blocks that hold data are hashed with their offset, all-zero ones skipped, so
+    the digest does not depend on how the file system happens to split its extents.
+    """
     digest = hashlib.sha256(str(path.stat().st_size).encode())
     fd = os.open(path, os.O_RDONLY)
     try:
-        for offset, length in mover.data_extents(fd, 0, path.stat().st_size):
-            digest.update(offset.to_bytes(8, "little"))
-            digest.update(os.pread(fd, length, offset))
+        blocks = sorted(
+            {block for offset, length in mover.data_extents(fd, 0, path.stat().st_size)
+             for block in range(offset // MiB, -(-(offset + length) // MiB))}
+        )  # fmt: skip
+        for block in blocks:
+            data = os.pread(fd, MiB, block * MiB)
+            if data.count(0) != len(data):
+                digest.update(block.to_bytes(8, "little") + data)
     finally:
         os.close(fd)
     return digest.hexdigest()
@@ -109,8 +128,10 @@ def run_build(tmp: Path, sample: Path, steps: list[list[str]], finish: list[str]
     code, out, err = cli(env, "finish-image-build", f"-output={output}", *finish)
     raw = output
     if code == 0 and output_name.endswith(".tar.gz"):
-        listing = sh("tar", "-tvzf", output).stdout.splitlines()
-        assert len(listing) == 1 and listing[0].split()[-1] == "disk.raw"
+        with tarfile.open(output) as archive:
+            members = archive.getmembers()
+        assert [m.name for m in members] == ["disk.raw"]
+        assert members[0].issparse()
         (tmp / "extract").mkdir()
         sh("tar", "-xzf", output, "-C", tmp / "extract")
         raw = tmp / "extract" / "disk.raw"
@@ -201,6 +222,15 @@ def test_sealed_build(sealed_build: Build, sample_raw: Path) -> None:
     assert cat(raw, o, "/hello") == "in the OEM\n"
     assert cat(raw, s, "/var_overlay/lib/greeting") == "hi from /var/lib/.cos-customizer/user\n"
     assert cat(raw, s, "/var_overlay/lib/usr-write") == "read-only\n"
+    resolv = hashlib.md5(Path("/etc/resolv.conf").read_bytes()).hexdigest()[:8]
+    assert cat(raw, s, "/var_overlay/lib/checks").splitlines() == [
+        "etc: x",
+        "pid: 1 bash",
+        "dev: ok",
+        "sys: ok",
+        "tmp: t",
+        f"resolv: {resolv}",
+    ]
     assert cat(raw, s, "/var_overlay/lib/sample-image") == "this file was on STATE before the build\n"
     assert cat(raw, o, "/README") == "OEM partition of the cos-customizer sample image\n"
     assert cat(raw, s, "/var_overlay/log/app/app.log") == ""  # logs truncated by the cleanup
@@ -269,6 +299,40 @@ def test_other_builds(
     assert data_digest(build.source) == build.source_digest
 
 
+@pytest.mark.parametrize("fmt", ["qcow2", "tar.gz"])
+def test_compressed_sources(tmp_path: Path, sample_raw: Path, fmt: str) -> None:
+    """qcow2 and GCE .tar.gz sources are converted or extracted into the working copy."""
+    source = tmp_path / f"source.{fmt}"
+    if fmt == "qcow2":
+        sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", sample_raw, source)
+    else:
+        staging = tmp_path / "staging"
+        staging.mkdir()
+        sh("cp", "--sparse=always", sample_raw, staging / "disk.raw")
+        sh("tar", "--sparse", "--format=oldgnu", "-czf", source, "-C", staging, "disk.raw")
+        sh("rm", "-r", staging)
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "preload.sh").write_text(SCRIPT)
+    env = {**os.environ, "HOME": str(tmp_path), "COS_CUSTOMIZER_WORKDIR": str(tmp_path / "ws")}
+    before = data_digest(source)
+    assert cli(env, "start-image-build", f"-build-context={context}", f"-image-file={source}")[0] == 0
+    assert cli(env, "run-script", "-script=preload.sh")[0] == 0
+    assert cli(env, "disable-auto-update")[0] == 0
+    code, out, err = cli(env, "finish-image-build", f"-output={tmp_path / 'out.raw'}", "-oem-size=512M", "-dry-run")
+    assert code == 0, err
+    assert json.loads(out)["disk_plan"]["after"]["3"]["size"] == 8
+    code, out, err = cli(env, "finish-image-build", f"-output={tmp_path / 'out.raw'}", "-oem-size=512M")
+    assert code == 0, err
+    table = gpt.read_table(tmp_path / "out.raw")
+    assert table.partition(8).size == 511 * 2048
+    assert (
+        cat(tmp_path / "out.raw", table.partition(1).first * 512, "/var_overlay/lib/hello") == "hello from the build\n"
+    )
+    assert data_digest(source) == before
+    assert leaks(tmp_path) == ([], [])
+
+
 # Failures: nothing is left behind and the source is unchanged.
 
 
@@ -301,7 +365,10 @@ def test_failing_script(tmp_path: Path, sample_raw: Path) -> None:
     assert_clean_failure(tmp_path, Build(source, digest, tmp_path / "out.tar.gz", tmp_path, code, out, err))
 
 
-def test_sigterm_during_the_build(tmp_path: Path, sample_raw: Path) -> None:
+@pytest.mark.parametrize(
+    ("sig", "code", "said"), [(signal.SIGTERM, 143, "stopped by SIGTERM"), (signal.SIGINT, 130, "interrupted")]
+)
+def test_signal_during_the_build(tmp_path: Path, sample_raw: Path, sig: signal.Signals, code: int, said: str) -> None:
     context = tmp_path / "context"
     context.mkdir()
     (context / "slow.sh").write_text("echo started\nsleep 60\necho never\n")
@@ -331,11 +398,12 @@ def test_sigterm_during_the_build(tmp_path: Path, sample_raw: Path) -> None:
         if leaks(tmp_path)[0]:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     rest = proc.stderr.read()
-    assert proc.wait(timeout=30) == 143
-    assert "stopped by SIGTERM" in rest
-    assert_clean_failure(tmp_path, Build(source, digest, output, tmp_path, 143, "", rest))
+    assert proc.wait(timeout=30) == code
+    assert said in rest
+    assert "never" not in rest
+    assert_clean_failure(tmp_path, Build(source, digest, output, tmp_path, code, "", rest))
 
 
 @contextmanager
