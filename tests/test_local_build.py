@@ -111,12 +111,19 @@ def cli(env: dict[str, str], *argv: str) -> tuple[int, str, str]:
     return result.returncode, result.stdout, result.stderr
 
 
-def run_build(tmp: Path, sample: Path, steps: list[list[str]], finish: list[str], output_name: str) -> Build:
-    source = tmp / "source.raw"
-    sh("cp", "--sparse=always", sample, source)
+@dataclass(frozen=True)
+class Started:
+    env: dict[str, str]
+    source: Path
+    digest: str
+
+
+def start(tmp: Path, source: Path, scripts: dict[str, str], steps: list[list[str]]) -> Started:
+    """A build started on `source` (a copy the test owns) with `scripts` as the build context."""
     context = tmp / "context"
     context.mkdir()
-    (context / "preload.sh").write_text(SCRIPT)
+    for name, text in scripts.items():
+        (context / name).write_text(text)
     env = {**os.environ, "HOME": str(tmp), "COS_CUSTOMIZER_WORKDIR": str(tmp / "ws")}
     digest = data_digest(source)
     code, _, err = cli(env, "start-image-build", f"-build-context={context}", f"-image-file={source}")
@@ -124,6 +131,18 @@ def run_build(tmp: Path, sample: Path, steps: list[list[str]], finish: list[str]
     for step in steps:
         code, _, err = cli(env, *step)
         assert code == 0, err
+    return Started(env, source, digest)
+
+
+def copy_of(sample: Path, tmp: Path) -> Path:
+    source = tmp / "source.raw"
+    sh("cp", "--sparse=always", sample, source)
+    return source
+
+
+def run_build(tmp: Path, sample: Path, steps: list[list[str]], finish: list[str], output_name: str) -> Build:
+    started = start(tmp, copy_of(sample, tmp), {"preload.sh": SCRIPT}, steps)
+    env, source, digest = started.env, started.source, started.digest
     output = tmp / output_name
     code, out, err = cli(env, "finish-image-build", f"-output={output}", *finish)
     raw = output
@@ -311,14 +330,9 @@ def test_compressed_sources(tmp_path: Path, sample_raw: Path, fmt: str) -> None:
         sh("cp", "--sparse=always", sample_raw, staging / "disk.raw")
         sh("tar", "--sparse", "--format=oldgnu", "-czf", source, "-C", staging, "disk.raw")
         sh("rm", "-r", staging)
-    context = tmp_path / "context"
-    context.mkdir()
-    (context / "preload.sh").write_text(SCRIPT)
-    env = {**os.environ, "HOME": str(tmp_path), "COS_CUSTOMIZER_WORKDIR": str(tmp_path / "ws")}
-    before = data_digest(source)
-    assert cli(env, "start-image-build", f"-build-context={context}", f"-image-file={source}")[0] == 0
-    assert cli(env, "run-script", "-script=preload.sh")[0] == 0
-    assert cli(env, "disable-auto-update")[0] == 0
+    steps = [["run-script", "-script=preload.sh"], ["disable-auto-update"]]
+    started = start(tmp_path, source, {"preload.sh": SCRIPT}, steps)
+    env, before = started.env, started.digest
     code, out, err = cli(env, "finish-image-build", f"-output={tmp_path / 'out.raw'}", "-oem-size=512M", "-dry-run")
     assert code == 0, err
     assert json.loads(out)["disk_plan"]["after"]["3"]["size"] == 8
@@ -344,16 +358,11 @@ def assert_clean_failure(tmp: Path, build: Build) -> None:
 
 
 def test_failing_script(tmp_path: Path, sample_raw: Path) -> None:
-    context = tmp_path / "context"
-    context.mkdir()
-    (context / "fail.sh").write_text("echo before the failure\necho oops >&2\nexit 3\n")
-    source = tmp_path / "source.raw"
-    sh("cp", "--sparse=always", sample_raw, source)
-    env = {**os.environ, "HOME": str(tmp_path), "COS_CUSTOMIZER_WORKDIR": str(tmp_path / "ws")}
-    digest = data_digest(source)
-    assert cli(env, "start-image-build", f"-build-context={context}", f"-image-file={source}")[0] == 0
-    assert cli(env, "run-script", "-script=fail.sh")[0] == 0
-    assert cli(env, "seal-oem")[0] == 0
+    fail = "echo before the failure\necho oops >&2\nexit 3\n"
+    started = start(
+        tmp_path, copy_of(sample_raw, tmp_path), {"fail.sh": fail}, [["run-script", "-script=fail.sh"], ["seal-oem"]]
+    )
+    env, source, digest = started.env, started.source, started.digest
     code, out, err = cli(
         env, "finish-image-build", f"-output={tmp_path / 'out.tar.gz'}", "-oem-size=1G", "-disk-size-gb=12"
     )
@@ -369,15 +378,9 @@ def test_failing_script(tmp_path: Path, sample_raw: Path) -> None:
     ("sig", "code", "said"), [(signal.SIGTERM, 143, "stopped by SIGTERM"), (signal.SIGINT, 130, "interrupted")]
 )
 def test_signal_during_the_build(tmp_path: Path, sample_raw: Path, sig: signal.Signals, code: int, said: str) -> None:
-    context = tmp_path / "context"
-    context.mkdir()
-    (context / "slow.sh").write_text("echo started\nsleep 60\necho never\n")
-    source = tmp_path / "source.raw"
-    sh("cp", "--sparse=always", sample_raw, source)
-    env = {**os.environ, "HOME": str(tmp_path), "COS_CUSTOMIZER_WORKDIR": str(tmp_path / "ws")}
-    digest = data_digest(source)
-    assert cli(env, "start-image-build", f"-build-context={context}", f"-image-file={source}")[0] == 0
-    assert cli(env, "run-script", "-script=slow.sh")[0] == 0
+    slow = "echo started\nsleep 60\necho never\n"
+    started = start(tmp_path, copy_of(sample_raw, tmp_path), {"slow.sh": slow}, [["run-script", "-script=slow.sh"]])
+    env, source, digest = started.env, started.source, started.digest
     output = tmp_path / "out.raw"
     proc = subprocess.Popen(
         [sys.executable, "-m", "cos_customizer", "finish-image-build", f"-output={output}", "-disk-size-gb=11"],

@@ -57,13 +57,19 @@ def move_ext(image: Path, src_offset: int, dst_offset: int) -> None:
 
 
 def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
-    """(offset, length) of every data extent of `fd` within [start, end)."""
+    """(offset, length) of every data extent of `fd` within [start, end).
+
+    Where the file system cannot tell holes (no SEEK_DATA), all of it is data.
+    """
     pos = start
     while pos < end:
         try:
             data = os.lseek(fd, pos, os.SEEK_DATA)
         except OSError as err:
             if err.errno == errno.ENXIO:  # nothing but a hole up to the end of the file
+                return
+            if err.errno in (errno.EINVAL, errno.EOPNOTSUPP) and pos == start:
+                yield start, end - start
                 return
             raise
         if data >= end:

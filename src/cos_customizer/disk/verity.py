@@ -31,6 +31,8 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cos_customizer.disk.mover import data_extents
+
 BLOCK = 4096
 DIGEST = 32
 FANOUT = BLOCK // DIGEST  # 128 digests per hash block
@@ -86,32 +88,11 @@ def _digest(block: bytes | bytearray | memoryview, salt: bytes) -> bytes:
     return h.digest()
 
 
-def _data_ranges(fd: int, start: int, end: int) -> list[tuple[int, int]]:
-    """Byte ranges in [start, end) that may hold data; holes are left out."""
-    ranges: list[tuple[int, int]] = []
-    pos = start
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # no data after pos
-                break
-            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # no hole support: everything is data
-                return [(start, end)]
-            raise
-        if data >= end:
-            break
-        hole = os.lseek(fd, data, os.SEEK_HOLE)
-        ranges.append((data, min(hole, end)))
-        pos = hole
-    return ranges
-
-
 def _block_ranges(fd: int, data_offset: int, data_blocks: int) -> list[tuple[int, int]]:
     """Data block index ranges [a, b) that touch data, merged and sorted."""
     out: list[tuple[int, int]] = []
-    for s, e in _data_ranges(fd, data_offset, data_offset + data_blocks * BLOCK):
-        a, b = (s - data_offset) // BLOCK, -(-(e - data_offset) // BLOCK)
+    for s, length in data_extents(fd, data_offset, data_offset + data_blocks * BLOCK):
+        a, b = (s - data_offset) // BLOCK, -(-(s + length - data_offset) // BLOCK)
         if out and a <= out[-1][1]:
             out[-1] = (out[-1][0], max(out[-1][1], b))
         else:
