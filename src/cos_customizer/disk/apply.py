@@ -14,6 +14,7 @@ copying its data; other moves copy only data extents, holes stay holes.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,8 +31,15 @@ def _is_tail(plan: DiskPlan, number: int) -> bool:
     return all(other.first < part.first for other in plan.before.partitions if other.number != number)
 
 
-def apply(image: Path, plan: DiskPlan, report: Report = lambda _: None, progress: mover.Progress | None = None) -> None:
-    """Move data, write the new table, grow the file systems."""
+def apply(
+    image: Path,
+    plan: DiskPlan,
+    report: Report = lambda _: None,
+    progress: mover.Progress | None = None,
+    *,
+    grow: bool = True,
+) -> None:
+    """Move data, write the new table, and (with `grow`) grow the file systems."""
     target_size = plan.after.disk_sectors * SECTOR
     for move in plan.moves:
         src, dst, length = move.src * SECTOR, move.dst * SECTOR, move.sectors * SECTOR
@@ -40,12 +48,20 @@ def apply(image: Path, plan: DiskPlan, report: Report = lambda _: None, progress
             mover.copy_range(image, src, dst, length, progress)
         elif move.number == STATE and _is_tail(plan, STATE) and mover.shift_tail(image, src, dst - src):
             report(f"moved {move.name} by shifting the image's tail")
+        elif stat.S_ISBLK(os.stat(image).st_mode):
+            report(f"moving {move.name} (used blocks only)")
+            mover.move_ext(image, src, dst)  # a device has no holes to skip: let the file system say what is used
         else:
             report(f"moving {move.name}")
             mover.copy_range(image, src, dst, length, progress)
-    if os.stat(image).st_size != target_size:
+    if stat.S_ISREG(os.stat(image).st_mode) and os.stat(image).st_size != target_size:
         os.truncate(image, target_size)
     gpt.write_table(image, plan.after)
+    if grow:
+        grow_file_systems(image, plan, report)
+
+
+def grow_file_systems(image: Path, plan: DiskPlan, report: Report = lambda _: None) -> None:
     for number, size in ((OEM, plan.oem_fs_bytes), (STATE, plan.state_fs_bytes)):
         if size is not None:
             part = plan.after.partition(number)

@@ -122,7 +122,10 @@ def plan(
     state, root_a, oem = _get(target, STATE, "STATE"), _get(target, ROOT_A, "ROOT-A"), _get(target, OEM, "OEM")
     moves: list[DataMove] = []
     warnings: list[str] = []
-    if reclaim_sda3:
+    if reclaim_sda3 and root_a.size <= SHRUNK_ROOT:
+        # Already reclaimed (a provisioner resuming after the reboots): ROOT-B holds the system.
+        free_start = align_up(root_a.first + MARGIN)
+    elif reclaim_sda3:
         root_b, kern_b = _get(target, ROOT_B, "ROOT-B"), _get(target, KERN_B, "KERN-B")
         if root_b.size < root_a.size:
             raise PlanError(f"ROOT-B ({root_b.size} sectors) is smaller than ROOT-A ({root_a.size} sectors)")

@@ -1,0 +1,5 @@
+import sys
+
+from cos_customizer.provisioner.main import main
+
+sys.exit(main())

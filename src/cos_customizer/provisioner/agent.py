@@ -1,0 +1,290 @@
+"""The provisioner's run: boot disk, steps, stop services, cleanup. Exit 3 means "reboot me".
+
+Order (04-provisioner.md): switch the root to B (copy ROOT-A to ROOT-B,
+prioritize KERN-B: reboot), shrink ROOT-A (reboot), wait for the disk to
+grow when the workflow resizes it, relocate partitions in a systemd unit at
+shutdown (reboot), grow the file systems; then the steps, stopping services
+and the cleanup. Every check looks at the disk itself or at the persisted
+state, so a reboot at any point is safe. Standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import tarfile
+import time
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+
+from cos_customizer.disk import apply, ext, gpt, mover, planner
+from cos_customizer.disk.gpt import SECTOR
+from cos_customizer.errors import CustomizerError
+from cos_customizer.provisioner import cleanup, steps
+from cos_customizer.provisioner.config import ProvisionerConfig
+from cos_customizer.provisioner.state import State
+from cos_customizer.provisioner.target import Target, device_of
+from cos_customizer.units import parse_size
+
+REBOOT = 3
+RESIZE_WAIT_SECONDS = 180
+WAITING_LINE = "waiting for the boot disk size to change"
+LAYOUT_PLAN = "/tmp/cos-customizer-layout.json"
+LAYOUT_UNIT = "cos-customizer-disk-layout.service"
+SERVICES_TO_STOP = (
+    "crash-reporter.service",
+    "crash-sender.service",
+    "device_policy_manager.service",
+    "metrics-daemon.service",
+    "update-engine.service",
+    "systemd-random-seed.service",
+    "systemd-journald-audit.socket",
+    "systemd-journald-dev-log.socket",
+    "systemd-journald.socket",
+    "systemd-journald.service",
+)
+Say = Callable[[str], None]
+
+
+class RebootRequired(Exception):
+    """The disk changed in a way the running system must reboot to see."""
+
+
+def state_dir(target: Target) -> Path:
+    return target.path(f"/{cleanup.STATE_DIR}")
+
+
+# The boot disk
+
+
+def switch_root(target: Target, config: ProvisionerConfig, say: Say) -> None:
+    table = gpt.read_table(target.disk)
+    root_a = table.partition(planner.ROOT_A)
+    if root_a.size <= planner.SHRUNK_ROOT or target.booted_partition() == planner.ROOT_B:
+        return
+    say("Copying ROOT-A to ROOT-B and booting from B")
+    root_b = table.partition(planner.ROOT_B)
+    mover.copy_range(target.disk, root_a.first * SECTOR, root_b.first * SECTOR, root_a.size * SECTOR)
+    gpt.write_table(target.disk, gpt.prioritize(table, planner.KERN_B))
+    raise RebootRequired("the root moves to ROOT-B")
+
+
+def shrink_root_a(target: Target, say: Say) -> None:
+    table = gpt.read_table(target.disk)
+    root_a = table.partition(planner.ROOT_A)
+    if root_a.size <= planner.SHRUNK_ROOT:
+        return
+    say("Shrinking ROOT-A")
+    gpt.write_table(target.disk, table.replace(root_a.moved(root_a.first, planner.SHRUNK_ROOT)))
+    raise RebootRequired("ROOT-A was shrunk")
+
+
+def wait_for_disk_resize(target: Target, state: State, say: Say, seconds: float = RESIZE_WAIT_SECONDS) -> None:
+    if not state.config.boot_disk.wait_for_disk_resize or state.disk_resize_done:
+        return
+    table = gpt.read_table(target.disk)
+    if target.disk_size() > table.disk_sectors * SECTOR:
+        state.disk_resize_done = True
+        state.save()
+        return
+    start = target.disk_size()
+    say(WAITING_LINE)
+    deadline = time.monotonic() + seconds
+    while target.disk_size() == start:
+        if time.monotonic() > deadline:
+            raise CustomizerError(f"the boot disk did not grow within {seconds:.0f} seconds")
+        time.sleep(1)
+    say(f"The boot disk grew to {target.disk_size()} bytes")
+    state.disk_resize_done = True
+    state.save()
+
+
+def layout_inputs(target: Target, config: ProvisionerConfig) -> dict[str, object]:
+    boot = config.boot_disk
+    return {
+        "disk": str(target.disk),
+        "disk_sectors": target.disk_size() // SECTOR,
+        "reclaim_sda3": boot.reclaim_sda3,
+        "oem_size": parse_size(boot.oem_size) if boot.oem_size else 0,
+        "oem_fs_size_4k": boot.oem_fs_size_4k,
+    }
+
+
+def plan_from(inputs: dict[str, object]) -> planner.DiskPlan:
+    return planner.plan(
+        gpt.read_table(Path(str(inputs["disk"]))),
+        disk_sectors=int(str(inputs["disk_sectors"])),
+        reclaim_sda3=bool(inputs["reclaim_sda3"]),
+        oem_size=int(str(inputs["oem_size"])),
+        oem_fs_size_4k=int(str(inputs["oem_fs_size_4k"])),
+    )
+
+
+def relocate(target: Target, state: State, say: Say) -> None:
+    """Schedule the new layout for shutdown (partitions are mounted now); reboot into it."""
+    table = gpt.read_table(target.disk)
+    if state.layout is not None:
+        done = {str(p.number): [p.first, p.last] for p in table.partitions} == state.layout["after"]
+        if done:
+            return
+        raise CustomizerError("the partition layout was scheduled but is not in place after the reboot")
+    inputs = layout_inputs(target, state.config)
+    plan = plan_from(inputs)
+    for warning in plan.warnings:
+        say(f"warning: {warning}")
+    state.layout = {
+        "after": {str(p.number): [p.first, p.last] for p in plan.after.partitions},
+        "oem_fs_bytes": plan.oem_fs_bytes,
+        "state_fs_bytes": plan.state_fs_bytes,
+    }
+    if not plan.changed:
+        state.save()
+        return
+    plan_file = target.path(LAYOUT_PLAN)
+    plan_file.parent.mkdir(parents=True, exist_ok=True)
+    plan_file.write_text(json.dumps(inputs))
+    unit = target.path(f"/etc/systemd/system/{LAYOUT_UNIT}")
+    unit.parent.mkdir(parents=True, exist_ok=True)
+    command = shlex.join([sys.executable, "handle-disk-layout", f"--plan={LAYOUT_PLAN}"])
+    if not getattr(sys, "frozen", False):
+        command = shlex.join([sys.executable, "-m", "cos_customizer.provisioner", "handle-disk-layout",
+                              f"--plan={LAYOUT_PLAN}"])  # fmt: skip
+    unit.write_text(
+        "[Unit]\nDescription=cos-customizer: relocate partitions once file systems are unmounted\n"
+        "DefaultDependencies=false\nConflicts=shutdown.target\n"
+        "Before=mnt-stateful_partition.mount usr-share-oem.mount\nAfter=tmp.mount\n\n"
+        "[Service]\nType=oneshot\nRemainAfterExit=true\nExecStart=/bin/true\n"
+        f"ExecStop=/bin/bash -c '{command} 2>&1 | sed \"s/^/BuildStatus: /\"'\n"
+        "TimeoutStopSec=600\nStandardOutput=tty\nStandardError=tty\nTTYPath=/dev/ttyS2\n"
+    )
+    state.save()
+    target.systemctl_run("daemon-reload")
+    target.systemctl_run("start", "--no-block", LAYOUT_UNIT)
+    say("Partitions will be relocated at shutdown")
+    raise RebootRequired("partitions are relocated at shutdown")
+
+
+def handle_disk_layout(plan_file: Path, say: Say) -> None:
+    """The shutdown handler: file systems are unmounted; move the data and write the new table."""
+    inputs = json.loads(plan_file.read_text())
+    plan = plan_from(inputs)
+    apply.apply(Path(inputs["disk"]), plan, report=say, grow=False)
+    say("Partitions relocated")
+
+
+def grow_file_systems(target: Target, state: State, say: Say) -> None:
+    """Grow OEM and STATE (mounted: online) to the sizes of the layout."""
+    if state.layout is None:
+        return
+    for mountpoint, size in (("/usr/share/oem", state.layout["oem_fs_bytes"]),
+                             ("/mnt/stateful_partition", state.layout["state_fs_bytes"])):  # fmt: skip
+        if size is None:
+            continue
+        device = device_of(target.path(mountpoint))
+        current = ext.info(device).size
+        if current < int(size) // 4096 * 4096:
+            say(f"Growing the file system on {mountpoint} to {size} bytes")
+            ext.resize_online(device, int(size))
+
+
+# Build contexts
+
+
+def unpack_contexts(target: Target, state: State, say: Say) -> None:
+    for name, url in state.config.build_contexts:
+        destination = state.directory / name
+        if destination.exists():
+            continue
+        say(f"Unpacking build context {name} from {url}")
+        parsed = urllib.parse.urlparse(url)
+        archive = state.directory / f"{name}.tar"
+        if parsed.scheme in ("http", "https", "file"):
+            steps.fetch(url, archive)
+        elif parsed.scheme == "gs":
+            steps.fetch(steps.deps_url(f"gs://{parsed.netloc}", parsed.path.lstrip("/")), archive)
+        else:
+            archive.write_bytes(Path(url).read_bytes())
+        partial = state.directory / f".{name}.partial"
+        partial.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(partial)
+        partial.rename(destination)
+        archive.unlink()
+
+
+# The run
+
+
+def execute(target: Target, state: State, say: Say) -> None:
+    config = state.config
+    if config.boot_disk.reclaim_sda3:
+        switch_root(target, config, say)
+        shrink_root_a(target, say)
+    wait_for_disk_resize(target, state, say)
+    relocate(target, state, say)
+    grow_file_systems(target, state, say)
+    unpack_contexts(target, state, say)
+    target.systemctl_run("stop", "update-engine.service")
+    order = steps.ordered(config.steps)
+    context = steps.Context(target, state, say)
+    while state.current_step < len(order):
+        index = state.current_step
+        step = order[index]
+        say(f"Step {index + 1} of {len(order)}: {step.type.value}")
+        try:
+            steps.RUNNERS[step.type](context, step.args)
+        except CustomizerError as err:
+            raise CustomizerError(f"step {config.steps.index(step)} ({step.type.value}): {err}") from err
+        state.current_step += 1
+        state.save()
+    say("Stopping services")
+    for service in SERVICES_TO_STOP:
+        target.systemctl_run("stop", service)
+    say("Cleaning up machine state")
+    for line in cleanup.clean(target.root):
+        say(line)
+
+
+def start(target: Target, config: ProvisionerConfig) -> State:
+    return State.create(state_dir(target), config)
+
+
+def resume_state(target: Target) -> State:
+    return State.load(state_dir(target))
+
+
+def console_writer(target: Target) -> Callable[[str], None]:
+    stream = open(target.console, "a", buffering=1) if target.console else sys.stdout  # noqa: SIM115
+
+    def say(line: str) -> None:
+        stream.write(f"BuildStatus: {line}\n")
+        stream.flush()
+
+    return say
+
+
+def finish(target: Target, make_state: Callable[[], State]) -> int:
+    """Run to the end or to the next reboot, speaking the serial protocol; returns the exit status."""
+    say = console_writer(target)
+    try:
+        state = make_state()
+        execute(target, state, say)
+    except RebootRequired as reboot:
+        say(f"Reboot required: {reboot}")
+        return REBOOT
+    except (CustomizerError, OSError) as err:
+        say(f"error: {err}")
+        _final(target, f"BuildFailed: {err}")
+        return 1
+    _final(target, "BuildSucceeded: the image is provisioned")
+    return 0
+
+
+def _final(target: Target, line: str) -> None:
+    stream = open(target.console, "a") if target.console else sys.stdout  # noqa: SIM115
+    stream.write(line + "\n")
+    stream.flush()
+    os.sync()

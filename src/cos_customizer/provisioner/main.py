@@ -1,0 +1,99 @@
+"""`provisioner`: the command the preload VM runs (also `python -m cos_customizer.provisioner`).
+
+  run --config=FILE      start provisioning with this provisioner config
+  resume                 continue after a reboot
+  handle-disk-layout     the shutdown-time partition relocation (run by a systemd unit)
+  wait-metadata KEY      wait until the instance metadata key KEY exists (e.g. DaisyEnd)
+
+Exit status: 0 done, 3 reboot and run `resume`, 1 failed, 2 usage error.
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from cos_customizer.errors import CustomizerError
+from cos_customizer.provisioner import agent
+from cos_customizer.provisioner.config import ProvisionerConfig
+from cos_customizer.provisioner.target import Target
+
+METADATA_HOST_ENV = "GCE_METADATA_HOST"
+METADATA_HOST = "metadata.google.internal"
+
+
+def metadata_value(key: str, host: str) -> str | None:
+    url = f"http://{host}/computeMetadata/v1/instance/attributes/{key}"
+    request = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return str(response.read().decode())
+    except urllib.error.HTTPError as err:
+        if err.code == 404:
+            return None
+        raise
+
+
+def wait_metadata(key: str, timeout: float, interval: float = 2.0) -> int:
+    host = os.environ.get(METADATA_HOST_ENV, METADATA_HOST)
+    deadline = time.monotonic() + timeout if timeout > 0 else None
+    while True:
+        try:
+            value = metadata_value(key, host)
+        except OSError:
+            value = None
+        if value is not None:
+            print(f"metadata key {key} is set: {value}")
+            return 0
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"metadata key {key} did not appear within {timeout:.0f} seconds", file=sys.stderr)
+            return 1
+        time.sleep(interval)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="provisioner", description="cos-customizer's guest agent for COS VMs.")
+    p.add_argument("--target", type=Path, help="a JSON target description (tests); default: this VM")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="start provisioning")
+    run.add_argument("--config", type=Path, required=True, help="the provisioner config (JSON)")
+    sub.add_parser("resume", help="continue provisioning after a reboot")
+    layout = sub.add_parser("handle-disk-layout", help="relocate partitions (at shutdown)")
+    layout.add_argument("--plan", type=Path, required=True)
+    wait = sub.add_parser("wait-metadata", help="wait for an instance metadata key")
+    wait.add_argument("key")
+    wait.add_argument("--timeout", type=float, default=0, help="seconds; 0 waits forever")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        target = Target.load(args.target)
+        if args.command == "run":
+            try:
+                config = ProvisionerConfig.from_json(json.loads(args.config.read_text()), str(args.config))
+            except (OSError, json.JSONDecodeError) as err:
+                print(f"provisioner: cannot read {args.config}: {err}", file=sys.stderr)
+                return 1
+            return agent.finish(target, lambda: agent.start(target, config))
+        if args.command == "resume":
+            return agent.finish(target, lambda: agent.resume_state(target))
+        if args.command == "handle-disk-layout":
+            agent.handle_disk_layout(args.plan.resolve() if args.target is None else args.plan, print)
+            return 0
+        return wait_metadata(args.key, args.timeout)
+    except CustomizerError as err:
+        print(f"provisioner: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

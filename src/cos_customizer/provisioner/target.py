@@ -1,0 +1,129 @@
+"""What the provisioner works on: a root directory, a boot disk, its partitions.
+
+On a COS VM that is `/`, `/dev/sda` and `/dev/sdaN`; in tests it is a mount
+tree and a disk image file whose partitions are mounted from loop devices.
+Nothing in the step logic names a path of the VM: it all comes from here.
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from cos_customizer.errors import CustomizerError
+from cos_customizer.runner import run
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    root: Path = Path("/")
+    disk: Path = Path("/dev/sda")
+    # Partition devices: "/dev/sda{n}" on a VM; empty: mount regions of `disk` through loop devices.
+    partition_template: str = "/dev/sda{n}"
+    # Which partition the running system booted from; 0: ask `rootdev -s`.
+    root_partition: int = 0
+    systemctl: tuple[str, ...] = ("systemctl",)
+    # Where status lines go (the serial port the workflow watches); empty: standard output.
+    console: str = ""
+    # How a script runs: the VM runs it directly; a test chroots into `root`.
+    chroot: bool = False
+
+    @classmethod
+    def load(cls, path: Path | None) -> Target:
+        if path is None:
+            return cls()
+        data: dict[str, Any] = json.loads(path.read_text())
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise CustomizerError(f"{path}: unknown target field {sorted(unknown)[0]!r}")
+        for key in ("root", "disk"):
+            if key in data:
+                data[key] = Path(data[key])
+        if "systemctl" in data:
+            data["systemctl"] = tuple(data["systemctl"])
+        return cls(**data)
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["root"], data["disk"] = str(self.root), str(self.disk)
+        data["systemctl"] = list(self.systemctl)
+        return data
+
+    def path(self, absolute: str) -> Path:
+        """A path of the target system, e.g. `/var/lib` -> ROOT/var/lib."""
+        return self.root / absolute.lstrip("/")
+
+    def disk_size(self) -> int:
+        """The boot disk's size in bytes, as the kernel sees it now."""
+        fd = os.open(self.disk, os.O_RDONLY)
+        try:
+            return os.lseek(fd, 0, os.SEEK_END)
+        finally:
+            os.close(fd)
+
+    def booted_partition(self) -> int:
+        if self.root_partition:
+            return self.root_partition
+        device = run(["rootdev", "-s"]).stdout.decode().strip()
+        digits = "".join(ch for ch in device[len(str(self.disk)) :] if ch.isdigit())
+        if not digits:
+            raise CustomizerError(f"rootdev says the root is {device}, not a partition of {self.disk}")
+        return int(digits)
+
+    def mount_partition(self, number: int, first: int, size: int, mountpoint: Path, *options: str) -> None:
+        """Mount partition `number` (at sector `first`, `size` sectors) on `mountpoint`."""
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        if self.partition_template:
+            source = self.partition_template.format(n=number)
+            opts = list(options)
+        else:
+            source = str(self.disk)
+            opts = ["loop", f"offset={first * 512}", f"sizelimit={size * 512}", *options]
+        run(["mount", *(["-o", ",".join(opts)] if opts else []), source, str(mountpoint)])
+
+    def unmount(self, mountpoint: Path) -> None:
+        if is_mountpoint(mountpoint):
+            run(["umount", str(mountpoint)])
+
+    def systemctl_run(self, *args: str) -> None:
+        run([*self.systemctl, *args], check=False)
+
+    def command(self, workdir: str, argv: list[str]) -> tuple[list[str], str | None]:
+        """How to run `argv` in `workdir` (a path of the target): the argv and the cwd to use."""
+        if self.chroot:
+            isolate = ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc"]
+            return [*isolate, f"--root={self.root}", f"--wd={workdir}", *argv], None
+        return argv, str(self.path(workdir))
+
+
+def is_mountpoint(path: Path) -> bool:
+    return any(line.split()[1] == str(path) for line in Path("/proc/self/mounts").read_text().splitlines())
+
+
+def device_of(mountpoint: Path) -> Path:
+    """The device mounted on `mountpoint` (the last mount there wins)."""
+    found = [line.split()[0] for line in Path("/proc/self/mounts").read_text().splitlines()
+             if line.split()[1] == str(mountpoint)]  # fmt: skip
+    if not found:
+        raise CustomizerError(f"nothing is mounted on {mountpoint}")
+    device = Path(found[-1])
+    if not device.exists() or not stat.S_ISBLK(device.stat().st_mode):
+        raise CustomizerError(f"{mountpoint} is mounted from {device}, not from a block device")
+    return device
+
+
+def stream(argv: list[str], cwd: str | None, env: dict[str, str], say: Any) -> int:
+    """Run `argv`, passing each output line to `say` as it comes; returns the exit status."""
+    with subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT) as proc:  # fmt: skip
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            say(raw.decode(errors="replace").rstrip("\n"))
+    return proc.returncode
