@@ -105,11 +105,6 @@ def _drop_resize_inode(path: Path, offset: int) -> None:
         raise CommandError(result.args, result.returncode, (result.stdout + result.stderr).decode(errors="replace"))
 
 
-def resize_online(device: Path, size_bytes: int) -> None:
-    """Grow the file system on `device` while it is mounted (resize2fs's online growth)."""
-    run([require_tool("resize2fs", E2FSPROGS), str(device), f"{size_bytes // 512}s"])
-
-
 def resize(path: Path, offset: int, size_bytes: int) -> None:
     """Grow (or shrink) the file system at `offset` to exactly `size_bytes` (a multiple of 512).
 

@@ -3,7 +3,7 @@
 Order (04-provisioner.md): switch the root to B (copy ROOT-A to ROOT-B,
 prioritize KERN-B: reboot), shrink ROOT-A (reboot), wait for the disk to
 grow when the workflow resizes it, relocate partitions in a systemd unit at
-shutdown (reboot), grow the file systems; then the steps, stopping services
+shutdown, growing the file systems there (reboot); then the steps, stopping services
 and the cleanup. Every check looks at the disk itself or at the persisted
 state, so a reboot at any point is safe. Standard library only.
 """
@@ -20,13 +20,13 @@ import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
-from cos_customizer.disk import apply, ext, gpt, mover, planner
+from cos_customizer.disk import apply, gpt, mover, planner
 from cos_customizer.disk.gpt import SECTOR
 from cos_customizer.errors import CustomizerError
 from cos_customizer.provisioner import cleanup, steps
 from cos_customizer.provisioner.config import ProvisionerConfig
 from cos_customizer.provisioner.state import State
-from cos_customizer.provisioner.target import Target, device_of
+from cos_customizer.provisioner.target import Target
 from cos_customizer.units import parse_size
 
 REBOOT = 3
@@ -135,11 +135,7 @@ def relocate(target: Target, state: State, say: Say) -> None:
     plan = plan_from(inputs)
     for warning in plan.warnings:
         say(f"warning: {warning}")
-    state.layout = {
-        "after": {str(p.number): [p.first, p.last] for p in plan.after.partitions},
-        "oem_fs_bytes": plan.oem_fs_bytes,
-        "state_fs_bytes": plan.state_fs_bytes,
-    }
+    state.layout = {"after": {str(p.number): [p.first, p.last] for p in plan.after.partitions}}
     if not plan.changed:
         state.save()
         return
@@ -168,26 +164,12 @@ def relocate(target: Target, state: State, say: Say) -> None:
 
 
 def handle_disk_layout(plan_file: Path, say: Say) -> None:
-    """The shutdown handler: file systems are unmounted; move the data and write the new table."""
+    """The shutdown handler: with the file systems unmounted, move the data, write the new table,
+    and grow OEM and STATE offline (online growth needs CAP_SYS_RESOURCE and a reread table)."""
     inputs = json.loads(plan_file.read_text())
     plan = plan_from(inputs)
-    apply.apply(Path(inputs["disk"]), plan, report=say, grow=False)
+    apply.apply(Path(inputs["disk"]), plan, report=say)
     say("Partitions relocated")
-
-
-def grow_file_systems(target: Target, state: State, say: Say) -> None:
-    """Grow OEM and STATE (mounted: online) to the sizes of the layout."""
-    if state.layout is None:
-        return
-    for mountpoint, size in (("/usr/share/oem", state.layout["oem_fs_bytes"]),
-                             ("/mnt/stateful_partition", state.layout["state_fs_bytes"])):  # fmt: skip
-        if size is None:
-            continue
-        device = device_of(target.path(mountpoint))
-        current = ext.info(device).size
-        if current < int(size) // 4096 * 4096:
-            say(f"Growing the file system on {mountpoint} to {size} bytes")
-            ext.resize_online(device, int(size))
 
 
 # Build contexts
@@ -225,7 +207,6 @@ def execute(target: Target, state: State, say: Say) -> None:
         shrink_root_a(target, say)
     wait_for_disk_resize(target, state, say)
     relocate(target, state, say)
-    grow_file_systems(target, state, say)
     unpack_contexts(target, state, say)
     target.systemctl_run("stop", "update-engine.service")
     order = steps.ordered(config.steps)

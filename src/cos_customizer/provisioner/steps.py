@@ -73,6 +73,10 @@ def edit_grub(ctx: Context, edit: Callable[[str], str]) -> None:
     """Mount EFI-SYSTEM, rewrite grub.cfg with `edit`, unmount."""
     table = read_table(ctx.target.disk)
     efi = table.partition(EFI)
+    if ctx.target.efi_access == "mtools":
+        offset = efi.first * 512
+        grub.write_grub_cfg(ctx.target.disk, offset, edit(grub.read_grub_cfg(ctx.target.disk, offset)))
+        return
     with tempfile.TemporaryDirectory(prefix="cos-customizer-efi.") as tmp:
         mountpoint = Path(tmp)
         ctx.target.mount_partition(EFI, efi.first, efi.size, mountpoint)

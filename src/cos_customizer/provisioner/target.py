@@ -33,6 +33,9 @@ class Target:
     console: str = ""
     # How a script runs: the VM runs it directly; a test chroots into `root`.
     chroot: bool = False
+    # How grub.cfg on EFI-SYSTEM is reached: "mount" the FAT (a VM), or "mtools" at the partition's
+    # offset (machines without the vfat module, or without mount rights).
+    efi_access: str = "mount"
 
     @classmethod
     def load(cls, path: Path | None) -> Target:
