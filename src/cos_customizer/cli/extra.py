@@ -6,10 +6,10 @@ import logging
 import time
 from pathlib import Path
 
-from cos_customizer import sample_image
+from cos_customizer import provisioner_build, sample_image
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import Flag, Kind, Parsed
-from cos_customizer.errors import NotAvailableError, UsageError, ValidationError
+from cos_customizer.errors import UsageError, ValidationError
 from cos_customizer.units import human_size
 
 log = logging.getLogger(__name__)
@@ -50,10 +50,22 @@ SAMPLE_IMAGE = Command(
 )
 
 
-def handle_build_provisioner(_context: Context, args: Parsed) -> int:
+def handle_build_provisioner(context: Context, args: Parsed) -> int:
     if not args["output"]:
         raise UsageError("-output=PATH must be set: where to write the provisioner executable")
-    raise NotAvailableError("build-provisioner comes with the provisioner executable, not in this version yet")
+    output = Path(args["output"]).absolute()
+    if not output.parent.is_dir():
+        raise ValidationError(f"{output}: the directory {output.parent} does not exist")
+    started = time.monotonic()
+    path, cached = provisioner_build.build(output, dict(context.environ))
+    log.info(
+        "Wrote %s (%s, %s) in %.1f s",
+        path,
+        human_size(path.stat().st_size),
+        "from the cache" if cached else "built",
+        time.monotonic() - started,
+    )
+    return 0
 
 
 BUILD_PROVISIONER = Command(
