@@ -32,14 +32,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cos_customizer import images, output, report
-from cos_customizer.disk import apply, ext, grub
+from cos_customizer.disk import apply, ext
 from cos_customizer.disk.gpt import SECTOR, Table
 from cos_customizer.disk.planner import OEM, ROOT_A, ROOT_B, STATE, DiskPlan
-from cos_customizer.disk.verity import VerityParams, format_verity, random_salt
+from cos_customizer.disk.verity import VerityParams
 from cos_customizer.errors import CustomizerError, ValidationError
+from cos_customizer.executors import STEP_COMMANDS
 from cos_customizer.executors.runtime import Region, Script, StageSpec
 from cos_customizer.images import ImageFormat
+from cos_customizer.provisioner import steps
 from cos_customizer.provisioner.config import ProvisionerConfig, RunScriptArgs, StepType
+from cos_customizer.provisioner.state import State
+from cos_customizer.provisioner.target import Target
 from cos_customizer.runner import require_tool
 
 log = logging.getLogger("cos_customizer")
@@ -220,44 +224,24 @@ def _run_stage(
     return result
 
 
-def _offline_steps(build: LocalBuild, disk: Path, summary: Summary) -> None:
-    table = build.plan.after
-    efi = table.partition(EFI).first * SECTOR
-    units: list[str] = []
-    if build.config.has_step(StepType.DISABLE_AUTO_UPDATE) or build.config.has_step(StepType.SEAL_OEM):
-        units.append(grub.UPDATE_ENGINE)
-    cfg = grub.read_grub_cfg(disk, efi)
-    if build.config.has_step(StepType.SEAL_OEM):
-        started = time.monotonic()
-        oem = table.partition(OEM)
-        fs_4k = build.config.boot_disk.oem_fs_size_4k
-        ext.check(disk, oem.first * SECTOR)
-        info = ext.info(disk, oem.first * SECTOR)
-        if info.size != fs_4k * 4096:
-            raise BuildFailed(f"the OEM file system is {info.size} bytes, not the {fs_4k * 4096} to seal")
-        with report.progress_bar("verity") as progress:
-            params = format_verity(
-                disk,
-                data_offset=oem.first * SECTOR,
-                data_blocks=fs_4k,
-                hash_offset=oem.first * SECTOR + fs_4k * 4096,
-                salt=random_salt(),
-                progress=progress,
-            )
-        summary.oem_verity = params
-        cfg = grub.add_oem_verity(
-            cfg,
-            partuuid=str(oem.guid).upper(),
-            fs_size_4k=fs_4k,
-            root_hexdigest=params.root_hexdigest,
-            salt=params.salt_hex,
-        )
-        units.append(grub.OEM_MOUNT)
-        summary.steps.append(("seal-oem", time.monotonic() - started))
-    if units:
-        grub.write_grub_cfg(disk, efi, grub.mask_units(cfg, *units))
-    if build.config.has_step(StepType.DISABLE_AUTO_UPDATE):
-        summary.steps.append(("disable-auto-update", 0.0))
+def _offline_steps(build: LocalBuild, disk: Path, work: Path, summary: Summary) -> None:
+    """disable-auto-update and seal-oem, by the provisioner's own step code, on the unmounted working copy."""
+    target = Target(
+        root=work / "offline-root", disk=disk, partition_template="", systemctl=("true",), efi_access="mtools"
+    )
+    state = State(work / "offline-state", build.config)
+    offline = [s for s in steps.ordered(build.config.steps) if s.type is not StepType.RUN_SCRIPT]
+    with report.progress_bar("verity") as progress:
+        context = steps.Context(target, state, lambda line: log.info("    %s", line), progress)
+        for step in offline:
+            started = time.monotonic()
+            try:
+                steps.RUNNERS[step.type](context, step.args)
+            except CustomizerError as err:
+                raise BuildFailed(f"{STEP_COMMANDS[step.type]} failed: {err}") from err
+            summary.steps.append((STEP_COMMANDS[step.type], time.monotonic() - started))
+    verity = context.results.get("oem_verity")
+    summary.oem_verity = verity if isinstance(verity, VerityParams) else None
 
 
 def run_build(build: LocalBuild, contexts: dict[str, str]) -> Summary:
@@ -276,7 +260,7 @@ def run_build(build: LocalBuild, contexts: dict[str, str]) -> Summary:
             summary.steps.extend((str(s["name"]), float(s["seconds"])) for s in result["steps"])  # type: ignore[attr-defined]
             summary.cleanup = [str(item) for item in result["cleanup"]]  # type: ignore[attr-defined]
         with _phase(summary, "offline steps and checks"):
-            _offline_steps(build, disk, summary)
+            _offline_steps(build, disk, work, summary)
             for number in (STATE, OEM):
                 ext.check(disk, build.plan.after.partition(number).first * SECTOR)
         if time.monotonic() > deadline:

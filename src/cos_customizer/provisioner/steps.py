@@ -12,7 +12,7 @@ import shlex
 import tempfile
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cos_customizer.disk import ext, grub
@@ -45,6 +45,9 @@ class Context:
     target: Target
     state: State
     say: Callable[[str], None]
+    progress: Callable[[int, int], None] | None = None
+    # What steps report back (the OEM verity parameters), for a build summary.
+    results: dict[str, object] = field(default_factory=dict)
 
     def context_dir(self, name: str) -> str:
         """The build context `name` as a path of the target."""
@@ -107,8 +110,14 @@ def seal_oem(ctx: Context, _args: StepArgs) -> None:
     if size != fs_4k * 4096:
         raise StepFailed(f"the OEM file system is {size} bytes, not the {fs_4k * 4096} bytes to seal")
     params = format_verity(
-        ctx.target.disk, data_offset=offset, data_blocks=fs_4k, hash_offset=offset + fs_4k * 4096, salt=random_salt()
+        ctx.target.disk,
+        data_offset=offset,
+        data_blocks=fs_4k,
+        hash_offset=offset + fs_4k * 4096,
+        salt=random_salt(),
+        progress=ctx.progress,
     )
+    ctx.results["oem_verity"] = params
     ctx.say(f"OEM verity root hash {params.root_hexdigest}")
 
     def edit(cfg: str) -> str:
