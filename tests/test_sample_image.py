@@ -11,35 +11,11 @@ import pytest
 from cos_customizer import sample_image
 from cos_customizer.disk import ext, gpt, grub, loop
 from tests.conftest import CLI
+from tests.test_gpt import COS_LAYOUT
 
-GPT_TYPES = {
-    "STATE": gpt.LINUX_DATA,
-    "KERN-A": gpt.CHROMEOS_KERNEL,
-    "ROOT-A": gpt.CHROMEOS_ROOT,
-    "KERN-B": gpt.CHROMEOS_KERNEL,
-    "ROOT-B": gpt.CHROMEOS_ROOT,
-    "KERN-C": gpt.CHROMEOS_KERNEL,
-    "ROOT-C": gpt.CHROMEOS_ROOT,
-    "OEM": gpt.LINUX_DATA,
-    "reserved": gpt.CHROMEOS_RESERVED,
-    "RWFW": gpt.BIOS_BOOT,
-    "EFI-SYSTEM": gpt.EFI_SYSTEM,
-}
-# The table of 03-cos-disk.md for 10 GiB: number, name, first, last.
-SPEC = [
-    (1, "STATE", 8704000, 20971486),
-    (2, "KERN-A", 20480, 53247),
-    (3, "ROOT-A", 4509696, 8703999),
-    (4, "KERN-B", 53248, 86015),
-    (5, "ROOT-B", 315392, 4509695),
-    (6, "KERN-C", 16448, 16448),
-    (7, "ROOT-C", 16449, 16449),
-    (8, "OEM", 86016, 118783),
-    (9, "reserved", 16450, 16450),
-    (10, "reserved", 16451, 16451),
-    (11, "RWFW", 64, 16447),
-    (12, "EFI-SYSTEM", 249856, 315391),
-]
+# The table of 03-cos-disk.md for 10 GiB: number, name, first, last; and the types.
+SPEC = [(n, name, first, 20971486 if last is None else last) for n, name, first, last, _ in COS_LAYOUT]
+GPT_TYPES = {name: type_guid for _, name, _, _, type_guid in COS_LAYOUT}
 
 
 def sh(*argv: str) -> str:
