@@ -257,11 +257,15 @@ def finish(target: Target, make_state: Callable[[], State]) -> int:
         say(f"Reboot required: {reboot}")
         return REBOOT
     except (CustomizerError, OSError) as err:
-        say(f"error: {err}")
-        _final(target, f"BuildFailed: {err}")
+        fail(target, str(err))
         return 1
     _final(target, "BuildSucceeded: the image is provisioned")
     return 0
+
+
+def fail(target: Target, reason: str) -> None:
+    console_writer(target)(f"error: {reason}")
+    _final(target, f"BuildFailed: {reason}")
 
 
 def _final(target: Target, line: str) -> None:

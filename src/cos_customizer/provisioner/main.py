@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             try:
                 config = ProvisionerConfig.from_json(json.loads(args.config.read_text()), str(args.config))
-            except (OSError, json.JSONDecodeError) as err:
-                print(f"provisioner: cannot read {args.config}: {err}", file=sys.stderr)
+            except (OSError, json.JSONDecodeError, CustomizerError) as err:
+                agent.fail(target, f"cannot use {args.config}: {err}")
                 return 1
             return agent.finish(target, lambda: agent.start(target, config))
         if args.command == "resume":
