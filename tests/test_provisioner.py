@@ -107,6 +107,7 @@ def test_provisioner_with_reboots_equals_the_local_executor(tmp_path: Path, samp
     assert vm.boots == 4, log  # switch root, shrink ROOT-A, relocate at shutdown, then the steps
     assert "BuildSucceeded:" in log
     assert "BuildStatus: waiting for the boot disk size to change" in log
+    assert "runs ExecStop=/bin/bash -c '" in log and "handle-disk-layout --plan=/tmp/cos-customizer-layout.json" in log
     assert "BuildStatus: hello" not in log
     # The same build with the local executor, from the same source image.
     (tmp_path / "local").mkdir()

@@ -50,6 +50,9 @@ def main(spec_path: str) -> int:
         plan_file = target.path(LAYOUT_PLAN)
         if code == 3 and started_unit and plan_file.exists():
             plan = plan_file.read_text()
+            unit = target.path(f"/etc/systemd/system/{LAYOUT_UNIT}").read_text()
+            stop = next(line for line in unit.splitlines() if line.startswith("ExecStop="))
+            print(f"vm_boot: at shutdown, {LAYOUT_UNIT} runs {stop}", flush=True)
     if plan is not None:  # shutdown: everything is unmounted; the unit's ExecStop runs
         saved = work / "layout.json"
         saved.write_text(plan)
