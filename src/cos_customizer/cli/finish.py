@@ -21,7 +21,7 @@ from cos_customizer.disk import planner
 from cos_customizer.disk.gpt import SECTOR
 from cos_customizer.disk.planner import DiskPlan
 from cos_customizer.errors import UsageError, ValidationError
-from cos_customizer.executors import STEP_COMMANDS, Executor, check_supported, executor_for, gce, local
+from cos_customizer.executors import STEP_COMMANDS, Executor, check_supported, executor_for, gce, local, workflow
 from cos_customizer.images import ImageFormat
 from cos_customizer.provisioner.config import InstallGPUArgs, ProvisionerConfig, Step, StepType
 from cos_customizer.units import GiB, format_duration, parse_size
@@ -29,6 +29,7 @@ from cos_customizer.units import GiB, format_duration, parse_size
 log = logging.getLogger(__name__)
 
 FLAG_FORMATTERS = {Kind.DURATION: format_duration}
+BUILD_DIR = "<build-dir>"
 DEFAULT_TIMEOUT = 3600 * 10**9
 
 FLAGS = (
@@ -166,17 +167,34 @@ class FinishPlan:
             else {
                 "before": {},
                 "after": {},
-                "pending": "the GCE executor plans the partitions on the preload VM (not in this version yet)",
+                "planned_on": "the preload VM: the provisioner plans the partitions against the resized boot disk",
             },
         }
         if self.executor is Executor.LOCAL:
             assert self.output is not None
             doc["output"] = {"path": str(self.output.path), "format": self.output.format}
         else:
+            assert self.output_image is not None
             doc["output_image"] = self.output_image
-            doc["workflow"] = None
-            doc["daisy_args"] = None
-            doc["pending"] = "the Daisy workflow and its arguments come with the GCE executor, not in this version yet"
+            image = workflow.OutputImage(
+                name=self.output_image["Name"],
+                project=self.output_image["Project"],
+                family=self.output_image["Family"],
+                labels=tuple(self.output_image["Labels"].items()),
+                licenses=tuple(self.output_image["Licenses"]),
+            )
+            files = {name: f"{BUILD_DIR}/{name}" for name in ("startup.yaml", "cidata.tar.gz", "scratch.tar.gz")}
+            doc["workflow"] = workflow.workflow(self.build, self.provisioner, image, files["startup.yaml"])
+            doc["daisy_args"] = workflow.daisy_args(
+                self.build,
+                self.provisioner,
+                self.source,
+                image,
+                cidata=files["cidata.tar.gz"],
+                scratch=files["scratch.tar.gz"],
+                workflow_path=f"{BUILD_DIR}/build_image.wf.json",
+            )
+            doc["build_files"] = f"{BUILD_DIR} is a temporary directory made at build time"
         return doc
 
 

@@ -1,0 +1,197 @@
+"""The Daisy workflow `build-image` and daisy's argument list, as pure functions.
+
+Semantically equal to the Go original's for the same inputs: the same vars,
+sources, steps and dependencies; a scratch disk only when a step needs one
+(install-gpu); the two forms of `wait-for-resize`/`resize-disk` (a real
+resize when the disk grows and partitions move, placeholders otherwise);
+one guest accelerator when a GPU type is set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import urllib.parse
+from typing import Any
+
+from cos_customizer.config import BuildConfig, SourceImage
+from cos_customizer.plan import IMAGE_SIZE_GB, need_disk_resize
+from cos_customizer.provisioner.config import ProvisionerConfig, StepType
+
+SCOPES = ["https://www.googleapis.com/auth/devstorage.read_write", "https://www.googleapis.com/auth/cloud-platform"]
+CLEANUP_LABEL = "cos-customizer-cleanup"
+LICENSE_PREFIX = "https://www.googleapis.com/compute/v1/"
+RESIZE_LINE = "waiting for the boot disk size to change"
+DEFAULT_COMPUTE = "compute.googleapis.com/compute/v1"
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputImage:
+    name: str
+    project: str
+    family: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+    licenses: tuple[str, ...] = ()
+
+
+def needs_scratch_disk(config: ProvisionerConfig) -> bool:
+    return config.has_step(StepType.INSTALL_GPU)
+
+
+def sanitize_licenses(licenses: tuple[str, ...]) -> list[str]:
+    return [item.removeprefix(LICENSE_PREFIX) for item in licenses if item]
+
+
+def _var(description: str, *, required: bool = False, value: str = "") -> dict[str, Any]:
+    return {"Required": True, "Description": description} if required else {"Value": value, "Description": description}
+
+
+def _wait_status(port_match: str) -> dict[str, Any]:
+    return {"WaitForInstancesSignal": [{"Name": "preload-vm", "Interval": "10s",
+                                        "SerialOutput": {"Port": 3, "SuccessMatch": port_match}}]}  # fmt: skip
+
+
+def workflow(build: BuildConfig, config: ProvisionerConfig, output: OutputImage, cloud_config: str) -> dict[str, Any]:
+    """The workflow document; `cloud_config` is the path of the startup file."""
+    scratch = needs_scratch_disk(config)
+    accelerators: list[dict[str, Any]] = []
+    if build.GPUType:
+        accelerators.append({
+            "acceleratorType": f"projects/{build.Project}/zones/{build.Zone}/acceleratorTypes/{build.GPUType}",
+            "acceleratorCount": 1,
+        })  # fmt: skip
+    if need_disk_resize(config.boot_disk, build.DiskSize):
+        resize: dict[str, Any] = {"ResizeDisks": [{"Name": "boot-disk", "SizeGb": str(build.DiskSize)}]}
+        wait_resize: dict[str, Any] = {"WaitForInstancesSignal": [{"Name": "preload-vm", "Interval": "10s",
+            "SerialOutput": {"Port": 3, "SuccessMatch": RESIZE_LINE, "FailureMatch": "BuildFailed:"}}]}  # fmt: skip
+    else:
+        resize = wait_resize = _wait_status("BuildStatus:")
+    boot = {"Name": "boot-disk", "SourceImage": "${source_image}", "Type": "${disk_type}", "SizeGb": "${disk_size_gb}"}
+    disks = [boot, {"Name": "cidata-disk", "SourceImage": "cidata", "Type": "${disk_type}"}]
+    attached = [{"Source": "boot-disk"}, {"Source": "cidata-disk"}]
+    if scratch:
+        disks.insert(0, {"Name": "scratch-disk", "SourceImage": "scratch", "Type": "${disk_type}", "SizeGb": "10"})
+        attached.insert(1, {"Source": "scratch-disk"})
+    return {
+        "Name": "build-image",
+        "Vars": {
+            "source_image": _var("URL of the source image to preload.", required=True),
+            "output_image_name": _var("Name of output image.", required=True),
+            "output_image_family": _var("Family of output image."),
+            "output_image_project": _var("Project of output image.", required=True),
+            "cidata_img": _var("The CIDATA disk (provisioner and its config), as a .tar.gz image.", required=True),
+            "scratch_img": _var("The SCRATCH ext4 disk, as a .tar.gz image.", required=True),
+            "disk_type": _var("The disk type to use for preloading.", value="pd-standard"),
+            "disk_size_gb": _var("The disk size to use for preloading.", value=str(IMAGE_SIZE_GB)),
+            "host_maintenance": _var("VM behavior when there is maintenance.", value="MIGRATE"),
+            "machine_type": _var("Machine type of the preload VM.", required=True),
+            "network": _var("Network to use for preload VM."),
+            "subnet": _var("Subnetwork used for the preload VM."),
+            "service_account": _var("Service account used for the preload VM.", value="default"),
+        },
+        "Sources": {
+            "cloud-config": cloud_config,
+            "scratch.tar.gz_": "${scratch_img}",
+            "cidata.tar.gz_": "${cidata_img}",
+        },
+        "Steps": {
+            "copy-gcs": {"CopyGCSObjects": [
+                {"Source": "${SOURCESPATH}/cidata.tar.gz_", "Destination": "${SOURCESPATH}/cidata.tar.gz"},
+                {"Source": "${SOURCESPATH}/scratch.tar.gz_", "Destination": "${SOURCESPATH}/scratch.tar.gz"},
+            ]},
+            "create-images": {"CreateImages": [
+                {"Name": "cidata", "RawDisk": {"Source": "${SOURCESPATH}/cidata.tar.gz"}},
+                {"Name": "scratch", "RawDisk": {"Source": "${SOURCESPATH}/scratch.tar.gz"}},
+            ]},
+            "setup": {"CreateDisks": disks},
+            "run": {"CreateInstances": [{
+                "Name": "preload-vm",
+                "Disks": attached,
+                "Labels": {CLEANUP_LABEL: ""},
+                "ServiceAccounts": [{"Email": "${service_account}", "Scopes": [SCOPES[1], SCOPES[0]]}],
+                "MachineType": "${machine_type}",
+                "guestAccelerators": accelerators,
+                "scheduling": {"onHostMaintenance": "${host_maintenance}"},
+                "networkInterfaces": [{"network": "${network}", "subnetwork": "${subnet}"}],
+                "Metadata": {"user-data": "${SOURCE:cloud-config}", "block-project-ssh-keys": "TRUE",
+                             "cos-update-strategy": "update_disabled"},
+                "Scopes": SCOPES,
+            }]},
+            "wait-preload-finished": {"WaitForInstancesSignal": [{"Name": "preload-vm", "Interval": "30s",
+                "SerialOutput": {"Port": 3, "FailureMatch": "BuildFailed:", "SuccessMatch": "BuildSucceeded:",
+                                 "StatusMatch": "BuildStatus:"}}]},
+            "send-logging-end-msg": {"UpdateInstancesMetadata": [{"Instance": "preload-vm",
+                                                                  "Metadata": {"DaisyEnd": "ack"}}]},
+            "wait-vm-shutdown": {"WaitForInstancesSignal": [{"Name": "preload-vm", "Interval": "2s", "Stopped": True}]},
+            "wait-for-resize": wait_resize,
+            "resize-disk": resize,
+            "image": {"CreateImages": [{
+                "RealName": "${output_image_name}",
+                "Project": "${output_image_project}",
+                "NoCleanup": True,
+                "SourceDisk": "boot-disk",
+                "labels": dict(output.labels),
+                "description": "Derivative of ${source_image}.",
+                "family": "${output_image_family}",
+                "licenses": sanitize_licenses(output.licenses) or None,
+            }]},
+        },
+        "Dependencies": {
+            "create-images": ["copy-gcs"],
+            "setup": ["create-images"],
+            "run": ["setup"],
+            "wait-preload-finished": ["run"],
+            "wait-for-resize": ["run"],
+            "resize-disk": ["wait-for-resize"],
+            "send-logging-end-msg": ["wait-preload-finished", "resize-disk"],
+            "wait-vm-shutdown": ["send-logging-end-msg"],
+            "image": ["wait-vm-shutdown"],
+        },
+    }  # fmt: skip
+
+
+def daisy_args(
+    build: BuildConfig,
+    config: ProvisionerConfig,
+    source: SourceImage,
+    output: OutputImage,
+    *,
+    cidata: str,
+    scratch: str,
+    workflow_path: str,
+) -> list[str]:
+    """daisy's arguments for this build (the order of the original's)."""
+    args: list[str] = []
+    if build.GCEEndpoint and DEFAULT_COMPUTE not in build.GCEEndpoint:
+        endpoint = urllib.parse.urlparse(build.GCEEndpoint)
+        path = endpoint.path.rstrip("/") + "/projects"
+        args.append(f"-compute_endpoint_override={endpoint._replace(path=path).geturl()}/")
+    boot = config.boot_disk
+    if not boot.oem_size and build.DiskSize > IMAGE_SIZE_GB and not boot.reclaim_sda3:
+        args += ["-var:disk_size_gb", str(build.DiskSize)]
+    if output.family:
+        args += ["-var:output_image_family", output.family]
+    host_maintenance = "TERMINATE" if build.GPUType else "MIGRATE"
+    args += [
+        "-var:source_image", source.url,
+        "-var:output_image_name", output.name,
+        "-var:output_image_project", output.project,
+        "-var:cidata_img", cidata,
+        "-var:scratch_img", scratch,
+        "-var:machine_type", build.MachineType,
+        "-var:service_account", build.ServiceAccount,
+        "-var:disk_type", build.DiskType,
+        "-var:host_maintenance", host_maintenance,
+        "-var:network", build.Network,
+        "-var:subnet", build.Subnet,
+        "-gcs_path", managed_dir(build),
+        "-project", build.Project,
+        "-zone", build.Zone,
+        "-default_timeout", build.Timeout,
+        "-disable_gcs_logging",
+        workflow_path,
+    ]  # fmt: skip
+    return args
+
+
+def managed_dir(build: BuildConfig) -> str:
+    return f"gs://{build.GCSBucket}/{build.GCSDir}"
