@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""A stand-in for `daisy` that validates what it is given and records it.
+
+It checks the argument list (flags daisy knows, `-var:NAME VALUE` pairs, the
+workflow file last), and the workflow: every `${...}` reference is a defined
+var, a built-in or a declared source; every required var is given; every
+given var is declared; dependencies name steps and have no cycle. It writes
+what it received to $DAISY_STANDIN_RECORD (JSON), prints a few status lines,
+and exits 0, or 1 with the problems (or when $DAISY_STANDIN_FAIL is set).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+FLAGS_WITH_VALUE = {"-gcs_path", "-project", "-zone", "-default_timeout", "-oauth"}
+FLAGS_ALONE = {"-disable_gcs_logging", "-disable_cloud_logging", "-disable_stdout_logging"}
+BUILTINS = {"SOURCESPATH", "ZONE", "PROJECT", "NAME", "ID", "DATE", "DATETIME", "TIMESTAMP", "WFDIR", "CWD",
+            "GCSPATH", "SCRATCHPATH", "LOGSPATH", "OUTSPATH", "USERNAME"}  # fmt: skip
+REFERENCE = re.compile(r"\$\{([^}]*)\}")
+
+
+def strings(node: Any) -> list[str]:
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, dict):
+        return [s for value in node.values() for s in strings(value)]
+    if isinstance(node, list):
+        return [s for value in node for s in strings(value)]
+    return []
+
+
+def check(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
+    problems: list[str] = []
+    given: dict[str, str] = {}
+    flags: dict[str, str | bool] = {}
+    rest = list(argv)
+    while len(rest) > 1:
+        arg = rest.pop(0)
+        if arg.startswith("-var:"):
+            given[arg[len("-var:") :]] = rest.pop(0)
+        elif arg.startswith("-compute_endpoint_override="):
+            flags["-compute_endpoint_override"] = arg.split("=", 1)[1]
+        elif arg in FLAGS_WITH_VALUE:
+            flags[arg] = rest.pop(0)
+        elif arg in FLAGS_ALONE:
+            flags[arg] = True
+        else:
+            problems.append(f"unknown argument {arg!r}")
+    if len(rest) != 1:
+        return {}, [*problems, "no workflow file given last"]
+    path = Path(rest[0])
+    workflow = json.loads(path.read_text())
+    variables = workflow.get("Vars", {})
+    sources = workflow.get("Sources", {})
+    steps = workflow.get("Steps", {})
+    for name in given:
+        if name not in variables:
+            problems.append(f"-var:{name} is not a var of the workflow")
+    for name, spec in variables.items():
+        if spec.get("Required") and name not in given:
+            problems.append(f"required var {name} is not given")
+    for text in strings(workflow):
+        for ref in REFERENCE.findall(text):
+            if ref in variables or ref in BUILTINS:
+                continue
+            if ref.startswith("SOURCE:") and ref[len("SOURCE:") :] in sources:
+                continue
+            problems.append(f"${{{ref}}} is not defined")
+    dependencies = workflow.get("Dependencies", {})
+    for step, needs in dependencies.items():
+        for name in [step, *needs]:
+            if name not in steps:
+                problems.append(f"dependency names {name!r}, which is not a step")
+    state: dict[str, int] = {}
+
+    def visit(step: str) -> None:
+        if state.get(step) == 1:
+            problems.append(f"dependency cycle through {step!r}")
+            return
+        if state.get(step) == 2:
+            return
+        state[step] = 1
+        for need in dependencies.get(step, []):
+            visit(need)
+        state[step] = 2
+
+    for step in steps:
+        visit(step)
+    for name, value in sources.items():
+        value = REFERENCE.sub(lambda m: given.get(m.group(1), ""), value)
+        if not value.startswith("gs://") and not Path(value).exists():
+            problems.append(f"source {name} ({value}) does not exist")
+    return {"flags": flags, "vars": given, "workflow": workflow}, problems
+
+
+def main() -> int:
+    record, problems = check(sys.argv[1:])
+    out = os.environ.get("DAISY_STANDIN_RECORD")
+    if out:
+        Path(out).write_text(json.dumps({"argv": sys.argv[1:], **record, "problems": problems}))
+    if problems:
+        for problem in problems:
+            print(f"daisy stand-in: {problem}", file=sys.stderr)
+        return 1
+    print("[build-image]: Workflow Project: " + str(record["flags"].get("-project")))
+    print('[build-image]: Step "wait-preload-finished" (WaitForInstancesSignal): BuildStatus: step done')
+    if os.environ.get("DAISY_STANDIN_FAIL"):
+        print('[build-image]: Step "wait-preload-finished" (WaitForInstancesSignal): BuildFailed: boom')
+        print(
+            '[Daisy] Errors in one or more workflows:\n  build-image: step "wait-preload-finished" failed',
+            file=sys.stderr,
+        )
+        return 1
+    print('[build-image]: Workflow "build-image" cleaning up (this may take up to 2 minutes).')
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
