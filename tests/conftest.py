@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +9,7 @@ import pytest
 
 from cos_customizer import sample_image
 from cos_customizer.cli.main import main
+from tests.compute_standin import Compute, serve
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,25 @@ def workspace_root(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def cli(home: Path, workspace_root: Path, capsys: pytest.CaptureFixture[str]) -> CLI:
-    """Run the command line in-process with an isolated HOME and workspace."""
+def compute() -> Iterator[Compute]:
+    """A loopback Compute Engine stand-in with a few cos-cloud images."""
+    state, server = serve()
+    state.add_image("cos-cloud", "cos-stable-109-17800-66-0", family="cos-stable", created="2024-05-01T00:00:00Z",
+                    labels={"milestone": "109"})  # fmt: skip
+    state.add_image("cos-cloud", "cos-109-17800-0-0", created="2024-04-01T00:00:00Z")
+    state.add_image("cos-cloud", "cos-stable-113-18244-1-0", family="cos-stable", created="2024-01-01T00:00:00Z",
+                    deprecated=True)  # fmt: skip
+    yield state
+    server.shutdown()
+
+
+@pytest.fixture
+def cli(home: Path, workspace_root: Path, capsys: pytest.CaptureFixture[str], compute: Compute) -> CLI:
+    """Run the command line in-process with an isolated HOME, workspace, and a Compute stand-in."""
 
     def run(*argv: str, env: dict[str, str] | None = None) -> Result:
-        environ = {"HOME": str(home), "COS_CUSTOMIZER_WORKDIR": str(workspace_root), "PATH": os.environ["PATH"]}
+        environ = {"HOME": str(home), "COS_CUSTOMIZER_WORKDIR": str(workspace_root), "PATH": os.environ["PATH"],
+                   "COS_CUSTOMIZER_COMPUTE_ENDPOINT": compute.url}  # fmt: skip
         environ.update(env or {})
         capsys.readouterr()
         code = main(list(argv), environ)

@@ -99,8 +99,44 @@ def check(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     return {"flags": flags, "vars": given, "workflow": workflow}, problems
 
 
+def inspect(record: dict[str, Any]) -> dict[str, Any]:
+    """What the preload VM would get: the CIDATA disk's files, and the managed GCS directory's objects."""
+    import subprocess
+    import tarfile
+    import tempfile
+
+    seen: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(record["vars"]["cidata_img"]) as tar:
+            seen["cidata_members"] = tar.getnames()
+            tar.extractall(tmp)
+        image = f"{tmp}/disk.raw"
+        env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+        listing = subprocess.run(
+            ["mdir", "-b", "-i", image, "::/"], capture_output=True, text=True, env=env, check=True
+        )
+        seen["cidata_files"] = sorted(
+            line.strip().removeprefix("::/") for line in listing.stdout.splitlines() if line.strip()
+        )
+        config = subprocess.run(
+            ["mtype", "-i", image, "::/config.json"], capture_output=True, text=True, env=env, check=True
+        )
+        seen["cidata_config"] = json.loads(config.stdout)
+        label = subprocess.run(["mlabel", "-s", "-i", image, "::"], capture_output=True, text=True, env=env, check=True)
+        seen["cidata_label"] = label.stdout.strip()
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    bucket, _, prefix = record["flags"]["-gcs_path"][len("gs://") :].partition("/")
+    client = storage.Client(project="test", credentials=AnonymousCredentials())
+    seen["gcs_objects"] = sorted(blob.name for blob in client.list_blobs(bucket, prefix=f"{prefix}/"))
+    return seen
+
+
 def main() -> int:
     record, problems = check(sys.argv[1:])
+    if not problems and os.environ.get("DAISY_STANDIN_INSPECT"):
+        record["inspected"] = inspect(record)
     out = os.environ.get("DAISY_STANDIN_RECORD")
     if out:
         Path(out).write_text(json.dumps({"argv": sys.argv[1:], **record, "problems": problems}))

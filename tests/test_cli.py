@@ -104,7 +104,13 @@ def test_start_gce_records_what_was_given(cli: CLI, context_dir: Path, workspace
     )
     assert result.code == 0, result.err
     source = json.loads((workspace_root / "config/source_image").read_text())
-    assert source == {"Name": "", "Project": "cos-cloud", "Family": "cos-stable", "Milestone": 0, "ImageFile": ""}
+    assert source == {
+        "Name": "cos-stable-109-17800-66-0",
+        "Project": "cos-cloud",
+        "Family": "cos-stable",
+        "Milestone": 0,
+        "ImageFile": "",
+    }
     build = json.loads((workspace_root / "config/build").read_text())
     assert (build["GCSBucket"], build["GCSDir"]) == ("b", "w")
 
@@ -396,8 +402,7 @@ def test_install_gpu_from_a_run_file(gce_build: CLI, workspace_root: Path, tmp_p
         (
             ["-get-valid-drivers"],
             1,
-            "-get-valid-drivers needs Google Cloud Storage: this version of cos-customizer does not run GCE builds "
-            "yet; use -dry-run to see the plan, or start a local build with -image-file",
+            "-get-valid-drivers is not supported by this version: pass the driver version you want with -version",
         ),
     ],
 )

@@ -42,13 +42,14 @@ def write(disk: Path, output: Path, fmt: ImageFormat) -> None:
                 [require_tool("qemu-img", "qemu-utils"), "convert", "-f", "raw", "-O", "qcow2", str(disk), str(partial)]
             )
         else:
-            _tar_gz(disk, partial)
+            tar_gz(disk, partial)
         os.replace(partial, output)
     finally:
         partial.unlink(missing_ok=True)
 
 
-def _tar_gz(disk: Path, partial: Path) -> None:
+def tar_gz(disk: Path, partial: Path) -> None:
+    """A GCE image archive of `disk` (named disk.raw): one sparse member, gzip-compressed."""
     if disk.name != "disk.raw":
         raise ValueError("the working copy must be named disk.raw: it becomes the archive's only member")
     tar = [require_tool("tar", "tar"), "--sparse", "--format=oldgnu", "-C", str(disk.parent), "-cf", "-", "disk.raw"]

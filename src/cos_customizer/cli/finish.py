@@ -21,7 +21,7 @@ from cos_customizer.disk import planner
 from cos_customizer.disk.gpt import SECTOR
 from cos_customizer.disk.planner import DiskPlan
 from cos_customizer.errors import UsageError, ValidationError
-from cos_customizer.executors import STEP_COMMANDS, Executor, check_supported, executor_for, gce, local, workflow
+from cos_customizer.executors import STEP_COMMANDS, Executor, check_supported, executor_for, local, preload, workflow
 from cos_customizer.images import ImageFormat
 from cos_customizer.provisioner.config import InstallGPUArgs, ProvisionerConfig, Step, StepType
 from cos_customizer.units import GiB, format_duration, parse_size
@@ -116,6 +116,13 @@ FLAGS = (
         Kind.STRING,
         "Local builds: where to write the customized image. The format follows the name: .tar.gz (GCE "
         "import format, a tar holding a sparse disk.raw), .qcow2, anything else raw.",
+        ours=True,
+    ),
+    Flag(
+        "provisioner-binary",
+        Kind.STRING,
+        "GCE builds: the provisioner executable to put on the CIDATA disk (default: build-provisioner's, "
+        "built or taken from its cache).",
         ours=True,
     ),
     Flag(
@@ -216,6 +223,10 @@ def _check_gce_flags(args: Parsed) -> None:
             raise UsageError(f"-{name} must be set for a GCE build")
     if bool(args["sbom-input-path"]) != bool(args["sbom-output-path"]):
         raise UsageError("-sbom-input-path and -sbom-output-path must be set together")
+    if args["sbom-input-path"]:
+        raise UsageError("-sbom-input-path/-sbom-output-path: SBOM generation is not supported by this version")
+    if args["provisioner-binary"] and not Path(args["provisioner-binary"]).is_file():
+        raise UsageError(f"-provisioner-binary={args['provisioner-binary']}: no such file")
 
 
 def _check_local_flags(args: Parsed, source: SourceImage) -> Output:
@@ -376,7 +387,34 @@ def handle(context: Context, args: Parsed) -> int:
         return 0
     if finish.executor is Executor.LOCAL:
         return _run_local(context, finish, args)
-    gce.build()
+    return _run_gce(context, finish, args)
+
+
+def _run_gce(context: Context, finish: FinishPlan, args: Parsed) -> int:
+    assert finish.output_image is not None
+    image = finish.output_image
+    binary = Path(args["provisioner-binary"]).absolute() if args["provisioner-binary"] else None
+    job = preload.GceBuild(
+        source=finish.source,
+        build=finish.build,
+        provisioner=finish.provisioner,
+        image=workflow.OutputImage(
+            image["Name"], image["Project"], image["Family"], tuple(image["Labels"].items()), tuple(image["Licenses"])
+        ),
+        inherit_labels=args["inherit-labels"],
+        deprecate_old=args["deprecate-old-images"],
+        old_image_ttl=args["old-image-ttl"],
+        enable_cleanup=args["enable-cleanup"],
+        build_context=context.workspace.build_context_archive,
+        provisioner_binary=binary,
+    )
+    preload.daisy_binary(dict(context.environ))  # refuse early, before anything is touched
+    try:
+        made = preload.finish(job, dict(context.environ), context.compute_endpoint)
+    finally:
+        context.workspace.remove()  # as the original: the build is over, success or failure
+    if made:
+        sys.stdout.write(f"Build succeeded: image {image['Project']}/{image['Name']}\n")
     return 0
 
 

@@ -1,36 +1,181 @@
-"""The GCE executor: Daisy on Compute Engine.
+"""Compute Engine calls of the GCE executor (google-cloud-compute).
 
-This version records GCE builds and plans them (`-dry-run`); the calls to
-Compute Engine, GCS and daisy are seams, named here, that the GCE executor
-fills in. They never reach the network in this version.
+The endpoint is overridable (`-compute-endpoint` or
+$COS_CUSTOMIZER_COMPUTE_ENDPOINT); a plain `http://` endpoint, such as a
+loopback stand-in in tests, is used without credentials. Errors become one
+line that says what Compute Engine answered.
 """
 
 from __future__ import annotations
 
+import datetime
+import logging
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
 from cos_customizer.config import SourceImage
-from cos_customizer.errors import NotAvailableError
+from cos_customizer.errors import CustomizerError, ValidationError
 
-NOT_YET = (
-    "this version of cos-customizer does not run GCE builds yet; "
-    "use -dry-run to see the plan, or start a local build with -image-file"
-)
+log = logging.getLogger("cos_customizer")
+
+COS_PROJECT = "cos-cloud"
+CLEANUP_LABEL = "cos-customizer-cleanup"
+CLEANUP_AGE = datetime.timedelta(days=1)
+T = TypeVar("T")
 
 
-def resolve_source_image(requested: SourceImage, compute_endpoint: str = "") -> SourceImage:
-    """Seam for source resolution (by name, family or milestone).
-
-    Until the GCE executor lands, the request is recorded as given: a name
-    is kept as is, a family or milestone stays unresolved in the config.
-    """
-    del compute_endpoint
-    return requested
+class GceError(CustomizerError):
+    """Compute Engine refused or failed a call."""
 
 
 def valid_driver_versions() -> list[str]:
-    """Seam for `install-gpu -get-valid-drivers` (lists NVIDIA's public GCS bucket)."""
-    raise NotAvailableError(f"-get-valid-drivers needs Google Cloud Storage: {NOT_YET}")
+    """`install-gpu -get-valid-drivers` (lists NVIDIA's public GCS bucket); not in this version."""
+    raise CustomizerError(
+        "-get-valid-drivers is not supported by this version: pass the driver version you want with -version"
+    )
 
 
-def build() -> None:
-    """Seam for the preload: workflow, CIDATA disk, uploads, daisy."""
-    raise NotAvailableError(NOT_YET)
+@contextmanager
+def _api(what: str) -> Iterator[None]:
+    from google.api_core import exceptions
+    from google.auth import exceptions as auth_exceptions
+
+    try:
+        yield
+    except exceptions.NotFound as err:
+        raise GceError(f"{what}: not found ({err.message})") from err
+    except exceptions.GoogleAPIError as err:
+        raise GceError(f"{what}: Compute Engine answered: {err}") from err
+    except auth_exceptions.DefaultCredentialsError as err:
+        raise GceError(
+            f"{what}: no Google credentials: run `gcloud auth application-default login` "
+            "or set GOOGLE_APPLICATION_CREDENTIALS"
+        ) from err
+
+
+def _options(endpoint: str) -> dict[str, Any]:
+    if not endpoint:
+        return {}
+    from google.api_core.client_options import ClientOptions
+    from google.auth.credentials import AnonymousCredentials
+
+    options: dict[str, Any] = {"client_options": ClientOptions(api_endpoint=endpoint)}
+    if endpoint.startswith("http://"):
+        options["credentials"] = AnonymousCredentials()  # type: ignore[no-untyped-call]
+    return options
+
+
+def images_client(endpoint: str) -> Any:
+    from google.cloud import compute_v1
+
+    return compute_v1.ImagesClient(**_options(endpoint))
+
+
+def instances_client(endpoint: str) -> Any:
+    from google.cloud import compute_v1
+
+    return compute_v1.InstancesClient(**_options(endpoint))
+
+
+def _call(what: str, call: Callable[[], T]) -> T:
+    with _api(what):
+        return call()
+
+
+def resolve_source_image(requested: SourceImage, compute_endpoint: str = "") -> SourceImage:
+    """The source image by name (it must exist), family (latest active) or milestone (latest on cos-cloud)."""
+    images = images_client(compute_endpoint)
+    project = requested.Project
+    if requested.Milestone:
+        name = latest_on_milestone(images, requested.Milestone)
+        log.info("Using image %s from milestone %d", name, requested.Milestone)
+        return requested.model_copy(update={"Name": name})
+    if requested.Family:
+        image = _call(
+            f"image family {requested.Family} in project {project}",
+            lambda: images.get_from_family(project=project, family=requested.Family),
+        )
+        log.info("Using image %s from family %s", image.name, requested.Family)
+        return requested.model_copy(update={"Name": image.name})
+    if not image_exists(images, project, requested.Name):
+        raise ValidationError(f"could not find source image {requested.Name} in project {project}")
+    return requested
+
+
+def latest_on_milestone(images: Any, milestone: int) -> str:
+    pattern = re.compile(rf"^cos-(?:(?:stable|beta|dev)-)?{milestone}-")
+    found = [
+        image
+        for image in _call(f"images of {COS_PROJECT}", lambda: list(images.list(project=COS_PROJECT)))
+        if pattern.match(image.name) and not (image.deprecated and image.deprecated.state)
+    ]
+    if not found:
+        raise ValidationError(f"no image found on milestone {milestone} in {COS_PROJECT}")
+    return str(max(found, key=lambda image: image.creation_timestamp).name)
+
+
+def image_exists(images: Any, project: str, name: str) -> bool:
+    from google.api_core import exceptions
+
+    try:
+        with _api(f"image {name} in project {project}"):
+            images.get(project=project, image=name)
+    except GceError as err:
+        if isinstance(err.__cause__, exceptions.NotFound):
+            return False
+        raise
+    return True
+
+
+def image_labels(images: Any, project: str, name: str) -> dict[str, str]:
+    image = _call(f"image {name} in project {project}", lambda: images.get(project=project, image=name))
+    return dict(image.labels)
+
+
+def deprecate_in_family(images: Any, project: str, family: str, new_name: str, ttl_seconds: int) -> list[str]:
+    """Deprecate every other image of `family` (replacement: the new image), deleted after the TTL if given."""
+    from google.cloud import compute_v1
+
+    status: dict[str, Any] = {"state": "DEPRECATED", "replacement": f"projects/{project}/global/images/{new_name}"}
+    if ttl_seconds:
+        deleted = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=ttl_seconds)
+        status["deleted"] = deleted.isoformat(timespec="seconds").replace("+00:00", "Z")
+    listed = _call(f"images of project {project}", lambda: list(images.list(project=project)))
+    done = []
+    for image in listed:
+        if image.family != family or image.name == new_name or (image.deprecated and image.deprecated.state):
+            continue
+        _deprecate(images, project, image.name, compute_v1.DeprecationStatus(**status))
+        done.append(image.name)
+    return done
+
+
+def _deprecate(images: Any, project: str, name: str, status: Any) -> None:
+    _call(
+        f"deprecating {name}",
+        lambda: images.deprecate_unary(project=project, image=name, deprecation_status_resource=status),
+    )
+
+
+def cleanup_old_vms(instances: Any, project: str, zone: str, now: datetime.datetime | None = None) -> list[str]:
+    """Delete preload VMs of earlier builds (label cos-customizer-cleanup) older than a day."""
+    from google.cloud import compute_v1
+
+    now = now or datetime.datetime.now(datetime.UTC)
+    request = compute_v1.ListInstancesRequest(project=project, zone=zone, filter=f"labels.{CLEANUP_LABEL}:*")
+    deleted = []
+    for instance in _call(f"instances in {project}/{zone}", lambda: list(instances.list(request=request))):
+        if CLEANUP_LABEL not in instance.labels:
+            continue
+        created = datetime.datetime.fromisoformat(instance.creation_timestamp)
+        if now - created < CLEANUP_AGE:
+            continue
+        _delete_instance(instances, project, zone, instance.name)
+        deleted.append(instance.name)
+    return deleted
+
+
+def _delete_instance(instances: Any, project: str, zone: str, name: str) -> None:
+    _call(f"deleting {name}", lambda: instances.delete_unary(project=project, zone=zone, instance=name))

@@ -1,0 +1,223 @@
+"""The GCE executor's finish: GCS uploads, the CIDATA disk, the workflow, and daisy.
+
+1. delete leftover preload VMs (`-enable-cleanup`);
+2. if the output image exists: say so and stop (exit 0), as the original;
+3. inherit the source's labels (`-labels` wins);
+4. upload the build context and the deps files to the managed GCS directory;
+5. make the CIDATA disk (FAT labelled CIDATA: the provisioner executable and
+   its final `config.json`) and the SCRATCH disk, each a `.tar.gz` holding
+   `disk.raw`; write the startup cloud-config and the workflow;
+6. run daisy, its output streamed with a prefix, bounded by `-timeout`
+   (on expiry or Ctrl-C daisy gets SIGINT, so it deletes what it created);
+7. deprecate older images of the family (`-deprecate-old-images`);
+and, whatever happens, delete the managed GCS directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cos_customizer import output
+from cos_customizer.config import BuildConfig, SourceImage
+from cos_customizer.errors import CustomizerError
+from cos_customizer.executors import gce, startup, workflow
+from cos_customizer.provisioner.config import ProvisionerConfig
+from cos_customizer.runner import MissingToolError, require_tool, run
+from cos_customizer.units import parse_duration
+
+log = logging.getLogger("cos_customizer")
+
+DAISY_ENV = "COS_CUSTOMIZER_DAISY"
+STOP_GRACE_SECONDS = 600.0
+CIDATA_MARGIN = 16 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class GceBuild:
+    source: SourceImage
+    build: BuildConfig
+    provisioner: ProvisionerConfig
+    image: workflow.OutputImage
+    inherit_labels: bool
+    deprecate_old: bool
+    old_image_ttl: int
+    enable_cleanup: bool
+    build_context: Path
+    provisioner_binary: Path | None
+
+
+class DaisyFailed(CustomizerError):
+    pass
+
+
+def daisy_binary(environ: dict[str, str]) -> str:
+    configured = environ.get(DAISY_ENV)
+    if configured:
+        if not (Path(configured).is_file() and os.access(configured, os.X_OK)):
+            raise MissingToolError(f"${DAISY_ENV}={configured} is not an executable file")
+        return configured
+    path = shutil.which("daisy")
+    if path is None:
+        raise MissingToolError(
+            f"daisy is not installed: put the daisy binary on PATH or set ${DAISY_ENV} "
+            "(github.com/GoogleCloudPlatform/compute-daisy)"
+        )
+    return path
+
+
+def _storage_client(project: str) -> Any:
+    from google.cloud import storage  # type: ignore[attr-defined]
+
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
+
+        return storage.Client(project=project or "test", credentials=AnonymousCredentials())  # type: ignore[no-untyped-call]
+    return storage.Client(project=project or None)
+
+
+@contextlib.contextmanager
+def managed_directory(build: BuildConfig) -> Iterator[Any]:
+    """The managed GCS directory's bucket; everything under the directory is deleted at the end."""
+    from google.api_core import exceptions
+
+    client = _storage_client(build.Project)
+    bucket = client.bucket(build.GCSBucket)
+    try:
+        yield bucket
+    finally:
+        try:
+            blobs = list(client.list_blobs(build.GCSBucket, prefix=f"{build.GCSDir}/"))
+            for blob in blobs:
+                blob.delete()
+            log.info("Deleted the managed directory %s (%d objects)", workflow.managed_dir(build), len(blobs))
+        except exceptions.GoogleAPIError as err:
+            log.warning("warning: could not delete %s: %s", workflow.managed_dir(build), err)
+
+
+def upload(bucket: Any, build: BuildConfig, build_context: Path) -> None:
+    from google.api_core import exceptions
+
+    uploads = {build_context: f"{build.GCSDir}/user_build_context.tar"}
+    uploads.update({Path(f): f"{build.GCSDir}/gcs_files/{Path(f).name}" for f in build.GCSFiles})
+    for local, name in uploads.items():
+        try:
+            bucket.blob(name).upload_from_filename(str(local))
+        except (exceptions.GoogleAPIError, OSError) as err:
+            raise CustomizerError(f"cannot upload {local} to gs://{build.GCSBucket}/{name}: {err}") from err
+        log.info("Uploaded %s to gs://%s/%s", local.name, build.GCSBucket, name)
+
+
+def cidata_disk(work: Path, binary: Path, config: ProvisionerConfig) -> Path:
+    """The CIDATA FAT disk as a `.tar.gz` holding disk.raw."""
+    directory = work / "cidata"
+    directory.mkdir()
+    disk = directory / "disk.raw"
+    config_file = work / "config.json"
+    config_file.write_text(json.dumps(config.to_json(), indent=2))
+    size_kib = (binary.stat().st_size + CIDATA_MARGIN) // 1024 // 1024 * 1024 + 1024
+    run([require_tool("mkfs.vfat", "dosfstools"), "-n", "CIDATA", "-C", str(disk), str(size_kib)])
+    mcopy = require_tool("mcopy", "mtools")
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+    run([mcopy, "-i", str(disk), str(binary), "::/provisioner"], env=env)
+    run([mcopy, "-i", str(disk), str(config_file), "::/config.json"], env=env)
+    archive = work / "cidata.tar.gz"
+    output.tar_gz(disk, archive)
+    return archive
+
+
+def scratch_disk(work: Path) -> Path:
+    directory = work / "scratch"
+    directory.mkdir()
+    disk = directory / "disk.raw"
+    run([require_tool("mke2fs", "e2fsprogs"), "-q", "-F", "-t", "ext4", "-L", "SCRATCH", str(disk), "64M"])
+    archive = work / "scratch.tar.gz"
+    output.tar_gz(disk, archive)
+    return archive
+
+
+def run_daisy(argv: list[str], timeout: float, env: dict[str, str] | None = None) -> None:
+    """Run daisy with its output prefixed; on timeout or Ctrl-C it gets SIGINT and time to clean up."""
+    log.info("Running daisy (the preload VM builds the image; its status lines follow)")
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    try:
+        for raw in proc.stdout:
+            log.info("daisy: %s", raw.decode(errors="replace").rstrip("\n"))
+            if time.monotonic() > deadline:
+                raise DaisyFailed("the build took longer than -timeout; daisy was stopped and cleaned up")
+        status = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        raise DaisyFailed("the build took longer than -timeout; daisy was stopped and cleaned up") from None
+    finally:
+        _stop(proc)
+    if status != 0:
+        raise DaisyFailed(
+            f"daisy failed with exit status {status} (its output is above); daisy deleted the resources it made"
+        )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)  # daisy cleans up on SIGINT
+    try:
+        proc.wait(timeout=STOP_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def finish(job: GceBuild, environ: dict[str, str], compute_endpoint: str) -> bool:
+    """Run the GCE build; returns False when the output image already existed (nothing done)."""
+    daisy = daisy_binary(environ)
+    build = job.build
+    images = gce.images_client(compute_endpoint)
+    if job.enable_cleanup:
+        log.info("Deleting old VM instances created by cos-customizer...")
+        try:
+            deleted = gce.cleanup_old_vms(gce.instances_client(compute_endpoint), build.Project, build.Zone)
+            log.info("Deleted %d old VM instances", len(deleted))
+        except CustomizerError as err:
+            log.warning("warning: failed to delete old instances: %s", err)
+    if gce.image_exists(images, job.image.project, job.image.name):
+        log.info("Result image %s already exists in project %s. Exiting.", job.image.name, job.image.project)
+        return False
+    image = job.image
+    if job.inherit_labels:
+        inherited = gce.image_labels(images, job.source.Project, job.source.Name)
+        image = dataclasses.replace(image, labels=tuple({**inherited, **dict(image.labels)}.items()))
+    binary = job.provisioner_binary
+    with tempfile.TemporaryDirectory(prefix="cos-customizer-gce.") as tmp, managed_directory(build) as bucket:
+        work = Path(tmp)
+        if binary is None:
+            from cos_customizer import provisioner_build
+
+            binary, _ = provisioner_build.build(work / "provisioner", dict(environ))
+        upload(bucket, build, job.build_context)
+        cidata, scratch = cidata_disk(work, binary, job.provisioner), scratch_disk(work)
+        cloud = work / "startup.yaml"
+        cloud.write_text(startup.cloud_config())
+        wf = work / "build_image.wf.json"
+        wf.write_text(json.dumps(workflow.workflow(build, job.provisioner, image, str(cloud)), indent=2))
+        args = workflow.daisy_args(build, job.provisioner, job.source, image, cidata=str(cidata),
+                                   scratch=str(scratch), workflow_path=str(wf))  # fmt: skip
+        run_daisy([daisy, *args], parse_duration(build.Timeout) / 1e9, dict(environ))
+    if job.deprecate_old:
+        done = gce.deprecate_in_family(images, image.project, image.family, image.name, job.old_image_ttl)
+        log.info("Deprecated %d older images of family %s", len(done), image.family)
+    return True

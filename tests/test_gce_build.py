@@ -1,0 +1,206 @@
+"""The GCE executor end to end against stand-ins: gcp-storage-emulator, a Compute stand-in, a daisy stand-in.
+
+Nothing here reaches Google: Compute and GCS are loopback servers started by the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.compute_standin import Compute
+from tests.conftest import CLI
+
+STANDIN = Path(__file__).parent / "daisy_standin.py"
+BUCKET = "builds"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def gcs(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    from gcp_storage_emulator.server import create_server
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage  # type: ignore[attr-defined]
+
+    port = free_port()
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
+    thread = threading.Thread(target=server.start, daemon=True)
+    thread.start()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    client = storage.Client(project="test", credentials=AnonymousCredentials())
+    yield client
+    server.stop()
+
+
+@pytest.fixture
+def daisy(tmp_path: Path) -> tuple[Path, Path]:
+    """A daisy executable (the stand-in) and the file it records to."""
+    wrapper = tmp_path / "daisy"
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {STANDIN} "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper, tmp_path / "daisy-record.json"
+
+
+@pytest.fixture
+def started(cli: CLI, context_dir: Path, tmp_path: Path) -> CLI:
+    deps = tmp_path / "deps"
+    deps.mkdir()
+    (deps / "NVIDIA-Linux-x86_64-450.51.06.run").write_text("installer")
+    steps = [
+        ["start-image-build", f"-build-context={context_dir}", "-image-project=cos-cloud", "-image-family=cos-stable",
+         f"-gcs-bucket={BUCKET}", "-gcs-workdir=build-7"],
+        ["run-script", "-script=preload.sh"],
+        ["install-gpu", "-version=NVIDIA-Linux-x86_64-450.51.06.run", f"-deps-dir={deps}"],
+        ["seal-oem"],
+    ]  # fmt: skip
+    for argv in steps:
+        result = cli(*argv)
+        assert result.code == 0, result.err
+    return cli
+
+
+def finish(cli: CLI, daisy: tuple[Path, Path], tmp_path: Path, *extra: str, **env: str) -> Any:
+    binary = tmp_path / "provisioner-binary"
+    binary.write_bytes(b"\x7fELF stand-in provisioner")
+    environ = {"COS_CUSTOMIZER_DAISY": str(daisy[0]), "DAISY_STANDIN_RECORD": str(daisy[1]),
+               "DAISY_STANDIN_INSPECT": "1", "STORAGE_EMULATOR_HOST": os.environ["STORAGE_EMULATOR_HOST"], **env}  # fmt: skip
+    return cli("finish-image-build", "-zone=us-west1-b", "-project=my-proj", "-image-project=my-proj",
+               "-image-name=custom-1", "-image-family=custom", "-oem-size=1G", "-disk-size-gb=13",
+               f"-provisioner-binary={binary}", *extra, env=environ)  # fmt: skip
+
+
+def managed(gcs: Any) -> list[str]:
+    return sorted(blob.name for blob in gcs.list_blobs(BUCKET, prefix="build-7/"))
+
+
+def test_end_to_end(started: CLI, gcs: Any, compute: Compute, daisy: tuple[Path, Path], tmp_path: Path,
+                    workspace_root: Path) -> None:  # fmt: skip
+    compute.add_image("my-proj", "custom-0", family="custom", created="2024-01-01T00:00:00Z")
+    result = finish(started, daisy, tmp_path, "-labels=team=os,milestone=override", "-inherit-labels",
+                    "-deprecate-old-images", "-old-image-ttl=3600")  # fmt: skip
+    assert result.code == 0, result.err
+    assert result.out == "Build succeeded: image my-proj/custom-1\n"
+    assert 'daisy: [build-image]: Step "wait-preload-finished"' in result.err
+    record = json.loads(daisy[1].read_text())
+    assert record["problems"] == []
+    seen = record["inspected"]
+    # The uploads were there while daisy ran, and the managed directory is gone now.
+    assert seen["gcs_objects"] == [
+        "build-7/gcs_files/NVIDIA-Linux-x86_64-450.51.06.run",
+        "build-7/user_build_context.tar",
+    ]
+    assert managed(gcs) == []
+    # The CIDATA disk: a FAT labelled CIDATA with the provisioner and its final config.
+    assert seen["cidata_members"] == ["disk.raw"]
+    assert seen["cidata_files"] == ["config.json", "provisioner"]
+    assert "CIDATA" in seen["cidata_label"]
+    config = seen["cidata_config"]
+    assert config["BuildContexts"] == {"user": "gs://builds/build-7/user_build_context.tar"}
+    assert config["BootDisk"] == {
+        "OEMSize": "2047M",
+        "OEMFSSize4K": 262144,
+        "ReclaimSDA3": True,
+        "WaitForDiskResize": True,
+    }
+    gpu = next(step for step in config["Steps"] if step["Type"] == "InstallGPU")
+    assert gpu["Args"]["GCSDepsPrefix"] == "gs://builds/build-7/gcs_files"
+    # Workflow: labels inherited from the source, -labels wins; a scratch disk for install-gpu; the resize.
+    workflow = record["workflow"]
+    assert workflow["Steps"]["image"]["CreateImages"][0]["labels"] == {"milestone": "override", "team": "os"}
+    assert workflow["Steps"]["setup"]["CreateDisks"][0]["Name"] == "scratch-disk"
+    assert workflow["Steps"]["resize-disk"] == {"ResizeDisks": [{"Name": "boot-disk", "SizeGb": "13"}]}
+    assert record["vars"]["source_image"] == "projects/cos-cloud/global/images/cos-stable-109-17800-66-0"
+    assert record["vars"]["host_maintenance"] == "TERMINATE"
+    assert record["flags"]["-compute_endpoint_override"] == f"{compute.url}/projects/"
+    # Deprecation of the older family member, with the TTL; the workspace is removed.
+    deprecated = compute.images["my-proj"]["custom-0"]["deprecated"]
+    assert deprecated["state"] == "DEPRECATED"
+    assert deprecated["replacement"] == "projects/my-proj/global/images/custom-1"
+    assert deprecated["deleted"].endswith("Z")
+    assert not workspace_root.exists()
+
+
+def test_failing_daisy(started: CLI, gcs: Any, daisy: tuple[Path, Path], tmp_path: Path) -> None:
+    result = finish(started, daisy, tmp_path, DAISY_STANDIN_FAIL="1")
+    assert result.code == 1
+    assert result.err.endswith(
+        "cos-customizer: error: daisy failed with exit status 1 (its output is above); "
+        "daisy deleted the resources it made\n"
+    )
+    assert (
+        'daisy: [build-image]: Step "wait-preload-finished" (WaitForInstancesSignal): BuildFailed: boom' in result.err
+    )
+    assert managed(gcs) == []
+
+
+def test_output_exists_is_success_without_building(started: CLI, gcs: Any, compute: Compute, daisy: tuple[Path, Path],
+                                                  tmp_path: Path) -> None:  # fmt: skip
+    compute.add_image("my-proj", "custom-1")
+    result = finish(started, daisy, tmp_path)
+    assert result.code == 0, result.err
+    assert "Result image custom-1 already exists in project my-proj. Exiting." in result.err
+    assert not daisy[1].exists()
+    assert managed(gcs) == []
+
+
+def test_enable_cleanup_deletes_old_preload_vms(started: CLI, gcs: Any, compute: Compute, daisy: tuple[Path, Path],
+                                               tmp_path: Path) -> None:  # fmt: skip
+    compute.add_instance("my-proj", "us-west1-b", "old-vm", {"cos-customizer-cleanup": ""}, "2020-01-01T00:00:00+00:00")
+    compute.add_instance("my-proj", "us-west1-b", "new-vm", {"cos-customizer-cleanup": ""}, "2999-01-01T00:00:00+00:00")
+    compute.add_instance("my-proj", "us-west1-b", "other", {}, "2020-01-01T00:00:00+00:00")
+    result = finish(started, daisy, tmp_path, "-enable-cleanup")
+    assert result.code == 0, result.err
+    assert sorted(compute.instances["my-proj/us-west1-b"]) == ["new-vm", "other"]
+
+
+def test_missing_daisy_is_refused_before_anything(started: CLI, gcs: Any, tmp_path: Path, workspace_root: Path) -> None:
+    result = finish(started, (tmp_path / "no-daisy", tmp_path / "r.json"), tmp_path)
+    assert result.code == 1
+    assert f"$COS_CUSTOMIZER_DAISY={tmp_path / 'no-daisy'} is not an executable file" in result.err
+    assert workspace_root.exists()
+    assert managed(gcs) == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "name"),
+    [
+        (["-image-name=cos-stable-109-17800-66-0"], "cos-stable-109-17800-66-0"),
+        (["-image-family=cos-stable"], "cos-stable-109-17800-66-0"),
+        (["-image-milestone=109"], "cos-stable-109-17800-66-0"),
+    ],
+)
+def test_source_resolution(cli: CLI, context_dir: Path, workspace_root: Path, flags: list[str], name: str) -> None:
+    result = cli("start-image-build", f"-build-context={context_dir}", "-image-project=cos-cloud", "-gcs-bucket=b",
+                 "-gcs-workdir=w", *flags)  # fmt: skip
+    assert result.code == 0, result.err
+    assert json.loads((workspace_root / "config/source_image").read_text())["Name"] == name
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["-image-name=nope"], "could not find source image nope in project cos-cloud"),
+        (["-image-family=nope"], "image family nope in project cos-cloud: not found"),
+        (["-image-milestone=42"], "no image found on milestone 42 in cos-cloud"),
+    ],
+)
+def test_source_resolution_refusals(cli: CLI, context_dir: Path, workspace_root: Path, flags: list[str],
+                                    message: str) -> None:  # fmt: skip
+    result = cli("start-image-build", f"-build-context={context_dir}", "-image-project=cos-cloud", "-gcs-bucket=b",
+                 "-gcs-workdir=w", *flags)  # fmt: skip
+    assert result.code == 1
+    assert message in result.err
+    assert not workspace_root.exists()
