@@ -125,10 +125,10 @@ def inspect(record: dict[str, Any]) -> dict[str, Any]:
         label = subprocess.run(["mlabel", "-s", "-i", image, "::"], capture_output=True, text=True, env=env, check=True)
         seen["cidata_label"] = label.stdout.strip()
     from google.auth.credentials import AnonymousCredentials
-    from google.cloud import storage
+    from google.cloud import storage  # type: ignore[attr-defined]
 
     bucket, _, prefix = record["flags"]["-gcs_path"][len("gs://") :].partition("/")
-    client = storage.Client(project="test", credentials=AnonymousCredentials())
+    client = storage.Client(project="test", credentials=AnonymousCredentials())  # type: ignore[no-untyped-call]
     seen["gcs_objects"] = sorted(blob.name for blob in client.list_blobs(bucket, prefix=f"{prefix}/"))
     return seen
 

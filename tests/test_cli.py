@@ -757,11 +757,15 @@ def test_finish_gce_refusals(gce_build: CLI, workspace_root: Path, args: list[st
     assert snapshot(workspace_root) == before
 
 
-def test_finish_gce_without_dry_run_is_not_available(gce_build: CLI, workspace_root: Path) -> None:
+def test_finish_gce_without_daisy_is_refused_before_anything(gce_build: CLI, workspace_root: Path) -> None:
+    before = snapshot(workspace_root)
     result = gce_build("finish-image-build", *GCE_FINISH, "-image-name=out")
     assert result.code == 1
-    assert "does not run GCE builds yet" in result.err
-    assert workspace_root.exists()
+    assert result.err == (
+        "cos-customizer: error: daisy is not installed: put the daisy binary on PATH or set $COS_CUSTOMIZER_DAISY "
+        "(github.com/GoogleCloudPlatform/compute-daisy)\n"
+    )
+    assert snapshot(workspace_root) == before
 
 
 # Our extra commands
