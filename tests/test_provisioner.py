@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -135,6 +136,9 @@ def test_provisioner_with_reboots_equals_the_local_executor(tmp_path: Path, samp
         assert line.split().count("systemd.mask=usr-share-oem.mount") == 1
     ext.check(image, state.first * 512)
     ext.check(image, oem.first * 512)
+    deadline = time.monotonic() + 15  # the kernel frees autoclear loop devices asynchronously
+    while loop.attached_to(image) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert loop.attached_to(image) == []
 
 

@@ -51,7 +51,11 @@ def attached_to(image: Path) -> list[Path]:
     tool = require_tool("losetup", "mount")
     listing = json.loads(run([tool, "--json", "--list"]).stdout or b'{"loopdevices": []}')
     target = str(image.resolve())
-    return [Path(entry["name"]) for entry in listing.get("loopdevices", []) if entry.get("back-file") == target]
+    return [
+        Path(entry["name"])
+        for entry in listing.get("loopdevices", [])
+        if str(entry.get("back-file") or "").removesuffix(" (deleted)") == target
+    ]
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cos_customizer import images, output, report
-from cos_customizer.disk import apply, ext
+from cos_customizer.disk import apply, ext, loop
 from cos_customizer.disk.gpt import SECTOR, Table
 from cos_customizer.disk.planner import OEM, ROOT_A, ROOT_B, STATE, DiskPlan
 from cos_customizer.disk.verity import VerityParams
@@ -272,8 +272,21 @@ def run_build(build: LocalBuild, contexts: dict[str, str]) -> Summary:
     return summary
 
 
+def _release_loops(disk: Path, seconds: float = 15.0) -> None:
+    """Wait for the kernel to free the stage's loop devices (autoclear is asynchronous); detach stragglers.
+
+    They are backed by our own working copy, so detaching them cannot touch anything else.
+    """
+    deadline = time.monotonic() + seconds
+    while (devices := loop.attached_to(disk)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for device in devices:
+        loop.detach(device)
+
+
 def _remove_work(work: Path) -> None:
     """Delete the work directory, but never through a mount point (mounts live in the stage's namespace)."""
+    _release_loops(work / "disk.raw")
     mounted = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
     inside = [m for m in mounted if m == str(work) or m.startswith(f"{work}/")]
     if inside:
