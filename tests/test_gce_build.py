@@ -204,3 +204,69 @@ def test_source_resolution_refusals(cli: CLI, context_dir: Path, workspace_root:
     assert result.code == 1
     assert message in result.err
     assert not workspace_root.exists()
+
+
+SBOM_INPUT = {
+    "outputImageName": "custom-image",
+    "outputImageVersion": "1.2.3",
+    "creators": ["Organization: Example Inc"],
+    "supplier": "Organization: Example Inc",
+    "SPDXPackages": [{"name": "pkg-a", "SPDXID": "SPDXRef-pkg-a", "versionInfo": "4.5", "filesAnalyzed": False}],
+    "SBOMPackages": [{"name": "base", "spdxDocument": "https://example.com/base.spdx.json", "algorithm": "SHA1",
+                      "checksumValue": "11d7774ac38f40e009dcee453a760750aea75bbd"}],
+    "hasExtractedLicensingInfos": [{"licenseId": "LicenseRef-A", "extractedText": "text"}],
+}  # fmt: skip
+
+
+def test_sbom_written_to_gcs(cli: CLI, gcs: Any, daisy: tuple[Path, Path], tmp_path: Path, context_dir: Path) -> None:
+    (context_dir / "sbom.json").write_text(json.dumps(SBOM_INPUT))
+    for argv in (["start-image-build", f"-build-context={context_dir}", "-image-project=cos-cloud",
+                  "-image-name=cos-stable-109-17800-66-0", f"-gcs-bucket={BUCKET}", "-gcs-workdir=build-7"],
+                 ["run-script", "-script=preload.sh"]):  # fmt: skip
+        assert cli(*argv).code == 0
+    result = finish(cli, daisy, tmp_path, "-sbom-input-path=sbom.json", f"-sbom-output-path=gs://{BUCKET}/sboms")
+    assert result.code == 0, result.err
+    blob = gcs.bucket(BUCKET).blob("sboms/custom-image-1.2.3_sbom.spdx.json")
+    document = json.loads(blob.download_as_text())
+    assert document["spdxVersion"] == "SPDX-2.2" and document["SPDXID"] == "SPDXRef-DOCUMENT"
+    assert document["name"] == "custom-image-1.2.3_sbom.spdx.json"
+    assert document["creationInfo"]["creators"] == ["Tool: cos-customizer", "Organization: Example Inc"]
+    root, package = document["packages"]
+    assert (root["name"], root["versionInfo"], root["supplier"]) == (
+        "custom-image",
+        "1.2.3",
+        "Organization: Example Inc",
+    )
+    assert package["downloadLocation"] == "NOASSERTION" and package["versionInfo"] == "4.5"
+    assert {"spdxElementId": "SPDXRef-DOCUMENT", "relatedSpdxElement": "SPDXRef-custom-image",
+            "relationshipType": "DESCRIBES"} in document["relationships"]  # fmt: skip
+    assert {"spdxElementId": "SPDXRef-custom-image", "relatedSpdxElement": "SPDXRef-pkg-a",
+            "relationshipType": "CONTAINS"} in document["relationships"]  # fmt: skip
+    assert document["externalDocumentRefs"][0]["externalDocumentId"] == "DocumentRef-base"
+    assert document["hasExtractedLicensingInfos"] == SBOM_INPUT["hasExtractedLicensingInfos"]
+
+
+@pytest.mark.parametrize(
+    ("content", "flags", "message"),
+    [
+        (None, ["-sbom-input-path=missing.json", "-sbom-output-path=gs://b/s"], "-sbom-input-path=missing.json: not found in the build context"),
+        ("{", ["-sbom-input-path=sbom.json", "-sbom-output-path=gs://b/s"], "-sbom-input-path=sbom.json: not valid JSON"),
+        ('{"creators": []}', ["-sbom-input-path=sbom.json", "-sbom-output-path=gs://b/s"], '"creators" is required'),
+        ('{"creators": ["Example"]}', ["-sbom-input-path=sbom.json", "-sbom-output-path=gs://b/s"],
+         'SBOM input: invalid creator "Example": write it as "Person/Organization/Tool: name"'),
+        ('{"creators": ["Tool: x"]}', ["-sbom-input-path=sbom.json", "-sbom-output-path=/tmp/s"],
+         "-sbom-output-path=/tmp/s: give a GCS directory such as gs://bucket/sboms"),
+    ],
+)  # fmt: skip
+def test_sbom_refusals(cli: CLI, gcs: Any, daisy: tuple[Path, Path], tmp_path: Path, context_dir: Path,
+                       workspace_root: Path, content: str | None, flags: list[str], message: str) -> None:  # fmt: skip
+    if content is not None:
+        (context_dir / "sbom.json").write_text(content)
+    for argv in (["start-image-build", f"-build-context={context_dir}", "-image-project=cos-cloud",
+                  "-image-name=cos-stable-109-17800-66-0", f"-gcs-bucket={BUCKET}", "-gcs-workdir=build-7"],):  # fmt: skip
+        assert cli(*argv).code == 0
+    result = finish(cli, daisy, tmp_path, *flags)
+    assert result.code in (1, 2)
+    assert message in result.err
+    assert not daisy[1].exists()
+    assert workspace_root.exists()

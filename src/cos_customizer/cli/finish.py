@@ -21,7 +21,16 @@ from cos_customizer.disk import planner
 from cos_customizer.disk.gpt import SECTOR
 from cos_customizer.disk.planner import DiskPlan
 from cos_customizer.errors import UsageError, ValidationError
-from cos_customizer.executors import STEP_COMMANDS, Executor, check_supported, executor_for, local, preload, workflow
+from cos_customizer.executors import (
+    STEP_COMMANDS,
+    Executor,
+    check_supported,
+    executor_for,
+    local,
+    preload,
+    sbom,
+    workflow,
+)
 from cos_customizer.images import ImageFormat
 from cos_customizer.provisioner.config import InstallGPUArgs, ProvisionerConfig, Step, StepType
 from cos_customizer.units import GiB, format_duration, parse_size
@@ -223,8 +232,8 @@ def _check_gce_flags(args: Parsed) -> None:
             raise UsageError(f"-{name} must be set for a GCE build")
     if bool(args["sbom-input-path"]) != bool(args["sbom-output-path"]):
         raise UsageError("-sbom-input-path and -sbom-output-path must be set together")
-    if args["sbom-input-path"]:
-        raise UsageError("-sbom-input-path/-sbom-output-path: SBOM generation is not supported by this version")
+    if args["sbom-output-path"]:
+        sbom.check_output_path(args["sbom-output-path"])
     if args["provisioner-binary"] and not Path(args["provisioner-binary"]).is_file():
         raise UsageError(f"-provisioner-binary={args['provisioner-binary']}: no such file")
 
@@ -408,6 +417,9 @@ def _run_gce(context: Context, finish: FinishPlan, args: Parsed) -> int:
         build_context=context.workspace.build_context_archive,
         provisioner_binary=binary,
     )
+    if args["sbom-input-path"]:
+        data = sbom.load_input(context.workspace.build_context_archive, args["sbom-input-path"])
+        job = dataclasses.replace(job, sbom=(data, args["sbom-output-path"]))
     preload.daisy_binary(dict(context.environ))  # refuse early, before anything is touched
     try:
         made = preload.finish(job, dict(context.environ), context.compute_endpoint)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from typing import Any
 from cos_customizer import output
 from cos_customizer.config import BuildConfig, SourceImage
 from cos_customizer.errors import CustomizerError
-from cos_customizer.executors import gce, startup, workflow
+from cos_customizer.executors import gce, sbom, startup, workflow
 from cos_customizer.provisioner.config import ProvisionerConfig
 from cos_customizer.runner import MissingToolError, require_tool, run
 from cos_customizer.units import parse_duration
@@ -56,6 +57,7 @@ class GceBuild:
     enable_cleanup: bool
     build_context: Path
     provisioner_binary: Path | None
+    sbom: tuple[dict[str, Any], str] | None = None  # (the SBOM input, the gs:// directory to write to)
 
 
 class DaisyFailed(CustomizerError):
@@ -147,6 +149,21 @@ def scratch_disk(work: Path) -> Path:
     return archive
 
 
+def write_sbom(data: dict[str, Any], directory: str, image_name: str, project: str) -> str:
+    from google.api_core import exceptions
+
+    name, document = sbom.generate(data, image_name, datetime.datetime.now(datetime.UTC))
+    bucket, _, prefix = directory[len("gs://") :].partition("/")
+    blob_name = f"{prefix.rstrip('/')}/{name}" if prefix else name
+    try:
+        blob = _storage_client(project).bucket(bucket).blob(blob_name)
+        blob.upload_from_string(json.dumps(document, indent=2), content_type="application/json")
+    except exceptions.GoogleAPIError as err:
+        raise CustomizerError(f"the image is built, but the SBOM could not be written to {directory}: {err}") from err
+    log.info("Wrote the SBOM to gs://%s/%s", bucket, blob_name)
+    return f"gs://{bucket}/{blob_name}"
+
+
 def run_daisy(argv: list[str], timeout: float, env: dict[str, str] | None = None) -> None:
     """Run daisy with its output prefixed; on timeout or Ctrl-C it gets SIGINT and time to clean up."""
     log.info("Running daisy (the preload VM builds the image; its status lines follow)")
@@ -217,6 +234,8 @@ def finish(job: GceBuild, environ: dict[str, str], compute_endpoint: str) -> boo
         args = workflow.daisy_args(build, job.provisioner, job.source, image, cidata=str(cidata),
                                    scratch=str(scratch), workflow_path=str(wf))  # fmt: skip
         run_daisy([daisy, *args], parse_duration(build.Timeout) / 1e9, dict(environ))
+    if job.sbom is not None:
+        write_sbom(job.sbom[0], job.sbom[1], image.name, build.Project)
     if job.deprecate_old:
         done = gce.deprecate_in_family(images, image.project, image.family, image.name, job.old_image_ttl)
         log.info("Deprecated %d older images of family %s", len(done), image.family)

@@ -1,0 +1,108 @@
+"""SBOM (`-sbom-input-path`, `-sbom-output-path`): an SPDX 2.2 JSON document for the output image.
+
+The input (a JSON file in the build context, the original's schema) names
+the creators, optionally the output name and version, a supplier, SPDX
+packages, external SBOM documents and extracted licensing infos. The
+document's root package is the output image; it DESCRIBES the root, which
+CONTAINS the listed packages and refers to the external documents. Fields
+left out get NOASSERTION. It is written to `<output path>/<name>[-<version>]_sbom.spdx.json`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from cos_customizer import buildcontext
+from cos_customizer.errors import UsageError, ValidationError
+
+NOASSERTION = "NOASSERTION"
+TOOL = "Tool: cos-customizer"
+SUFFIX = "sbom.spdx.json"
+
+
+def _split(value: str, what: str, kinds: str) -> str:
+    kind, sep, name = value.partition(": ")
+    if not sep or not kind or not name:
+        raise ValidationError(f'SBOM input: invalid {what} "{value}": write it as "{kinds}: name"')
+    return value
+
+
+def load_input(archive: Path, path: str) -> dict[str, Any]:
+    """The SBOM input from the build context, checked before the build starts."""
+    name = buildcontext.normalize_member(path, "-sbom-input-path")
+    member = buildcontext.find_member(archive, name)
+    if member is None or not member.isfile():
+        raise ValidationError(f"-sbom-input-path={path}: not found in the build context")
+    with tarfile.open(archive) as tar:
+        handle = tar.extractfile(name)
+        assert handle is not None
+        try:
+            data = json.loads(handle.read())
+        except json.JSONDecodeError as err:
+            raise ValidationError(f"-sbom-input-path={path}: not valid JSON ({err.msg} at line {err.lineno})") from err
+    if not isinstance(data, dict) or not isinstance(data.get("creators"), list) or not data["creators"]:
+        raise ValidationError(f'-sbom-input-path={path}: "creators" is required (a list like ["Organization: X"])')
+    for creator in data["creators"]:
+        _split(str(creator), "creator", "Person/Organization/Tool")
+    if data.get("supplier"):
+        _split(str(data["supplier"]), "supplier", "Person/Organization")
+    return data
+
+
+def check_output_path(path: str) -> None:
+    if not path.startswith("gs://") or len(path) <= len("gs://"):
+        raise UsageError(f"-sbom-output-path={path}: give a GCS directory such as gs://bucket/sboms")
+
+
+def generate(data: dict[str, Any], image_name: str, now: datetime.datetime) -> tuple[str, dict[str, Any]]:
+    """(document name, document) for the output image `image_name`."""
+    name = data.get("outputImageName") or image_name
+    version = data.get("outputImageVersion", "") if data.get("outputImageName") else ""
+    document_name = f"{name}-{version}_{SUFFIX}" if version else f"{name}_{SUFFIX}"
+    root_id = f"SPDXRef-{name}"
+    root = {
+        "name": name,
+        "SPDXID": root_id,
+        "versionInfo": version or "0",
+        "filesAnalyzed": False,
+        "supplier": data.get("supplier") or NOASSERTION,
+        "downloadLocation": NOASSERTION,
+        "licenseConcluded": NOASSERTION,
+        "licenseDeclared": NOASSERTION,
+    }
+    packages = [root]
+    relationships = [
+        {"spdxElementId": "SPDXRef-DOCUMENT", "relatedSpdxElement": root_id, "relationshipType": "DESCRIBES"}
+    ]
+    for package in data.get("SPDXPackages") or []:
+        filled = {"downloadLocation": NOASSERTION, "supplier": NOASSERTION, "licenseConcluded": NOASSERTION,
+                  "licenseDeclared": NOASSERTION, **package}  # fmt: skip
+        packages.append(filled)
+        relationships.append({"spdxElementId": root_id, "relatedSpdxElement": package["SPDXID"],
+                              "relationshipType": "CONTAINS"})  # fmt: skip
+    external = []
+    for ref in data.get("SBOMPackages") or []:
+        ref_id = f"DocumentRef-{ref['name']}"
+        checksum = {"algorithm": ref["algorithm"], "checksumValue": ref["checksumValue"]}
+        external.append({"externalDocumentId": ref_id, "spdxDocument": ref["spdxDocument"], "checksum": checksum})
+        relationships.append({"spdxElementId": root_id, "relatedSpdxElement": f"{ref_id}:SPDXRef-DOCUMENT",
+                              "relationshipType": "CONTAINS"})  # fmt: skip
+    document: dict[str, Any] = {
+        "spdxVersion": "SPDX-2.2",
+        "dataLicense": "CC0-1.0",
+        "SPDXID": "SPDXRef-DOCUMENT",
+        "name": document_name,
+        "documentNamespace": NOASSERTION,
+        "creationInfo": {"created": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "creators": [TOOL, *data["creators"]]},
+        "packages": packages,
+        "relationships": relationships,
+    }
+    if external:
+        document["externalDocumentRefs"] = external
+    if data.get("hasExtractedLicensingInfos"):
+        document["hasExtractedLicensingInfos"] = data["hasExtractedLicensingInfos"]
+    return document_name, document
