@@ -146,6 +146,16 @@ def main() -> int:
         return 1
     print("[build-image]: Workflow Project: " + str(record["flags"].get("-project")))
     print('[build-image]: Step "wait-preload-finished" (WaitForInstancesSignal): BuildStatus: step done')
+    if os.environ.get("DAISY_STANDIN_SLEEP"):
+        import signal
+        import time
+
+        def cleanup(*_: object) -> None:
+            print('[build-image]: Workflow "build-image" cleaning up after an interrupt.', flush=True)
+            sys.exit(1)
+
+        signal.signal(signal.SIGINT, cleanup)
+        time.sleep(float(os.environ["DAISY_STANDIN_SLEEP"]))
     if os.environ.get("DAISY_STANDIN_FAIL"):
         print('[build-image]: Step "wait-preload-finished" (WaitForInstancesSignal): BuildFailed: boom')
         print(

@@ -270,3 +270,13 @@ def test_sbom_refusals(cli: CLI, gcs: Any, daisy: tuple[Path, Path], tmp_path: P
     assert message in result.err
     assert not daisy[1].exists()
     assert workspace_root.exists()
+
+
+def test_timeout_lets_daisy_clean_up(started: CLI, gcs: Any, daisy: tuple[Path, Path], tmp_path: Path) -> None:
+    result = finish(started, daisy, tmp_path, "-timeout=2s", DAISY_STANDIN_SLEEP="60")
+    assert result.code == 1
+    assert 'daisy: [build-image]: Workflow "build-image" cleaning up after an interrupt.' in result.err
+    assert result.err.endswith(
+        "cos-customizer: error: the build took longer than -timeout; daisy was stopped and cleaned up\n"
+    )
+    assert managed(gcs) == []

@@ -460,3 +460,13 @@ def test_not_enough_space_is_refused_before_anything(
     assert err.startswith(f"cos-customizer: error: not enough free space in {small}: the build needs about ")
     assert err.endswith("MiB are free; free some space or choose another -output\n")
     assert snapshot(tmp_path / "ws") == before
+
+
+def test_timeout_stops_a_silent_script(tmp_path: Path, sample_raw: Path) -> None:
+    slow = "sleep 120\n"
+    started = start(tmp_path, copy_of(sample_raw, tmp_path), {"slow.sh": slow}, [["run-script", "-script=slow.sh"]])
+    output = tmp_path / "out.raw"
+    code, out, err = cli(started.env, "finish-image-build", f"-output={output}", "-timeout=3s")
+    assert code == 1
+    assert err.endswith("cos-customizer: error: the build took longer than -timeout and was stopped\n")
+    assert_clean_failure(tmp_path, Build(started.source, started.digest, output, tmp_path, code, out, err))

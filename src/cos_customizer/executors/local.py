@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -159,17 +160,25 @@ class _Stage:
         )
 
     def stream(self, deadline: float, on_line: Callable[[str], None]) -> int:
+        """Pass the stage's output on; past `deadline` the stage is stopped and BuildFailed raised."""
         assert self.proc.stdout is not None
-        os.set_blocking(self.proc.stdout.fileno(), True)
-        for raw in self.proc.stdout:
-            on_line(raw.decode(errors="replace").rstrip("\n"))
-            if time.monotonic() > deadline:
-                raise BuildFailed("the build took longer than -timeout and was stopped")
-        remaining = max(0.0, deadline - time.monotonic())
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            self.stop()
+
+        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), expire)
+        watchdog.start()
         try:
-            return self.proc.wait(timeout=remaining)
-        except subprocess.TimeoutExpired:
-            raise BuildFailed("the build took longer than -timeout and was stopped") from None
+            for raw in self.proc.stdout:
+                on_line(raw.decode(errors="replace").rstrip("\n"))
+            status = self.proc.wait()
+        finally:
+            watchdog.cancel()
+        if expired.is_set():
+            raise BuildFailed("the build took longer than -timeout and was stopped")
+        return status
 
     def stop(self) -> None:
         if self.proc.poll() is not None:

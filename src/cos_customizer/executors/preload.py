@@ -25,7 +25,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -169,17 +169,24 @@ def run_daisy(argv: list[str], timeout: float, env: dict[str, str] | None = None
     log.info("Running daisy (the preload VM builds the image; its status lines follow)")
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)  # daisy deletes what it made, then exits
+
+    watchdog = threading.Timer(timeout, expire)
+    watchdog.start()
     try:
         for raw in proc.stdout:
             log.info("daisy: %s", raw.decode(errors="replace").rstrip("\n"))
-            if time.monotonic() > deadline:
-                raise DaisyFailed("the build took longer than -timeout; daisy was stopped and cleaned up")
-        status = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        raise DaisyFailed("the build took longer than -timeout; daisy was stopped and cleaned up") from None
+        status = proc.wait()
     finally:
+        watchdog.cancel()
         _stop(proc)
+    if expired.is_set():
+        raise DaisyFailed("the build took longer than -timeout; daisy was stopped and cleaned up")
     if status != 0:
         raise DaisyFailed(
             f"daisy failed with exit status {status} (its output is above); daisy deleted the resources it made"
