@@ -7,11 +7,14 @@ status and the tail of its stderr. Standard library only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shlex
 import shutil
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from cos_customizer.errors import CustomizerError
@@ -84,7 +87,9 @@ def _stream(
     args: list[str], env: Mapping[str, str] | None, cwd: Path | None, on_line: Callable[[str], None]
 ) -> subprocess.CompletedProcess[bytes]:
     lines: list[str] = []
-    with subprocess.Popen(args, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+    with subprocess.Popen(
+        args, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    ) as proc:
         assert proc.stdout is not None
         for raw in proc.stdout:
             line = raw.decode(errors="replace").rstrip("\n")
@@ -93,3 +98,39 @@ def _stream(
             on_line(line)
     tail = "\n".join(lines).encode()
     return subprocess.CompletedProcess(args, proc.returncode, b"", tail)
+
+
+@contextlib.contextmanager
+def deadline(seconds: float, on_expire: Callable[[], None]) -> Iterator[threading.Event]:
+    """Call `on_expire` (from a timer thread) if the block is still running after `seconds`.
+
+    Yields an event that is set when it fired, so the caller can tell a timeout from a failure.
+    """
+    expired = threading.Event()
+
+    def fire() -> None:
+        expired.set()
+        on_expire()
+
+    timer = threading.Timer(max(0.0, seconds), fire)
+    timer.start()
+    try:
+        yield expired
+    finally:
+        timer.cancel()
+
+
+def stop_group(proc: subprocess.Popen[bytes], steps: Sequence[tuple[int, float]]) -> None:
+    """Send each signal of `steps` to the process group of `proc` in turn, waiting its grace period."""
+    for sig, grace in steps:
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue

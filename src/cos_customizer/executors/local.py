@@ -26,13 +26,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cos_customizer import images, output, report
+from cos_customizer import images, output, report, runner
 from cos_customizer.disk import apply, ext, loop
 from cos_customizer.disk.gpt import SECTOR, Table
 from cos_customizer.disk.planner import OEM, ROOT_A, ROOT_B, STATE, DiskPlan
@@ -162,37 +161,16 @@ class _Stage:
     def stream(self, deadline: float, on_line: Callable[[str], None]) -> int:
         """Pass the stage's output on; past `deadline` the stage is stopped and BuildFailed raised."""
         assert self.proc.stdout is not None
-        expired = threading.Event()
-
-        def expire() -> None:
-            expired.set()
-            self.stop()
-
-        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), expire)
-        watchdog.start()
-        try:
+        with runner.deadline(deadline - time.monotonic(), self.stop) as expired:
             for raw in self.proc.stdout:
                 on_line(raw.decode(errors="replace").rstrip("\n"))
             status = self.proc.wait()
-        finally:
-            watchdog.cancel()
         if expired.is_set():
             raise BuildFailed("the build took longer than -timeout and was stopped")
         return status
 
     def stop(self) -> None:
-        if self.proc.poll() is not None:
-            return
-        for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.proc.wait(timeout=grace)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        runner.stop_group(self.proc, ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)))
 
 
 def _echo(line: str) -> None:

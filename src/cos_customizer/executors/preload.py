@@ -25,12 +25,11 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cos_customizer import output
+from cos_customizer import output, runner
 from cos_customizer.config import BuildConfig, SourceImage
 from cos_customizer.errors import CustomizerError
 from cos_customizer.executors import gce, sbom, startup, workflow
@@ -169,41 +168,20 @@ def run_daisy(argv: list[str], timeout: float, env: dict[str, str] | None = None
     log.info("Running daisy (the preload VM builds the image; its status lines follow)")
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     assert proc.stdout is not None
-    expired = threading.Event()
-
-    def expire() -> None:
-        expired.set()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGINT)  # daisy deletes what it made, then exits
-
-    watchdog = threading.Timer(timeout, expire)
-    watchdog.start()
+    stop = ((signal.SIGINT, STOP_GRACE_SECONDS), (signal.SIGKILL, 10.0))  # on SIGINT daisy deletes what it made
     try:
-        for raw in proc.stdout:
-            log.info("daisy: %s", raw.decode(errors="replace").rstrip("\n"))
-        status = proc.wait()
+        with runner.deadline(timeout, lambda: runner.stop_group(proc, stop[:1])) as expired:
+            for raw in proc.stdout:
+                log.info("daisy: %s", raw.decode(errors="replace").rstrip("\n"))
+            status = proc.wait()
     finally:
-        watchdog.cancel()
-        _stop(proc)
+        runner.stop_group(proc, stop)
     if expired.is_set():
         raise DaisyFailed("the build took longer than -timeout; daisy was stopped and cleaned up")
     if status != 0:
         raise DaisyFailed(
             f"daisy failed with exit status {status} (its output is above); daisy deleted the resources it made"
         )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGINT)  # daisy cleans up on SIGINT
-    try:
-        proc.wait(timeout=STOP_GRACE_SECONDS)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def finish(job: GceBuild, environ: dict[str, str], compute_endpoint: str) -> bool:

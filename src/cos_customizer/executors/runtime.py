@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,15 +32,13 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from cos_customizer.provisioner import steps
 from cos_customizer.provisioner.cleanup import STATE_DIR, clean
+from cos_customizer.provisioner.config import ProvisionerConfig, RunScriptArgs
+from cos_customizer.provisioner.state import State
+from cos_customizer.provisioner.target import Target
 from cos_customizer.runner import CommandError, require_tool, run
 
-BASE_ENV = {
-    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    "HOME": "/root",
-    "LANG": "C.UTF-8",
-    "TERM": "dumb",
-}
 TAIL_LINES = 20
 EXEC_DIRS = ("google", "docker", "toolbox")
 
@@ -187,26 +184,20 @@ def unpack_contexts(root: Path, contexts: dict[str, str]) -> None:
 
 
 def run_script(root: Path, script: Script) -> None:
-    """`/bin/bash FILE` in its own mount and PID namespace, chrooted into `root`; output streamed."""
-    workdir = f"/{STATE_DIR}/{script.context}"
-    env = dict(BASE_ENV)
-    for item in script.env:
-        key, _, value = item.partition("=")
-        env[key] = value
-    argv = [require_tool("unshare", "util-linux"), "--mount", "--pid", "--fork", "--kill-child", "--mount-proc",
-            f"--root={root}", f"--wd={workdir}", "/bin/bash", script.path]  # fmt: skip
+    """`/bin/bash FILE` by the provisioner's own step code, chrooted into `root`; output streamed with the step name."""
     tail: list[str] = []
-    with subprocess.Popen(
-        argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    ) as proc:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.decode(errors="replace").rstrip("\n")
-            print(f"[{script.name}] {line}", flush=True)
-            tail.append(line)
-            del tail[:-TAIL_LINES]
-    if proc.returncode != 0:
-        raise StageError(f"{script.name} failed with exit status {proc.returncode}", status=proc.returncode, tail=tail)
+
+    def say(line: str) -> None:
+        print(f"[{script.name}] {line}", flush=True)
+        tail.append(line)
+        del tail[:-TAIL_LINES]
+
+    target = Target(root=root, disk=root, partition_template="", chroot=True)
+    context = steps.Context(target, State(root / STATE_DIR, ProvisionerConfig()), say)
+    try:
+        steps.run_script(context, RunScriptArgs(build_context=script.context, path=script.path, env=script.env))
+    except steps.StepFailed as err:
+        raise StageError(f"{script.name} failed with exit status {err.status}", status=err.status, tail=tail) from err
 
 
 def stage(spec: StageSpec) -> dict[str, Any]:

@@ -29,15 +29,29 @@ from cos_customizer.provisioner.config import (
     StepType,
 )
 from cos_customizer.provisioner.state import State
-from cos_customizer.provisioner.target import Target, stream
+from cos_customizer.provisioner.target import Target
+from cos_customizer.runner import run
 
 EFI = 12
 GRUB_CFG = "efi/boot/grub.cfg"
-SCRIPT_ENV_BASE = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
+# The environment of a script run in a chroot (the local executor, tests); on a VM scripts get the VM's.
+SCRIPT_ENV_BASE = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "LANG": "C.UTF-8",
+    "TERM": "dumb",
+}
 
 
 class StepFailed(CustomizerError):
-    pass
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _run(ctx: Context, workdir: str, argv: list[str], env: dict[str, str]) -> int:
+    command, cwd = ctx.target.command(workdir, argv)
+    return run(command, cwd=Path(cwd) if cwd else None, env=env, on_line=ctx.say, check=False).returncode
 
 
 @dataclass(frozen=True)
@@ -65,11 +79,9 @@ def run_script(ctx: Context, args: StepArgs) -> None:
     for item in args.env:
         key, _, value = item.partition("=")
         env[key] = value
-    workdir = ctx.context_dir(args.build_context)
-    argv, cwd = ctx.target.command(workdir, ["/bin/bash", args.path])
-    status = stream(argv, cwd, env, ctx.say)
+    status = _run(ctx, ctx.context_dir(args.build_context), ["/bin/bash", args.path], env)
     if status != 0:
-        raise StepFailed(f"script {args.path} failed with exit status {status}")
+        raise StepFailed(f"script {args.path} failed with exit status {status}", status)
 
 
 def edit_grub(ctx: Context, edit: Callable[[str], str]) -> None:
@@ -191,8 +203,7 @@ def install_gpu(ctx: Context, args: StepArgs) -> None:
     script.write_text(gpu_script(args))
     script.chmod(0o755)
     ctx.say(f"Installing GPU drivers with {install_dir}/setup_gpu.sh")
-    argv, cwd = ctx.target.command(install_dir, ["/bin/bash", f"{install_dir}/setup_gpu.sh"])
-    status = stream(argv, cwd, dict(os.environ), ctx.say)
+    status = _run(ctx, install_dir, ["/bin/bash", f"{install_dir}/setup_gpu.sh"], dict(os.environ))
     if status != 0:
         raise StepFailed(f"setup_gpu.sh failed with exit status {status}")
 
@@ -206,13 +217,12 @@ def install_packages(ctx: Context, args: StepArgs) -> None:
     source = bucket if "://" in bucket else f"gs://{bucket}"
     archive = directory / "installer.tar.gz"
     fetch(deps_url(source, args.anthos_installer_version), archive)
-    stream(["tar", "-xzf", str(archive), "-C", str(directory)], None, dict(os.environ), ctx.say)
+    run(["tar", "-xzf", str(archive), "-C", str(directory)])
     spec = args.pkg_spec_url
     if "://" not in spec:
         spec = f"{ctx.context_dir(args.build_context)}/{spec}"
     installer = [f"{workdir}/anthos_installer", "install", f"--pkgspec-url={spec}", f"--top-workdir={workdir}"]
-    argv, cwd = ctx.target.command(workdir, installer)
-    status = stream(argv, cwd, dict(os.environ), ctx.say)
+    status = _run(ctx, workdir, installer, dict(os.environ))
     if status != 0:
         raise StepFailed(f"the Anthos installer failed with exit status {status}")
 

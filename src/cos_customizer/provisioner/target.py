@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import stat
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -120,13 +119,3 @@ def device_of(mountpoint: Path) -> Path:
     if not device.exists() or not stat.S_ISBLK(device.stat().st_mode):
         raise CustomizerError(f"{mountpoint} is mounted from {device}, not from a block device")
     return device
-
-
-def stream(argv: list[str], cwd: str | None, env: dict[str, str], say: Any) -> int:
-    """Run `argv`, passing each output line to `say` as it comes; returns the exit status."""
-    with subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT) as proc:  # fmt: skip
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            say(raw.decode(errors="replace").rstrip("\n"))
-    return proc.returncode
