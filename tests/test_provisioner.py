@@ -193,3 +193,38 @@ def test_gpu_script_quotes_values_and_reads_the_run_file_version() -> None:
     )
     result = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True, check=False)
     assert result.returncode == 0, result.stderr
+
+
+@root_only
+@pytest.mark.root
+def test_install_packages_fetches_and_runs_the_installer(tmp_path: Path) -> None:
+    """InstallPackages: the installer archive is fetched from the release location and run with the pkgspec."""
+    from cos_customizer.provisioner import steps
+    from cos_customizer.provisioner.config import InstallPackagesArgs
+    from cos_customizer.provisioner.state import State
+    from cos_customizer.provisioner.target import Target
+
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    subprocess.run(["cp", "/bin/busybox", str(root / "bin/busybox")], check=True)
+    (root / "bin/sh").symlink_to("busybox")
+    (root / "proc").mkdir()
+    (root / "var/lib/.cos-customizer/user/pkgspec").mkdir(parents=True)
+    release = tmp_path / "release"
+    (release / "staging").mkdir(parents=True)
+    installer = release / "staging/anthos_installer"
+    installer.write_text('#!/bin/sh\necho "installing with $*"\necho "$*" > /var/lib/anthos-installer/ran\n')
+    installer.chmod(0o755)
+    subprocess.run(["tar", "-czf", str(release / "installer-v1.tar.gz"), "-C", str(release / "staging"),
+                    "anthos_installer"], check=True)  # fmt: skip
+    said: list[str] = []
+    target = Target(root=root, disk=tmp_path / "disk", partition_template="", chroot=True)
+    context = steps.Context(target, State(root / "var/lib/.cos-customizer", ProvisionerConfig()), said.append)
+    args = InstallPackagesArgs(build_context="user", pkg_spec_url="pkgspec", anthos_installer_version="installer-v1.tar.gz",
+                               anthos_installer_release_bucket=f"file://{release}")  # fmt: skip
+    steps.install_packages(context, args)
+    ran = (root / "var/lib/anthos-installer/ran").read_text()
+    assert ran == (
+        "install --pkgspec-url=/var/lib/.cos-customizer/user/pkgspec --top-workdir=/var/lib/anthos-installer\n"
+    )
+    assert said == ["installing with " + ran.strip()]
