@@ -470,3 +470,35 @@ def test_timeout_stops_a_silent_script(tmp_path: Path, sample_raw: Path) -> None
     assert code == 1
     assert err.endswith("cos-customizer: error: the build took longer than -timeout and was stopped\n")
     assert_clean_failure(tmp_path, Build(started.source, started.digest, output, tmp_path, code, out, err))
+
+
+def test_not_root_is_refused_before_anything(
+    tmp_path: Path, sample_raw: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with started(tmp_path, sample_raw) as env:
+        before = snapshot(tmp_path / "ws")
+        monkeypatch.setattr(os, "geteuid", lambda: 1000)
+        capsys.readouterr()
+        code = main(["finish-image-build", f"-output={tmp_path / 'out.raw'}"], env)
+        err = capsys.readouterr().err
+    assert code == 1
+    assert err == (
+        "cos-customizer: error: a local build needs root (it mounts file systems from loop devices): "
+        "run finish-image-build as root, for example with sudo\n"
+    )
+    assert snapshot(tmp_path / "ws") == before
+    assert not (tmp_path / "out.raw").exists()
+
+
+def test_a_source_that_is_not_a_cos_disk(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    junk = tmp_path / "junk.raw"
+    junk.write_bytes(b"not a disk" * 1000)
+    context = tmp_path / "context"
+    context.mkdir()
+    env = {"HOME": str(tmp_path), "COS_CUSTOMIZER_WORKDIR": str(tmp_path / "ws"), "PATH": os.environ["PATH"]}
+    assert main(["start-image-build", f"-build-context={context}", f"-image-file={junk}"], env) == 0
+    capsys.readouterr()
+    assert main(["finish-image-build", f"-output={tmp_path / 'out.raw'}", "-dry-run"], env) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"cos-customizer: error: {junk}: ")
+    assert "GPT" in err and err.count("\n") == 1
