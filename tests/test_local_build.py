@@ -500,5 +500,5 @@ def test_a_source_that_is_not_a_cos_disk(tmp_path: Path, capsys: pytest.CaptureF
     capsys.readouterr()
     assert main(["finish-image-build", f"-output={tmp_path / 'out.raw'}", "-dry-run"], env) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"cos-customizer: error: {junk}: ")
-    assert "GPT" in err and err.count("\n") == 1
+    assert err.startswith(f"cos-customizer: error: {junk} is not a GPT disk: ")
+    assert err.endswith("(a COS disk image has a GPT partition table)\n") and err.count("\n") == 1

@@ -81,15 +81,22 @@ def _head(path: Path, out: Path) -> None:
 
 def read_source_table(path: Path) -> Table:
     """The partition table of a source image of any supported format."""
+    if detect(path) is ImageFormat.RAW:
+        return _read(path, path)
+    with tempfile.TemporaryDirectory(prefix="cos-customizer-head.") as tmp:
+        head = Path(tmp) / "head.raw"
+        _head(path, head)
+        return _read(head, path)
+
+
+def _read(file: Path, source: Path) -> Table:
     try:
-        if detect(path) is ImageFormat.RAW:
-            return read_table(path)
-        with tempfile.TemporaryDirectory(prefix="cos-customizer-head.") as tmp:
-            head = Path(tmp) / "head.raw"
-            _head(path, head)
-            return read_table(head)
+        return read_table(file)
     except GptError as err:
-        raise CustomizerError(f"{path}: {err}") from err
+        message = str(err).replace(str(file), str(source))
+        if str(source) not in message:
+            message = f"{source}: {message}"
+        raise CustomizerError(f"{message} (a COS disk image has a GPT partition table)") from err
 
 
 _FICLONE = 0x40049409
