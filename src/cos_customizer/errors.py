@@ -34,7 +34,3 @@ class ConfigError(CustomizerError):
 
 class ValidationError(CustomizerError):
     """The requested build cannot work (sizes, unsupported steps, ...)."""
-
-
-class NotAvailableError(CustomizerError):
-    """A feature that this version does not provide yet."""

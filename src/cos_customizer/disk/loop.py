@@ -70,7 +70,8 @@ def mounted(
         argv += ["-t", fstype]
     if options:
         argv += ["-o", ",".join(options)]
-    target.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        target.mkdir(parents=True)  # a file (a bind-mounted file) is a mount point as it is
     run([*argv, str(source), str(target)])
     try:
         yield target
@@ -79,12 +80,13 @@ def mounted(
 
 
 def unmount(target: Path) -> None:
+    """Unmount `target` and everything mounted below it (our own mounts only live there)."""
     tool = require_tool("umount", "mount")
     try:
-        run([tool, str(target)])
+        run([tool, "--recursive", str(target)])
     except CommandError:
         # Busy (a process still inside): detach lazily rather than leave it mounted.
-        run([tool, "--lazy", str(target)], check=False)
+        run([tool, "--recursive", "--lazy", str(target)], check=False)
 
 
 @contextlib.contextmanager

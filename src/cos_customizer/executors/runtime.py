@@ -32,6 +32,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from cos_customizer.disk import loop
 from cos_customizer.provisioner import steps
 from cos_customizer.provisioner.cleanup import STATE_DIR, clean
 from cos_customizer.provisioner.config import ProvisionerConfig, RunScriptArgs
@@ -94,20 +95,7 @@ class StageError(Exception):
 
 
 def _mount(stack: ExitStack, source: str, target: Path, *options: str, fstype: str | None = None) -> Path:
-    argv = [require_tool("mount", "mount")]
-    if fstype:
-        argv += ["-t", fstype]
-    if options:
-        argv += ["-o", ",".join(options)]
-    run([*argv, source, str(target)])
-    stack.callback(_umount, target)
-    return target
-
-
-def _umount(target: Path) -> None:
-    tool = require_tool("umount", "mount")
-    if run([tool, "--recursive", str(target)], check=False).returncode != 0:
-        run([tool, "--recursive", "--lazy", str(target)], check=False)
+    return stack.enter_context(loop.mounted(source, target, fstype=fstype, options=options))
 
 
 def _bind(stack: ExitStack, source: Path, target: Path, *flags: str) -> None:
