@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ import pytest
 
 from cos_customizer import sample_image
 from cos_customizer.cli.main import main
+from cos_customizer.disk import mover
 from tests.compute_standin import Compute, serve
 
 
@@ -118,3 +120,28 @@ def snapshot(root: Path) -> dict[str, bytes]:
     if not root.exists():
         return {}
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+MiB = 1 << 20
+
+
+def data_digest(path: Path) -> str:
+    """A digest of the file's size and bytes, reading only around data extents (cheap on sparse images).
+
+    Canonical: 1 MiB blocks that hold data are hashed with their offset, all-zero ones skipped, so
+    the digest does not depend on how the file system happens to split its extents.
+    """
+    digest = hashlib.sha256(str(path.stat().st_size).encode())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        blocks = sorted(
+            {block for offset, length in mover.data_extents(fd, 0, path.stat().st_size)
+             for block in range(offset // MiB, -(-(offset + length) // MiB))}
+        )  # fmt: skip
+        for block in blocks:
+            data = os.pread(fd, MiB, block * MiB)
+            if data.count(0) != len(data):
+                digest.update(block.to_bytes(8, "little") + data)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()

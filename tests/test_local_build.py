@@ -22,8 +22,8 @@ import pytest
 
 from cos_customizer import runner
 from cos_customizer.cli.main import main
-from cos_customizer.disk import ext, gpt, grub, loop, mover
-from tests.conftest import snapshot
+from cos_customizer.disk import ext, gpt, grub, loop
+from tests.conftest import data_digest, snapshot
 
 pytestmark = [
     pytest.mark.root,
@@ -52,28 +52,6 @@ echo "step done"
 
 def sh(*argv: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=check)
-
-
-def data_digest(path: Path) -> str:
-    """A digest of the file's size and bytes, reading only around data extents (cheap on sparse images).
-
-    Canonical: 1 MiB blocks that hold data are hashed with their offset, all-zero ones skipped, so
-    the digest does not depend on how the file system happens to split its extents.
-    """
-    digest = hashlib.sha256(str(path.stat().st_size).encode())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        blocks = sorted(
-            {block for offset, length in mover.data_extents(fd, 0, path.stat().st_size)
-             for block in range(offset // MiB, -(-(offset + length) // MiB))}
-        )  # fmt: skip
-        for block in blocks:
-            data = os.pread(fd, MiB, block * MiB)
-            if data.count(0) != len(data):
-                digest.update(block.to_bytes(8, "little") + data)
-    finally:
-        os.close(fd)
-    return digest.hexdigest()
 
 
 def leaks(path: Path) -> tuple[list[str], list[str]]:

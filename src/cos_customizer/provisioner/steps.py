@@ -112,6 +112,18 @@ def seal_oem(ctx: Context, _args: StepArgs) -> None:
     fs_4k = ctx.state.config.boot_disk.oem_fs_size_4k
     if not fs_4k:
         raise StepFailed("OEMFSSize4K is not set: finish-image-build sets it when seal-oem is configured")
+    # grub.cfg must have a verity line to add the OEM to: checked (read only) before anything is written.
+    efi = read_table(ctx.target.disk).partition(EFI)
+    if ctx.target.efi_access == "mtools":
+        current = grub.read_grub_cfg(ctx.target.disk, efi.first * 512)
+    else:
+        with tempfile.TemporaryDirectory(prefix="cos-customizer-efi.") as tmp:
+            ctx.target.mount_partition(EFI, efi.first, efi.size, Path(tmp), "ro")
+            try:
+                current = (Path(tmp) / GRUB_CFG).read_text()
+            finally:
+                ctx.target.unmount(Path(tmp))
+    grub.check_oem_verity(current)
     ctx.say("Sealing the OEM partition with dm-verity")
     ctx.target.systemctl_run("stop", "usr-share-oem.mount")
     ctx.target.unmount(ctx.target.path("/usr/share/oem"))
@@ -140,6 +152,7 @@ def seal_oem(ctx: Context, _args: StepArgs) -> None:
             root_hexdigest=params.root_hexdigest,
             salt=params.salt_hex,
         )
+        # As the original: update-engine masked first, then the OEM mount, each right after cros_efi.
         return grub.mask_units(sealed, grub.UPDATE_ENGINE, grub.OEM_MOUNT)
 
     edit_grub(ctx, edit)
