@@ -180,7 +180,7 @@ def run_script(root: Path, script: Script) -> None:
         tail.append(line)
         del tail[:-TAIL_LINES]
 
-    target = Target(root=root, disk=root, partition_template="", chroot=True)
+    target = Target(root=root, disk=root, partition_template="", chroot=True, fixed_env=True)
     context = steps.Context(target, State(root / STATE_DIR, ProvisionerConfig()), say)
     try:
         steps.run_script(context, RunScriptArgs(build_context=script.context, path=script.path, env=script.env))

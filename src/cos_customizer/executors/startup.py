@@ -10,14 +10,30 @@ then powers off.
 
 from __future__ import annotations
 
+from cos_customizer.provisioner.vmsetup import REBOOT_MARKER
+
 PROVISIONER = "/mnt/disks/cidata/provisioner"
 CONFIG = "/mnt/disks/cidata/config.json"
+# Where the provisioner's loaders (staticx, PyInstaller) unpack themselves: a tmpfs of its own, because
+# COS mounts /tmp noexec and an unpacked program there cannot start.
+LOADER_TMPDIR = "/mnt/disks/cos-customizer-tmp"
+
+LOADER_SETUP = f"""mkdir -p {LOADER_TMPDIR}
+if ! grep -qs " {LOADER_TMPDIR} " /proc/mounts; then
+  mount -t tmpfs -o mode=0700,exec tmpfs {LOADER_TMPDIR}
+fi
+export TMPDIR={LOADER_TMPDIR}
+"""
 
 SCRIPT = f"""set -o errexit -o pipefail -o nounset
 say() {{ echo "BuildStatus: $*"; }}
 provision() {{
   local status=0
+  rm -f {REBOOT_MARKER}
   "{PROVISIONER}" "$@" || status=$?
+  if [ "$status" = 3 ] && [ ! -e {REBOOT_MARKER} ]; then
+    status=loader  # exit 3 without the provisioner's reboot request: it never reached its main
+  fi
   case "$status" in
     0)
       echo "BuildSucceeded: the image is provisioned; waiting for DaisyEnd, then powering off"
@@ -30,6 +46,11 @@ provision() {{
       say "rebooting to continue"
       sleep 10
       reboot
+      ;;
+    loader)
+      echo "BuildFailed: the provisioner could not start (its loader exited 3; TMPDIR=${{TMPDIR:-unset}})"
+      sleep 300 || true
+      poweroff
       ;;
     *)
       echo "BuildFailed: the provisioner exited with status $status"
@@ -47,7 +68,7 @@ if [ -e /dev/disk/by-label/SCRATCH ]; then
 fi
 mkdir -p /mnt/disks/cidata
 mount /dev/disk/by-label/CIDATA /mnt/disks/cidata
-if [ -e /var/lib/.cos-customizer/state.json ]; then
+{LOADER_SETUP}if [ -e /var/lib/.cos-customizer/state.json ]; then
   provision resume
 else
   provision run --config={CONFIG}

@@ -16,14 +16,13 @@ import shlex
 import sys
 import tarfile
 import time
-import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
 from cos_customizer.disk import apply, gpt, mover, planner
 from cos_customizer.disk.gpt import SECTOR
 from cos_customizer.errors import CustomizerError
-from cos_customizer.provisioner import cleanup, steps
+from cos_customizer.provisioner import cleanup, download, steps, vmsetup
 from cos_customizer.provisioner.config import ProvisionerConfig
 from cos_customizer.provisioner.state import State
 from cos_customizer.provisioner.target import Target
@@ -68,7 +67,7 @@ def switch_root(target: Target, config: ProvisionerConfig, say: Say) -> None:
     say("Copying ROOT-A to ROOT-B and booting from B")
     root_b = table.partition(planner.ROOT_B)
     mover.copy_range(target.disk, root_a.first * SECTOR, root_b.first * SECTOR, root_a.size * SECTOR)
-    gpt.write_table(target.disk, gpt.prioritize(table, planner.KERN_B))
+    gpt.write_table(target.disk, gpt.prioritize(table, planner.KERN_B, max_priority=planner.KERN_B_PRIORITY))
     raise RebootRequired("the root moves to ROOT-B")
 
 
@@ -124,7 +123,14 @@ def plan_from(inputs: dict[str, object]) -> planner.DiskPlan:
 
 
 def relocate(target: Target, state: State, say: Say) -> None:
-    """Schedule the new layout for shutdown (partitions are mounted now); reboot into it."""
+    """Schedule the new layout for shutdown (partitions are mounted now); reboot into it.
+
+    As the original: with neither ReclaimSDA3 nor an OEM size, the partition table is left
+    alone (a larger disk is not worth a reboot: COS grows STATE into it on first boot)."""
+    boot = state.config.boot_disk
+    if not boot.reclaim_sda3 and not boot.oem_size:
+        say("ReclaimSDA3 is not set and no OEM size is requested: the partition table stays as it is")
+        return
     table = gpt.read_table(target.disk)
     if state.layout is not None:
         done = {str(p.number): [p.first, p.last] for p in table.partitions} == state.layout["after"]
@@ -144,10 +150,7 @@ def relocate(target: Target, state: State, say: Say) -> None:
     plan_file.write_text(json.dumps(inputs))
     unit = target.path(f"/etc/systemd/system/{LAYOUT_UNIT}")
     unit.parent.mkdir(parents=True, exist_ok=True)
-    command = shlex.join([sys.executable, "handle-disk-layout", f"--plan={LAYOUT_PLAN}"])
-    if not getattr(sys, "frozen", False):
-        command = shlex.join([sys.executable, "-m", "cos_customizer.provisioner", "handle-disk-layout",
-                              f"--plan={LAYOUT_PLAN}"])  # fmt: skip
+    command = shlex.join([*vmsetup.install_handler(target), "handle-disk-layout", f"--plan={LAYOUT_PLAN}"])
     unit.write_text(
         "[Unit]\nDescription=cos-customizer: relocate partitions once file systems are unmounted\n"
         "DefaultDependencies=false\nConflicts=shutdown.target\n"
@@ -159,6 +162,7 @@ def relocate(target: Target, state: State, say: Say) -> None:
     state.save()
     target.systemctl_run("daemon-reload")
     target.systemctl_run("start", "--no-block", LAYOUT_UNIT)
+    vmsetup.stop_journald(target, say)
     say("Partitions will be relocated at shutdown")
     raise RebootRequired("partitions are relocated at shutdown")
 
@@ -181,14 +185,8 @@ def unpack_contexts(target: Target, state: State, say: Say) -> None:
         if destination.exists():
             continue
         say(f"Unpacking build context {name} from {url}")
-        parsed = urllib.parse.urlparse(url)
         archive = state.directory / f"{name}.tar"
-        if parsed.scheme in ("http", "https", "file"):
-            steps.fetch(url, archive)
-        elif parsed.scheme == "gs":
-            steps.fetch(steps.deps_url(f"gs://{parsed.netloc}", parsed.path.lstrip("/")), archive)
-        else:
-            archive.write_bytes(Path(url).read_bytes())
+        download.fetch(url, archive)  # gs:// with the VM's service account
         partial = state.directory / f".{name}.partial"
         partial.mkdir(parents=True, exist_ok=True)
         with tarfile.open(archive) as tar:
@@ -209,6 +207,7 @@ def execute(target: Target, state: State, say: Say) -> None:
     relocate(target, state, say)
     unpack_contexts(target, state, say)
     target.systemctl_run("stop", "update-engine.service")
+    vmsetup.prepare(target, say)
     order = steps.ordered(config.steps)
     context = steps.Context(target, state, say)
     while state.current_step < len(order):
@@ -227,6 +226,7 @@ def execute(target: Target, state: State, say: Say) -> None:
     say("Cleaning up machine state")
     for line in cleanup.clean(target.root):
         say(line)
+    target.unmount(target.path("/root"))
 
 
 def start(target: Target, config: ProvisionerConfig) -> State:
@@ -255,6 +255,7 @@ def finish(target: Target, make_state: Callable[[], State]) -> int:
         execute(target, state, say)
     except RebootRequired as reboot:
         say(f"Reboot required: {reboot}")
+        vmsetup.request_reboot(target)
         return REBOOT
     except (CustomizerError, OSError) as err:
         fail(target, str(err))

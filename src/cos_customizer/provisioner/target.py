@@ -32,6 +32,9 @@ class Target:
     console: str = ""
     # How a script runs: the VM runs it directly; a test chroots into `root`.
     chroot: bool = False
+    # The environment scripts start from: the one the VM gave the provisioner (less the loaders'
+    # variables), or a small fixed one (the local executor: never the builder's environment).
+    fixed_env: bool = False
     # How grub.cfg on EFI-SYSTEM is reached: "mount" the FAT (a VM), or "mtools" at the partition's
     # offset (machines without the vfat module, or without mount rights).
     efi_access: str = "mount"
@@ -93,6 +96,17 @@ class Target:
     def unmount(self, mountpoint: Path) -> None:
         if is_mountpoint(mountpoint):
             run(["umount", str(mountpoint)])
+
+    def mount_tmpfs(self, absolute: str) -> None:
+        """A fresh tmpfs on `absolute` (a path of the target), unless one is there already."""
+        mountpoint = self.path(absolute)
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        if not is_mountpoint(mountpoint):
+            run(["mount", "-t", "tmpfs", "-o", "mode=0700", "tmpfs", str(mountpoint)])
+
+    def remount_exec(self, absolute: str) -> None:
+        """Let programs run from the file system mounted on `absolute` (COS mounts /tmp noexec)."""
+        run(["mount", "-o", "remount,exec", str(self.path(absolute))])
 
     def systemctl_run(self, *args: str) -> None:
         run([*self.systemctl, *args], check=False)
