@@ -88,6 +88,19 @@ def sample_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def sample_raw_dm_mod(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One sample COS image whose grub.cfg uses the upstream `dm-mod.create=` form; tests must not write it."""
+    path = tmp_path_factory.mktemp("sample-dm-mod") / "cos.raw"
+    sample_image.build(path, grub_format="dm-mod")
+    return path
+
+
+# The sample image fixture for each -grub-format value: parametrize a test over these and take the fixture
+# with request.getfixturevalue(SAMPLE_FIXTURES[grub_format]).
+SAMPLE_FIXTURES = {"dm": "sample_raw", "dm-mod": "sample_raw_dm_mod"}
+
+
 @pytest.fixture
 def image_file(sample_raw: Path) -> Path:
     return sample_raw

@@ -10,7 +10,8 @@ import pytest
 
 from cos_customizer import sample_image
 from cos_customizer.disk import ext, gpt, grub, loop
-from tests.conftest import CLI
+from cos_customizer.errors import UsageError
+from tests.conftest import CLI, SAMPLE_FIXTURES
 from tests.test_gpt import COS_LAYOUT
 
 # The table of 03-cos-disk.md for 10 GiB: number, name, first, last; and the types.
@@ -42,13 +43,31 @@ def test_sparse_and_small(sample_raw: Path) -> None:
     assert sample_raw.stat().st_blocks * 512 < 300 << 20
 
 
-def test_root_a_verifies_against_grub_cfg(sample_raw: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("grub_format", ["dm", "dm-mod"])
+def test_root_a_verifies_against_grub_cfg(request: pytest.FixtureRequest, grub_format: str, tmp_path: Path) -> None:
+    sample_raw: Path = request.getfixturevalue(SAMPLE_FIXTURES[grub_format])
     table = gpt.read_table(sample_raw)
     cfg = grub.read_grub_cfg(sample_raw, table.partition(12).first * 512)
     entries = grub.read_dm(cfg)
     assert len(entries) == 2
     vroot_a, vroot_b = entries[0][0], entries[1][0]
     root_a, root_b = table.partition(3), table.partition(5)
+    # The verity argument in the form asked for, exactly (kernel dm-mod.create and verity table syntax).
+    uid_a, digest, salt = str(root_a.guid).upper(), vroot_a.params["root_hexdigest"], vroot_a.params["salt"]
+    verified_a = next(line for line in cfg.splitlines() if "vmlinuz.A" in line and "dm-0" in line)
+    if grub_format == "dm-mod":
+        assert "dm=" not in cfg
+        assert verified_a.endswith(
+            f'cros_efi root=/dev/dm-0 dm-mod.create="vroot,,,ro,0 4128768 verity 0 PARTUUID={uid_a} '
+            f'PARTUUID={uid_a} 4096 4096 516096 516096 sha256 {digest} {salt}"'
+        )
+    else:
+        assert "dm-mod.create=" not in cfg
+        assert verified_a.endswith(
+            f'cros_efi root=/dev/dm-0 dm="1 vroot none ro 1,0 4128768 verity payload=PARTUUID={uid_a} '
+            f'hashtree=PARTUUID={uid_a} hashstart=4128768 alg=sha256 root_hexdigest={digest} salt={salt}"'
+        )
+    assert vroot_a.form == vroot_b.form == grub_format
     assert vroot_a.params["payload"] == f"PARTUUID={str(root_a.guid).upper()}"
     assert vroot_b.params["payload"] == f"PARTUUID={str(root_b.guid).upper()}"
     assert vroot_a.params["root_hexdigest"] == vroot_b.params["root_hexdigest"]
@@ -132,6 +151,22 @@ def test_cli_writes_atomically_and_refuses_to_overwrite(cli: CLI, tmp_path: Path
     missing = cli("sample-image", str(tmp_path / "no" / "s.raw"))
     assert missing.code == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "s.raw"]
+
+
+def test_cli_grub_format(cli: CLI, tmp_path: Path) -> None:
+    out = tmp_path / "s.raw"
+    result = cli("sample-image", str(out), "-grub-format=dm-mod")
+    assert result.code == 0, result.err
+    cfg = grub.read_grub_cfg(out, gpt.read_table(out).partition(12).first * 512)
+    assert [[(t.name, t.form) for t in line] for line in grub.read_dm(cfg)] == [[("vroot", "dm-mod")]] * 2
+    bad = cli("sample-image", str(tmp_path / "t.raw"), "-grub-format=dm-verity")
+    assert (bad.code, bad.err) == (
+        2,
+        'cos-customizer: error: invalid value "dm-verity" for flag -grub-format: use one of dm, dm-mod\n',
+    )
+    assert not (tmp_path / "t.raw").exists()
+    with pytest.raises(UsageError, match="-grub-format=dmmod: use one of dm, dm-mod"):
+        sample_image.build(tmp_path / "u.raw", grub_format="dmmod")
 
 
 def test_failure_leaves_no_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,7 +3,8 @@
 Same partition table as a real 10 GiB COS image (numbers, names, types,
 sector positions, kernel priority bits); ROOT-A is a small runnable system
 (bash, coreutils, grep, sed and their libraries, taken from this machine)
-with a real dm-verity tree whose root hash and salt are in grub.cfg; STATE,
+with a real dm-verity tree whose root hash and salt are in grub.cfg (as
+`dm="..."` or, with grub_format="dm-mod", `dm-mod.create="..."`); STATE,
 OEM and EFI-SYSTEM carry the file systems and directories COS has. The file
 systems are written straight into the sparse image at their offsets
 (`mke2fs -E offset`, `mkfs.vfat --offset`, mtools), so no root, loop device
@@ -42,6 +43,8 @@ GiB = 1 << 30
 ROOT_FS_BLOCKS = 516096  # 2 GiB less 32 MiB: the hash tree follows the file system in ROOT-A
 VERSION = "113.18244.85.59"
 MILESTONE = "113"
+# How grub.cfg declares the root's verity device: ChromeOS `dm="..."`, or upstream `dm-mod.create="..."`.
+GRUB_FORMATS = ("dm", "dm-mod")
 
 # number, name, first, last (None: to the end of the disk), type, file system
 LAYOUT: tuple[tuple[int, str, int, int | None, uuid.UUID], ...] = (
@@ -80,13 +83,23 @@ def partitions(disk_sectors: int) -> list[Partition]:
     return result
 
 
-def grub_cfg(root_a: Partition, root_b: Partition, root_hexdigest: str, salt: str) -> str:
-    """A grub.cfg of the COS shape: local and verified entries for A and B, each line with cros_efi."""
+def grub_cfg(root_a: Partition, root_b: Partition, root_hexdigest: str, salt: str, grub_format: str = "dm") -> str:
+    """A grub.cfg of the COS shape: local and verified entries for A and B, each line with cros_efi.
+
+    `grub_format` is how the verified entries declare the root's verity device: "dm" (ChromeOS
+    `dm="1 vroot none ro 1,..."`) or "dm-mod" (upstream `dm-mod.create="vroot,,,ro,..."`, newer COS).
+    """
+    _check_grub_format(grub_format)
     common = "init=/usr/lib/systemd/systemd boot=local rootwait ro noresume noswap loglevel=7 console=ttyS0"
     sectors = ROOT_FS_BLOCKS * 8
 
     def dm(part: Partition) -> str:
         uid = str(part.guid).upper()
+        if grub_format == "dm-mod":
+            return (
+                f'root=/dev/dm-0 dm-mod.create="vroot,,,ro,0 {sectors} verity 0 PARTUUID={uid} PARTUUID={uid} '
+                f'4096 4096 {ROOT_FS_BLOCKS} {ROOT_FS_BLOCKS} sha256 {root_hexdigest} {salt}"'
+            )
         return (
             f'root=/dev/dm-0 dm="1 vroot none ro 1,0 {sectors} verity payload=PARTUUID={uid} '
             f"hashtree=PARTUUID={uid} hashstart={sectors} alg=sha256 root_hexdigest={root_hexdigest} "
@@ -206,8 +219,17 @@ def _atomic_output(output: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def build(output: Path, size_gb: int = 10) -> Sample:
-    """Write the sample image to `output` (replaced atomically)."""
+def _check_grub_format(grub_format: str) -> None:
+    if grub_format not in GRUB_FORMATS:
+        raise UsageError(f"-grub-format={grub_format}: use one of {', '.join(GRUB_FORMATS)}")
+
+
+def build(output: Path, size_gb: int = 10, *, grub_format: str = "dm") -> Sample:
+    """Write the sample image to `output` (replaced atomically).
+
+    `grub_format`: "dm" (`dm="1 vroot ..."`, the default) or "dm-mod" (`dm-mod.create="vroot,..."`).
+    """
+    _check_grub_format(grub_format)
     if size_gb < 10:
         raise UsageError(f"-size-gb={size_gb}: a sample COS image needs at least 10 GB")
     disk_sectors = size_gb * GiB // SECTOR
@@ -232,6 +254,6 @@ def build(output: Path, size_gb: int = 10) -> Sample:
         _mke2fs(image, parts["STATE"], "ext4", "STATE", staging / "state")
         oem_tree(staging / "oem")
         _mke2fs(image, parts["OEM"], "ext4", "OEM", staging / "oem")
-        cfg = grub_cfg(parts["ROOT-A"], parts["ROOT-B"], params.root_hexdigest, params.salt_hex)
+        cfg = grub_cfg(parts["ROOT-A"], parts["ROOT-B"], params.root_hexdigest, params.salt_hex, grub_format)
         _efi(image, parts["EFI-SYSTEM"], cfg)
     return Sample(output, params.root_hexdigest, params.salt_hex)

@@ -15,6 +15,11 @@ from cos_customizer.units import human_size
 log = logging.getLogger(__name__)
 
 
+def _check_grub_format(value: str) -> None:
+    if value not in sample_image.GRUB_FORMATS:
+        raise ValueError(f"use one of {', '.join(sample_image.GRUB_FORMATS)}")
+
+
 def handle_sample_image(_context: Context, args: Parsed) -> int:
     if args["size-gb"] < 10:
         raise UsageError(f"-size-gb={args['size-gb']}: a sample COS image needs at least 10 GB")
@@ -24,7 +29,7 @@ def handle_sample_image(_context: Context, args: Parsed) -> int:
     if not output.parent.is_dir():
         raise ValidationError(f"{output}: the directory {output.parent} does not exist")
     started = time.monotonic()
-    sample = sample_image.build(output, args["size-gb"])
+    sample = sample_image.build(output, args["size-gb"], grub_format=args["grub-format"])
     allocated = output.stat().st_blocks * 512
     log.info(
         "Wrote %s: a %d GB COS-layout disk image (%s allocated) in %.1f s; ROOT-A verity root hash %s",
@@ -44,7 +49,18 @@ SAMPLE_IMAGE = Command(
         "Write a sparse disk image with the real COS partition layout and a small runnable ROOT-A, so the "
         "tool can be tried with no COS image at hand."
     ),
-    flags=(Flag("size-gb", Kind.INT, "Size of the disk image in GB.", default=10, ours=True),),
+    flags=(
+        Flag("size-gb", Kind.INT, "Size of the disk image in GB.", default=10, ours=True),
+        Flag(
+            "grub-format",
+            Kind.STRING,
+            'How grub.cfg declares the root\'s dm-verity device: "dm" (dm="1 vroot none ro 1,...", older COS) '
+            'or "dm-mod" (dm-mod.create="vroot,,,ro,...", newer COS).',
+            default="dm",
+            check=_check_grub_format,
+            ours=True,
+        ),
+    ),
     handler=handle_sample_image,
     positional=("OUTPUT",),
 )
