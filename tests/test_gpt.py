@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cos_customizer.disk import gpt
+from cos_customizer import sample_image
+from cos_customizer.disk import gpt, planner
 from cos_customizer.disk.gpt import (
     BIOS_BOOT,
     CHROMEOS_KERNEL,
@@ -543,6 +544,40 @@ def test_prioritize_refuses_non_kernels() -> None:
         gpt.prioritize(kernels(1, 0), 5)
     with pytest.raises(GptError, match="out of range"):
         gpt.prioritize(kernels(1, 0), 1, max_priority=16)
+
+
+def test_switch_to_b_is_the_originals_cgpt_prioritize() -> None:
+    """The original switches the boot to B with `cgpt prioritize -P 5 -i 4 /dev/sda`; on the sample image's
+    kernels (KERN-A 1, successful; KERN-B 0; KERN-C 0) cgpt ranks KERN-B 5 and KERN-A 4 (next group down),
+    leaves KERN-C disabled, and changes only the priority bits 48-51 (tries 52-55, successful 56 kept)."""
+    table = gpt.new_table(SECTORS_10G, sample_image.partitions(SECTORS_10G))
+    result = gpt.prioritize(table, planner.KERN_B, max_priority=planner.KERN_B_PRIORITY)
+    assert planner.KERN_B_PRIORITY == 5
+    assert [(result.partition(n).priority, result.partition(n).tries, result.partition(n).successful)
+            for n in (2, 4, 6)] == [(4, 0, True), (5, 0, False), (0, 0, False)]  # fmt: skip
+    assert [result.partition(n).attributes for n in (2, 4, 6)] == [1 << 56 | 4 << 48, 5 << 48, 0]
+
+
+@pytest.mark.skipif(shutil.which("cgpt") is None, reason="cgpt (Debian package cgpt) is not installed")
+@pytest.mark.parametrize("before", [(1, 0, 0), (2, 1, 0), (1, 1, 1), (15, 3, 9), (0, 0, 0)])
+def test_prioritize_writes_the_bytes_cgpt_writes(tmp_path: Path, before: tuple[int, int, int]) -> None:
+    """`cgpt prioritize -P 5 -i 4` and ours on the same COS table: byte-identical GPT structures on disk."""
+    table = cos_table()
+    table = table.replace(
+        *(table.partition(n).with_chromeos(priority=prio) for n, prio in zip((2, 4, 6), before, strict=True))
+    )
+    theirs, ours = tmp_path / "cgpt.raw", tmp_path / "ours.raw"
+    for path in (theirs, ours):
+        with open(path, "wb") as out:
+            out.truncate(SECTORS_10G * SECTOR)
+        gpt.write_table(path, table)
+    subprocess.run(["cgpt", "prioritize", "-P", "5", "-i", "4", str(theirs)], check=True, capture_output=True)
+    gpt.write_table(ours, gpt.prioritize(gpt.read_table(ours), 4, max_priority=5))
+    with open(theirs, "rb") as a, open(ours, "rb") as b:
+        for offset, size in ((0, 34 * SECTOR), ((SECTORS_10G - 33) * SECTOR, 33 * SECTOR)):
+            a.seek(offset)
+            b.seek(offset)
+            assert a.read(size) == b.read(size)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ def test_disable_auto_update_on_10_gib() -> None:
     assert after[ROOT_A] == (4509696, 4509703)
     assert after[STATE] == (4513792, 20971486)
     assert after[OEM] == (86016, 118783)
-    assert result.after.partition(4).priority > result.after.partition(2).priority > 0
+    # `cgpt prioritize -P 5 -i 4`, as the original switches to B: KERN-B 5, KERN-A 4, KERN-C stays 0.
+    assert [result.after.partition(n).priority for n in (2, 4, 6)] == [4, 5, 0]
     assert [(m.kind, m.name, m.src, m.dst, m.sectors) for m in result.moves] == [
         (MoveKind.COPY, "ROOT-B", 4509696, 315392, 4194304),
         (MoveKind.MOVE_EXT, "STATE", 8704000, 4513792, 12267487),
@@ -55,6 +56,7 @@ def test_seal_oem_1g_on_12_gib() -> None:
     assert result.oem_fs_bytes == 1 << 30
     # OEM's destination lies in ROOT-A's old area: the ROOT-B copy comes first.
     assert [m.name for m in result.moves] == ["ROOT-B", "OEM", "STATE"]
+    assert [result.after.partition(n).priority for n in (2, 4, 6)] == [4, 5, 0]
 
 
 def test_oem_without_reclaim_moves_state_right_first() -> None:

@@ -4,9 +4,9 @@ It implements the final-state rules of 03-cos-disk.md:
 
 1. a larger disk moves the GPT backup structures to the new end;
 2. with ReclaimSDA3, ROOT-B receives a copy of ROOT-A, KERN-B is
-   prioritized, ROOT-A shrinks to 8 sectors, and the free area begins at
-   P = ROOT-A start + 4096 (a 2 MiB margin, 4K aligned); otherwise P is
-   STATE's start;
+   prioritized (`cgpt prioritize -P 5 -i 4`: KERN-B 5, KERN-A 4), ROOT-A
+   shrinks to 8 sectors, and the free area begins at P = ROOT-A start +
+   4096 (a 2 MiB margin, 4K aligned); otherwise P is STATE's start;
 3. a requested OEM larger than the current one moves OEM to P and STATE to
    the 4K-aligned sector at or below P + OEM size, OEM filling the gap (a
    smaller request is a warning and leaves OEM alone, though STATE still
@@ -32,6 +32,8 @@ STATE, KERN_A, ROOT_A, KERN_B, ROOT_B, OEM = 1, 2, 3, 4, 5, 8
 ALIGN = 8  # sectors: 4 KiB
 MARGIN = 4096  # sectors left after the shrunk ROOT-A: 2 MiB
 SHRUNK_ROOT = 8  # sectors
+# The original switches the boot to B with `cgpt prioritize -P 5 -i 4`: KERN-B 5, the other kernels below it.
+KERN_B_PRIORITY = 5
 
 
 class PlanError(ValidationError):
@@ -130,7 +132,8 @@ def plan(
         if root_b.size < root_a.size:
             raise PlanError(f"ROOT-B ({root_b.size} sectors) is smaller than ROOT-A ({root_a.size} sectors)")
         moves.append(DataMove(MoveKind.COPY, ROOT_B, "ROOT-B", root_a.first, root_b.first, root_a.size))
-        target = prioritize(target, kern_b.number).replace(root_a.moved(root_a.first, SHRUNK_ROOT))
+        target = prioritize(target, kern_b.number, max_priority=KERN_B_PRIORITY)
+        target = target.replace(root_a.moved(root_a.first, SHRUNK_ROOT))
         free_start = align_up(root_a.first + MARGIN)
     else:
         free_start = state.first
