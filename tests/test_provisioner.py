@@ -1,7 +1,10 @@
-"""The provisioner against a loop-mounted sample image, with reboots simulated.
+"""The shipped provisioner against a loop-mounted sample image, with reboots simulated.
 
-Each "boot" runs tests/vm_boot.py in a private mount namespace; an exit 3 is
-a reboot, followed by `resume`. The result must equal the local executor's.
+Each "boot" runs tests/vm_boot.py in a private mount namespace: the static
+executable `build-provisioner` makes, started as the startup script starts
+it; an exit 3 with its reboot request is a reboot, followed by `resume`; at a
+shutdown the disk-layout unit's ExecStop line runs as written. The result
+must equal the local executor's.
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ from cos_customizer.disk import ext, gpt, grub, loop
 from cos_customizer.provisioner.config import (
     BootDisk,
     DisableAutoUpdateArgs,
-    InstallGPUArgs,
     ProvisionerConfig,
     RunScriptArgs,
     SealOEMArgs,
 )
-from cos_customizer.provisioner.steps import gpu_script
+from cos_customizer.provisioner.vmsetup import JOURNALD_OVERRIDE
+from tests.conftest import SAMPLE_FIXTURES
+from tests.shipped import shipped_provisioner
 from tests.test_local_build import SCRIPT, cat, exists, run_build, verity_verify
+from tests.vm_boot import VM_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices, mounts and namespaces")
@@ -39,7 +44,10 @@ class VM:
         self.config_file.write_text(json.dumps(config.to_json()))
         self.systemctl_log = tmp / "systemctl.log"
         self.systemctl = tmp / "systemctl"
-        self.systemctl.write_text(f'#!/bin/sh\necho "$@" >> {self.systemctl_log}\n')
+        self.systemctl_history = tmp / "systemctl.history"
+        self.systemctl.write_text(
+            f'#!/bin/sh\necho "$@" >> {self.systemctl_log}\necho "$@" >> {self.systemctl_history}\n'
+        )
         self.systemctl.chmod(0o755)
         self.boots = 0
         self.output: list[str] = []
@@ -52,6 +60,7 @@ class VM:
         spec.write_text(json.dumps({
             "image": str(self.image), "workdir": str(work), "mode": mode, "config": str(self.config_file),
             "systemctl": str(self.systemctl), "systemctl_log": str(self.systemctl_log),
+            "provisioner": str(shipped_provisioner()),
         }))  # fmt: skip
         argv = ["unshare", "--mount", "--propagation", "private", "--fork", "--kill-child", "--",
                 sys.executable, "-m", "tests.vm_boot", str(spec)]  # fmt: skip
@@ -61,6 +70,11 @@ class VM:
                 self.output.append(line.rstrip("\n"))
                 on_line(line)
         return proc.returncode
+
+    @property
+    def systemctl_log_history(self) -> list[str]:
+        """Every systemctl call of every boot."""
+        return self.systemctl_history.read_text().splitlines() if self.systemctl_history.exists() else []
 
     def provision(self, on_line: Callable[[str], None] = lambda _: None, max_boots: int = 8) -> int:
         code = self.boot("run", on_line)
@@ -87,9 +101,14 @@ def context_archive(tmp: Path, scripts: dict[str, str]) -> Path:
 
 @root_only
 @pytest.mark.root
-def test_provisioner_with_reboots_equals_the_local_executor(tmp_path: Path, sample_raw: Path) -> None:
+@pytest.mark.parametrize("grub_format", ["dm", "dm-mod"])
+def test_provisioner_with_reboots_equals_the_local_executor(
+    tmp_path: Path, grub_format: str, request: pytest.FixtureRequest
+) -> None:
+    sample_raw: Path = request.getfixturevalue(SAMPLE_FIXTURES[grub_format])
     image = sample_copy(sample_raw, tmp_path)
-    archive = context_archive(tmp_path, {"preload.sh": SCRIPT})
+    env_dump = "env > /var/lib/script-env\n"
+    archive = context_archive(tmp_path, {"preload.sh": SCRIPT + env_dump})
     config = (
         ProvisionerConfig(build_contexts=(("user", str(archive)),), boot_disk=BootDisk("2047M", 262144, True, True))
         .with_step(RunScriptArgs(build_context="user", path="preload.sh", env=("GREETING=hi",)))
@@ -108,7 +127,17 @@ def test_provisioner_with_reboots_equals_the_local_executor(tmp_path: Path, samp
     assert vm.boots == 4, log  # switch root, shrink ROOT-A, relocate at shutdown, then the steps
     assert "BuildSucceeded:" in log
     assert "BuildStatus: waiting for the boot disk size to change" in log
-    assert "runs ExecStop=/bin/bash -c '" in log and "handle-disk-layout --plan=/tmp/cos-customizer-layout.json" in log
+    # The unit's ExecStop ran as written, from the copy the provisioner made in the VM's /tmp.
+    exec_stop = ("['/bin/bash', '-c', '/tmp/cos-customizer-provisioner handle-disk-layout"
+                 " --plan=/tmp/cos-customizer-layout.json 2>&1 | sed \"s/^/BuildStatus: /\"']")  # fmt: skip
+    assert f"runs {exec_stop}" in log
+    assert "BuildStatus: Partitions relocated" in log
+    # journald is stopped for good before that shutdown, with the original's override (systemd.go, stopJournald).
+    assert f"vm_boot: {JOURNALD_OVERRIDE}: '[Service]\\nRestart=no\\n'" in log
+    calls = vm.systemctl_log_history
+    for unit in ("systemd-journald.socket", "systemd-journald-dev-log.socket", "systemd-journald-audit.socket",
+                 "syslog.socket", "systemd-journald.service"):  # fmt: skip
+        assert f"stop {unit}" in calls
     assert "BuildStatus: hello" not in log
     # The same build with the local executor, from the same source image.
     (tmp_path / "local").mkdir()
@@ -123,6 +152,13 @@ def test_provisioner_with_reboots_equals_the_local_executor(tmp_path: Path, samp
                  "/var_overlay/lib/sample-image", "/var_overlay/lib/checks"):  # fmt: skip
         assert cat(image, state.first * 512, path) == cat(local.raw, state.first * 512, path), path
     assert cat(image, oem.first * 512, "/hello") == "in the OEM\n"
+    # Scripts get the environment the VM gave the provisioner, not its loaders' (PyInstaller, staticx).
+    env_text = cat(image, state.first * 512, "/var_overlay/lib/script-env")
+    script_env = dict(line.split("=", 1) for line in env_text.splitlines() if "=" in line)
+    assert script_env["LD_LIBRARY_PATH"] == VM_ENV["LD_LIBRARY_PATH"]
+    assert script_env["VM_MARKER"] == VM_ENV["VM_MARKER"]
+    assert script_env["GREETING"] == "hi"
+    assert not [key for key in script_env if key.startswith(("_PYI", "_MEI", "STATICX", "LD_LIBRARY_PATH_ORIG"))]
     assert not exists(image, state.first * 512, "/var_overlay/lib/.cos-customizer")
     assert ext.info(image, oem.first * 512).size == 1 << 30
     assert ext.info(image, state.first * 512).size == ext.info(local.raw, state.first * 512).size
@@ -167,6 +203,23 @@ def test_failed_step_reports_and_resume_never_repeats_a_finished_step(tmp_path: 
 
 @root_only
 @pytest.mark.root
+def test_a_larger_disk_alone_moves_no_partition_and_costs_no_reboot(tmp_path: Path, sample_raw: Path) -> None:
+    """As the original's relocatePartitions: without ReclaimSDA3 and an OEM size the table is left alone."""
+    image = sample_copy(sample_raw, tmp_path)
+    os.truncate(image, 12 << 30)
+    archive = context_archive(tmp_path, {"touch.sh": "touch /var/lib/touched\n"})
+    config = ProvisionerConfig(build_contexts=(("user", str(archive)),)).with_step(
+        RunScriptArgs(build_context="user", path="touch.sh")
+    )
+    vm = VM(tmp_path, image, config)
+    assert vm.provision() == 0, "\n".join(vm.output)
+    assert vm.boots == 1
+    assert gpt.read_table(image).partitions == gpt.read_table(sample_raw).partitions
+    assert exists(image, gpt.read_table(image).partition(1).first * 512, "/var_overlay/lib/touched")
+
+
+@root_only
+@pytest.mark.root
 def test_second_run_is_refused(tmp_path: Path, sample_raw: Path) -> None:
     image = sample_copy(sample_raw, tmp_path)
     archive = context_archive(tmp_path, {"slow.sh": "exit 9\n"})
@@ -179,52 +232,71 @@ def test_second_run_is_refused(tmp_path: Path, sample_raw: Path) -> None:
     assert "a provisioning run already started here; use `resume`" in "\n".join(vm.output)
 
 
-def test_gpu_script_quotes_values_and_reads_the_run_file_version() -> None:
-    script = gpu_script(InstallGPUArgs(
-        nvidia_driver_version="NVIDIA-Linux-x86_64-450.51.06.run", nvidia_driver_md5sum="ab'cd",
-        nvidia_install_dir_host="/var/lib/my nvidia", nvidia_installer_container="gcr.io/x/y:1",
-        gcs_deps_prefix="gs://bucket/dir/gcs_files"))  # fmt: skip
-    assert "NVIDIA_DRIVER_VERSION=450.51.06\n" in script
-    assert "NVIDIA_DRIVER_MD5SUM='ab'\"'\"'cd'\n" in script
-    assert "NVIDIA_INSTALL_DIR_HOST='/var/lib/my nvidia'\n" in script
-    assert (
-        "NVIDIA_DRIVER_DOWNLOAD_URL=https://storage.googleapis.com/bucket/dir/gcs_files/NVIDIA-Linux-x86_64-450.51.06.run\n"
-        in script
-    )
-    result = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True, check=False)
-    assert result.returncode == 0, result.stderr
-
-
 @root_only
 @pytest.mark.root
-def test_install_packages_fetches_and_runs_the_installer(tmp_path: Path) -> None:
-    """InstallPackages: the installer archive is fetched from the release location and run with the pkgspec."""
-    from cos_customizer.provisioner import steps
+@pytest.mark.parametrize(
+    ("pkgspec", "top_workdir", "expected_spec"),
+    [
+        ("pkgspec", "", "/var/lib/.cos-customizer/user/pkgspec"),
+        ("gs://my-bucket/spec.tar.gz", "/var/lib/anthos", "gs://my-bucket/spec.tar.gz"),
+    ],
+)
+def test_install_packages_fetches_and_runs_the_installer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pkgspec: str, top_workdir: str, expected_spec: str
+) -> None:
+    """InstallPackages as the original: the release archive (the original's bucket and version, read with
+    the VM's token) unpacked in the state directory, its anthos_installer run from the state directory's
+    bin/ (bind-remounted exec: /var is noexec here, as on COS) with the original's arguments; after the
+    cleanup only what the installer installed is left."""
+    from cos_customizer.provisioner import cleanup, steps
     from cos_customizer.provisioner.config import InstallPackagesArgs
     from cos_customizer.provisioner.state import State
     from cos_customizer.provisioner.target import Target
+    from tests.test_download import standins
 
     root = tmp_path / "root"
-    (root / "bin").mkdir(parents=True)
+    for directory in ("bin", "proc", "var"):
+        (root / directory).mkdir(parents=True)
     subprocess.run(["cp", "/bin/busybox", str(root / "bin/busybox")], check=True)
     (root / "bin/sh").symlink_to("busybox")
-    (root / "proc").mkdir()
-    (root / "var/lib/.cos-customizer/user/pkgspec").mkdir(parents=True)
-    release = tmp_path / "release"
-    (release / "staging").mkdir(parents=True)
-    installer = release / "staging/anthos_installer"
-    installer.write_text('#!/bin/sh\necho "installing with $*"\necho "$*" > /var/lib/anthos-installer/ran\n')
-    installer.chmod(0o755)
-    subprocess.run(["tar", "-czf", str(release / "installer-v1.tar.gz"), "-C", str(release / "staging"),
-                    "anthos_installer"], check=True)  # fmt: skip
-    said: list[str] = []
-    target = Target(root=root, disk=tmp_path / "disk", partition_template="", chroot=True)
-    context = steps.Context(target, State(root / "var/lib/.cos-customizer", ProvisionerConfig()), said.append)
-    args = InstallPackagesArgs(build_context="user", pkg_spec_url="pkgspec", anthos_installer_version="installer-v1.tar.gz",
-                               anthos_installer_release_bucket=f"file://{release}")  # fmt: skip
-    steps.install_packages(context, args)
-    ran = (root / "var/lib/anthos-installer/ran").read_text()
-    assert ran == (
-        "install --pkgspec-url=/var/lib/.cos-customizer/user/pkgspec --top-workdir=/var/lib/anthos-installer\n"
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "anthos_installer").write_text(
+        '#!/bin/sh\necho "installing with $*"\nmkdir -p /var/lib/installed\necho "$*" > /var/lib/installed/args\n'
     )
-    assert said == ["installing with " + ran.strip()]
+    (staging / "anthos_installer").chmod(0o755)
+    (staging / "README").write_text("release notes\n")
+    archive = tmp_path / "release.tar.gz"
+    subprocess.run(["tar", "-czf", str(archive), "-C", str(staging), "anthos_installer", "README"], check=True)
+    # src/cmd/cos_customizer/install_packages.go: anthosInstallerReleaseBucket, anthosInstallerVersion
+    bucket, version = "cos-anthos-builds-us", "anthos_installer-linux-amd64-v0.0.1-bb7e04e.tar.gz"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "noexec,nosuid,nodev", "tmpfs", str(root / "var")], check=True)
+    try:
+        (root / "var/lib/.cos-customizer/user/pkgspec").mkdir(parents=True)
+        said: list[str] = []
+        target = Target(root=root, disk=tmp_path / "disk", partition_template="", chroot=True)
+        context = steps.Context(target, State(root / "var/lib/.cos-customizer", ProvisionerConfig()), said.append)
+        # What anthos-installer-install writes (AnthosInstallerDir empty: the provisioner's state directory).
+        args = InstallPackagesArgs(build_context="user", pkg_spec_url=pkgspec, top_work_dir=top_workdir,
+                                   anthos_installer_version=version, anthos_installer_release_bucket=bucket)  # fmt: skip
+        with standins(monkeypatch) as cloud:
+            cloud.objects[bucket, version] = archive.read_bytes()
+            steps.install_packages(context, args)
+        ran = (root / "var/lib/installed/args").read_text()
+        # anthos_installer_install_script.go: BIN_DIR=<AnthosInstallerDir>/bin; the installer's arguments
+        # -pkgspec-url=, -build-contextdir=, -top-workdir= (the original leaves BUILD_CONTEXT_DIR empty, a bug).
+        assert ran == (
+            f"install -pkgspec-url={expected_spec} -build-contextdir=/var/lib/.cos-customizer/user "
+            f"-top-workdir={top_workdir}\n"
+        )
+        assert said == [f"Installing packages from {pkgspec}", "installing with " + ran.strip(),
+                        f"Done installing the packages from {pkgspec}"]  # fmt: skip
+        state_dir = root / "var/lib/.cos-customizer"
+        assert {p.name for p in state_dir.iterdir()} == {"README", "anthos_installer", "bin", "user", version}
+        assert str(state_dir / "bin") not in Path("/proc/self/mounts").read_text()  # unmounted after the run
+        cleanup.clean(root)
+        assert sorted(str(p.relative_to(root)) for p in (root / "var").rglob("*")) == [
+            "var/lib", "var/lib/installed", "var/lib/installed/args"
+        ]  # fmt: skip
+    finally:
+        subprocess.run(["umount", "-R", str(root / "var")], check=False)
