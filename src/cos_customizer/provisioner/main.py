@@ -13,40 +13,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from cos_customizer.errors import CustomizerError
-from cos_customizer.provisioner import agent
+from cos_customizer.provisioner import agent, download
 from cos_customizer.provisioner.config import ProvisionerConfig
 from cos_customizer.provisioner.target import Target
 
-METADATA_HOST_ENV = "GCE_METADATA_HOST"
-METADATA_HOST = "metadata.google.internal"
 
-
-def metadata_value(key: str, host: str) -> str | None:
-    url = f"http://{host}/computeMetadata/v1/instance/attributes/{key}"
-    request = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return str(response.read().decode())
-    except urllib.error.HTTPError as err:
-        if err.code == 404:
-            return None
-        raise
+def metadata_value(key: str) -> str | None:
+    """The instance metadata attribute `key`, or None while it is not set."""
+    value = download.metadata_get(f"instance/attributes/{key}")
+    return None if value is None else value.decode()
 
 
 def wait_metadata(key: str, timeout: float, interval: float = 2.0) -> int:
-    host = os.environ.get(METADATA_HOST_ENV, METADATA_HOST)
     deadline = time.monotonic() + timeout if timeout > 0 else None
     while True:
         try:
-            value = metadata_value(key, host)
+            value = metadata_value(key)
         except OSError:
             value = None
         if value is not None:
