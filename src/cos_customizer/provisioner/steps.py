@@ -7,10 +7,11 @@ Standard library only.
 from __future__ import annotations
 
 import os
-import re
-import shlex
+import posixpath
+import shutil
+import tarfile
 import tempfile
-import urllib.request
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ from cos_customizer.disk.gpt import read_table
 from cos_customizer.disk.planner import OEM
 from cos_customizer.disk.verity import format_verity, random_salt
 from cos_customizer.errors import CustomizerError
+from cos_customizer.provisioner import download, gpu
+from cos_customizer.provisioner.cleanup import STATE_DIR
 from cos_customizer.provisioner.config import (
     InstallGPUArgs,
     InstallPackagesArgs,
@@ -28,6 +31,7 @@ from cos_customizer.provisioner.config import (
     StepArgs,
     StepType,
 )
+from cos_customizer.provisioner.environment import child_env
 from cos_customizer.provisioner.state import State
 from cos_customizer.provisioner.target import Target
 from cos_customizer.runner import run
@@ -158,96 +162,81 @@ def seal_oem(ctx: Context, _args: StepArgs) -> None:
     edit_grub(ctx, edit)
 
 
-_RUN_VERSION = re.compile(r"-([0-9]+(?:\.[0-9]+)+)\.run$")
-
-SETUP_GPU = """#!/bin/bash
-# Written by cos-customizer. Run it at every boot to load the NVIDIA drivers installed on this image.
-set -o errexit
-set -o pipefail
-NVIDIA_DRIVER_VERSION={version}
-NVIDIA_DRIVER_MD5SUM={md5sum}
-NVIDIA_INSTALL_DIR_HOST={install_dir}
-COS_NVIDIA_INSTALLER_CONTAINER={container}
-NVIDIA_DRIVER_DOWNLOAD_URL={download_url}
-mkdir -p "${{NVIDIA_INSTALL_DIR_HOST}}"
-mount --bind "${{NVIDIA_INSTALL_DIR_HOST}}" "${{NVIDIA_INSTALL_DIR_HOST}}"
-mount -o remount,exec "${{NVIDIA_INSTALL_DIR_HOST}}"
-docker run --rm --privileged --net=host --pid=host \\
-  --volume "${{NVIDIA_INSTALL_DIR_HOST}}":/usr/local/nvidia \\
-  --volume /dev:/dev --volume /:/root \\
-  --env NVIDIA_DRIVER_VERSION="${{NVIDIA_DRIVER_VERSION}}" \\
-  --env NVIDIA_DRIVER_MD5SUM="${{NVIDIA_DRIVER_MD5SUM}}" \\
-  --env NVIDIA_DRIVER_DOWNLOAD_URL="${{NVIDIA_DRIVER_DOWNLOAD_URL}}" \\
-  "${{COS_NVIDIA_INSTALLER_CONTAINER}}"
-"""
-
-
-def gpu_script(args: InstallGPUArgs) -> str:
-    """setup_gpu.sh for these arguments, every value shell-quoted."""
-    version, url = args.nvidia_driver_version, ""
-    match = _RUN_VERSION.search(version)
-    if version.endswith(".run") and match:
-        if args.gcs_deps_prefix:
-            url = deps_url(args.gcs_deps_prefix, version)
-        version = match.group(1)
-    return SETUP_GPU.format(
-        version=shlex.quote(version),
-        md5sum=shlex.quote(args.nvidia_driver_md5sum),
-        install_dir=shlex.quote(args.nvidia_install_dir_host or "/var/lib/nvidia"),
-        container=shlex.quote(args.nvidia_installer_container),
-        download_url=shlex.quote(url),
-    )
-
-
-def deps_url(prefix: str, name: str) -> str:
-    """The download address of `name` under a deps prefix (gs:// becomes the public GCS endpoint)."""
-    if prefix.startswith("gs://"):
-        bucket, _, path = prefix[len("gs://") :].partition("/")
-        return f"https://storage.googleapis.com/{bucket}/{path.rstrip('/') + '/' if path else ''}{name}"
-    return f"{prefix.rstrip('/')}/{name}"
-
-
 def install_gpu(ctx: Context, args: StepArgs) -> None:
+    """Write setup_gpu.sh into the install directory and run it, with the deps' download addresses."""
     assert isinstance(args, InstallGPUArgs)
-    install_dir = args.nvidia_install_dir_host or "/var/lib/nvidia"
-    directory = ctx.target.path(install_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    script = directory / "setup_gpu.sh"
-    script.write_text(gpu_script(args))
-    script.chmod(0o755)
-    ctx.say(f"Installing GPU drivers with {install_dir}/setup_gpu.sh")
-    status = _run(ctx, install_dir, ["/bin/bash", f"{install_dir}/setup_gpu.sh"], dict(os.environ))
+    version = gpu.driver_version(args.nvidia_driver_version)
+    if version is None:
+        raise StepFailed(
+            f"malformed nvidia installer: {args.nvidia_driver_version!r}; "
+            "expected a name like NVIDIA-Linux-x86_64-450.51.06.run"
+        )
+    install_dir = args.nvidia_install_dir_host or gpu.DEFAULT_INSTALL_DIR
+    script_path = posixpath.join(install_dir, gpu.SCRIPT_NAME)
+    script = ctx.target.path(script_path)
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(gpu.setup_script(args, version))
+    script.chmod(0o744)
+    ctx.say(f"Installing GPU driver {version} with {script_path}")
+    status = _run(ctx, install_dir, ["/bin/bash", script_path], child_env(gpu.installer_env(args)))
     if status != 0:
-        raise StepFailed(f"setup_gpu.sh failed with exit status {status}")
+        raise StepFailed(f"installing GPU drivers failed: {script_path} exited with status {status}", status)
+    ctx.say("Done installing GPU drivers")
+
+
+# Where the Anthos installer is unpacked when the step does not say: the state directory, which the
+# cleanup removes, so that only what the installer installs stays in the image.
+INSTALLER_DIR = f"/{STATE_DIR}"
+REMOTE_SCHEMES = ("http", "https", "gs")
+
+
+def installer_argv(ctx: Context, args: InstallPackagesArgs, bin_dir: str) -> list[str]:
+    """The Anthos installer's command line: a pkgspec path is inside the build context."""
+    context_dir = ctx.context_dir(args.build_context)
+    spec = args.pkg_spec_url
+    if urllib.parse.urlparse(spec).scheme not in REMOTE_SCHEMES:
+        spec = posixpath.normpath(f"{context_dir}/{spec}")
+    return [
+        f"{bin_dir}/anthos_installer",
+        "install",
+        f"-pkgspec-url={spec}",
+        f"-build-contextdir={context_dir}",
+        f"-top-workdir={args.top_work_dir}",
+    ]
 
 
 def install_packages(ctx: Context, args: StepArgs) -> None:
+    """Fetch the Anthos installer release, unpack it, and run it on the pkgspec from an exec bin/."""
     assert isinstance(args, InstallPackagesArgs)
-    workdir = args.top_work_dir or "/var/lib/anthos-installer"
-    directory = ctx.target.path(workdir)
+    ctx.say(f"Installing packages from {args.pkg_spec_url}")
+    installer_dir = args.anthos_installer_dir or INSTALLER_DIR
+    directory = ctx.target.path(installer_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    bucket = args.anthos_installer_release_bucket
-    source = bucket if "://" in bucket else f"gs://{bucket}"
-    archive = directory / "installer.tar.gz"
-    fetch(deps_url(source, args.anthos_installer_version), archive)
-    run(["tar", "-xzf", str(archive), "-C", str(directory)])
-    spec = args.pkg_spec_url
-    if "://" not in spec:
-        spec = f"{ctx.context_dir(args.build_context)}/{spec}"
-    installer = [f"{workdir}/anthos_installer", "install", f"--pkgspec-url={spec}", f"--top-workdir={workdir}"]
-    status = _run(ctx, workdir, installer, dict(os.environ))
-    if status != 0:
-        raise StepFailed(f"the Anthos installer failed with exit status {status}")
-
-
-def fetch(url: str, destination: Path) -> None:
-    """Download `url` (http(s):// or file://) to `destination`."""
+    bucket, version = args.anthos_installer_release_bucket, args.anthos_installer_version
+    archive = directory / posixpath.basename(version)
+    download.fetch(f"{(bucket if '://' in bucket else f'gs://{bucket}').rstrip('/')}/{version}", archive)
     try:
-        with urllib.request.urlopen(url, timeout=120) as response, open(destination, "wb") as out:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-    except OSError as err:
-        raise StepFailed(f"cannot download {url}: {err}") from err
+        with tarfile.open(archive) as tar:
+            tar.extractall(directory)
+    except (tarfile.TarError, OSError) as err:
+        raise StepFailed(f"cannot unpack the Anthos installer {version}: {err}") from err
+    if not (directory / "anthos_installer").is_file():
+        raise StepFailed(f"the Anthos installer release {version} has no anthos_installer")
+    bin_dir = posixpath.join(installer_dir, "bin")
+    host_bin = ctx.target.path(bin_dir)
+    host_bin.mkdir(exist_ok=True)
+    shutil.copyfile(directory / "anthos_installer", host_bin / "anthos_installer")
+    (host_bin / "anthos_installer").chmod(0o755)
+    # The state directory is on /var, mounted noexec on COS: bin/ gets a bind mount of its own, exec.
+    run(["mount", "--bind", str(host_bin), str(host_bin)])
+    try:
+        run(["mount", "-o", "remount,bind,exec", str(host_bin)])
+        status = _run(ctx, installer_dir, installer_argv(ctx, args, bin_dir), child_env())
+    finally:
+        run(["umount", str(host_bin)])
+    if status != 0:
+        raise StepFailed(f"the Anthos installer failed with exit status {status}", status)
+    ctx.say(f"Done installing the packages from {args.pkg_spec_url}")
 
 
 RUNNERS: dict[StepType, Callable[[Context, StepArgs], None]] = {
