@@ -374,6 +374,33 @@ def test_install_gpu_from_a_run_file(gce_build: CLI, workspace_root: Path, tmp_p
 
 
 @pytest.mark.parametrize(
+    ("name", "accepted"),
+    [
+        # The provisioner's rule, the original's (install_gpu_step.go): 4 fields split on "-"; the 4th.
+        ("NVIDIA-Linux-aarch64-535.run", True),
+        ("NVIDIA-Linux-x86_64-450.51.06-grid.run", False),
+    ],
+)
+def test_install_gpu_run_file_names_follow_the_provisioner(
+    gce_build: CLI, workspace_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, accepted: bool
+) -> None:
+    (tmp_path / "deps").mkdir()
+    (tmp_path / "deps" / name).write_text("installer")
+    monkeypatch.chdir(tmp_path)
+    result = gce_build("install-gpu", f"-version={name}", "-deps-dir=deps")
+    if accepted:
+        assert result.code == 0, result.err
+        # As the original: the -deps-dir value itself (finish-image-build replaces it with the gs:// prefix).
+        assert steps_of(workspace_root)[0]["Args"]["GCSDepsPrefix"] == "deps"  # type: ignore[index]
+    else:
+        assert (result.code, result.err) == (
+            2,
+            f"cos-customizer: error: -version={name}: cannot read the driver version from the installer name; "
+            "expected a name like NVIDIA-Linux-x86_64-450.51.06.run\n",
+        )
+
+
+@pytest.mark.parametrize(
     ("args", "code", "message"),
     [
         ([], 2, "-version must be set: a driver version such as 535.104.05, or an NVIDIA .run installer"),

@@ -17,6 +17,7 @@ from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import Flag, Kind, Parsed
 from cos_customizer.errors import UsageError, ValidationError
 from cos_customizer.executors import STEP_COMMANDS, gce
+from cos_customizer.provisioner import gpu
 from cos_customizer.provisioner.config import (
     DisableAutoUpdateArgs,
     InstallGPUArgs,
@@ -100,7 +101,6 @@ RUN_SCRIPT = Command(
 # install-gpu
 
 _DRIVER_VERSION = re.compile(r"^[0-9]+(\.[0-9]+)+$")
-_RUN_VERSION = re.compile(r"-([0-9]+(?:\.[0-9]+)+)\.run$")
 _MD5 = re.compile(r"^[0-9a-fA-F]{32}$")
 
 
@@ -115,7 +115,7 @@ def _check_gpu_version(version: str, deps_dir: str) -> None:
             raise ValidationError(f'nvidia installer file at "{installer}" does not exist')
         if installer.is_dir():
             raise ValidationError(f'nvidia installer file at "{installer}" is a directory')
-        if not _RUN_VERSION.search(version):
+        if gpu.driver_version(version) is None:
             raise UsageError(
                 f"-version={version}: cannot read the driver version from the installer name; "
                 "expected a name like NVIDIA-Linux-x86_64-450.51.06.run"
@@ -161,7 +161,8 @@ def handle_install_gpu(context: Context, args: Parsed) -> int:
         nvidia_driver_md5sum=args["md5sum"],
         nvidia_install_dir_host=args["install-dir"],
         nvidia_installer_container=args["installer-container"],
-        gcs_deps_prefix=str(Path(deps_dir).resolve()) if deps_dir else "",
+        # As the original: the -deps-dir value; finish-image-build replaces it with the uploaded gs:// prefix.
+        gcs_deps_prefix=deps_dir,
     )
     # The provisioner config is written last: a failure before leaves the build as it was.
     ws.save_build(build.model_copy(update={"GPUType": args["gpu-type"], "GCSFiles": (*build.GCSFiles, *files)}))
