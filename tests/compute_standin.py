@@ -25,9 +25,11 @@ class Compute:
     url: str = ""
 
     def add_image(self, project: str, name: str, *, family: str = "", created: str = "2024-01-01T00:00:00.000-07:00",
-                  labels: dict[str, str] | None = None, deprecated: bool = False) -> None:  # fmt: skip
+                  labels: dict[str, str] | None = None, deprecated: bool = False,
+                  architecture: str = "X86_64") -> None:  # fmt: skip
         image: dict[str, Any] = {"name": name, "family": family, "creationTimestamp": created, "labels": labels or {},
-                                 "selfLink": f"{self.url}{PREFIX}{project}/global/images/{name}", "status": "READY"}  # fmt: skip
+                                 "selfLink": f"{self.url}{PREFIX}{project}/global/images/{name}", "status": "READY",
+                                 "architecture": architecture}  # fmt: skip
         if deprecated:
             image["deprecated"] = {"state": "DEPRECATED"}
         self.images.setdefault(project, {})[name] = image

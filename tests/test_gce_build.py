@@ -280,3 +280,37 @@ def test_timeout_lets_daisy_clean_up(started: CLI, gcs: Any, daisy: tuple[Path, 
         "cos-customizer: error: the build took longer than -timeout; daisy was stopped and cleaned up\n"
     )
     assert managed(gcs) == []
+
+
+ARM64_REFUSAL = (
+    "cos-customizer: error: the source image {name} is arm64 and build-provisioner makes an x86-64 provisioner: "
+    "pass -provisioner-binary=PATH with a provisioner built for arm64\n"
+)
+
+
+@pytest.mark.parametrize(("project", "name"), [("cos-cloud", "cos-arm64-stable-109-17800-66-0"), ("my-proj", "my-arm")])
+def test_an_arm64_source_is_refused_before_anything_unless_a_provisioner_binary_is_given(
+    cli: CLI, compute: Compute, gcs: Any, daisy: tuple[Path, Path], context_dir: Path, tmp_path: Path,
+    workspace_root: Path, project: str, name: str,
+) -> None:  # fmt: skip
+    """The original puts one provisioner per architecture on CIDATA; ours is x86-64 only, so arm64 is refused."""
+    compute.add_image(project, name, architecture="ARM64")
+    start = cli("start-image-build", f"-build-context={context_dir}", f"-image-project={project}",
+                f"-image-name={name}", f"-gcs-bucket={BUCKET}", "-gcs-workdir=build-7")  # fmt: skip
+    assert start.code == 0, start.err
+    environ = {"COS_CUSTOMIZER_DAISY": str(daisy[0]), "DAISY_STANDIN_RECORD": str(daisy[1]),
+               "STORAGE_EMULATOR_HOST": os.environ["STORAGE_EMULATOR_HOST"]}  # fmt: skip
+    flags = ["finish-image-build", "-zone=us-west1-b", "-project=my-proj", "-image-project=my-proj", "-image-name=out"]
+    result = cli(*flags, env=environ)
+    assert (result.code, result.err[-len(ARM64_REFUSAL.format(name=name)) :]) == (1, ARM64_REFUSAL.format(name=name))
+    assert not daisy[1].exists()
+    assert managed(gcs) == []
+    # Known from the name: refused while planning, the workspace kept; known from the API: refused at the build.
+    assert workspace_root.exists() == name.startswith("cos-arm64")
+    if name.startswith("cos-arm64"):  # the name says it: the dry run refuses too, with no cloud call
+        binary = tmp_path / "arm64-provisioner"
+        binary.write_bytes(b"\x7fELF arm64 stand-in")
+        dry = cli(*flags, f"-provisioner-binary={binary}", "-dry-run", env=environ)
+        assert dry.code == 0, dry.err
+        assert json.loads(dry.out)["cidata_provisioner"] == f"{binary} (-provisioner-binary)"
+        assert f"  CIDATA:    {binary} (-provisioner-binary)\n" in dry.err

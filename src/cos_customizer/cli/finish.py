@@ -171,6 +171,7 @@ class FinishPlan:
     output: Output | None = None
     output_image: dict[str, Any] | None = None
     disk_plan: DiskPlan | None = None
+    provisioner_binary: Path | None = None  # GCE: -provisioner-binary; None: build-provisioner's
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -211,7 +212,15 @@ class FinishPlan:
                 workflow_path=f"{BUILD_DIR}/build_image.wf.json",
             )
             doc["build_files"] = f"{BUILD_DIR} is a temporary directory made at build time"
+            doc["cidata_provisioner"] = describe_binary(self.provisioner_binary)
         return doc
+
+
+def describe_binary(binary: Path | None) -> str:
+    """Which provisioner executable goes on the CIDATA disk."""
+    if binary is not None:
+        return f"{binary} (-provisioner-binary)"
+    return f"build-provisioner's executable for {preload.PROVISIONER_ARCH} (built at build time, or from its cache)"
 
 
 def _check_gce_flags(args: Parsed) -> None:
@@ -320,7 +329,12 @@ def make_plan(context: Context, args: Parsed) -> FinishPlan:
         "Licenses": [item for item in args["licenses"] if item],
         "InheritLabels": args["inherit-labels"],
     }
-    return FinishPlan(executor, source, build, _gce_provisioner(config, build), output_image=output_image)
+    binary = Path(args["provisioner-binary"]).absolute() if args["provisioner-binary"] else None
+    if binary is None and source.Name:
+        preload.check_architecture(source.Name, preload.architecture_from_name(source.Name))
+    return FinishPlan(
+        executor, source, build, _gce_provisioner(config, build), output_image=output_image, provisioner_binary=binary
+    )
 
 
 def local_disk_plan(source: SourceImage, config: ProvisionerConfig, disk_size_gb: int = 0) -> DiskPlan:
@@ -374,6 +388,7 @@ def describe(finish: FinishPlan) -> str:
             + (f" in family {image['Family']}" if image["Family"] else "")
         )
         lines.append(f"  build in:  project {build.Project}, zone {build.Zone}, {build.MachineType}")
+        lines.append(f"  CIDATA:    {describe_binary(finish.provisioner_binary)}")
     size = f"{build.DiskSize} GB" if build.DiskSize else f"{plan.IMAGE_SIZE_GB} GB (the image's size)"
     lines.append(f"  disk:      {size}; {plan.describe_boot_disk(finish.provisioner.boot_disk, sealed)}")
     lines.append(f"  timeout:   {build.Timeout}")
@@ -402,7 +417,6 @@ def handle(context: Context, args: Parsed) -> int:
 def _run_gce(context: Context, finish: FinishPlan, args: Parsed) -> int:
     assert finish.output_image is not None
     image = finish.output_image
-    binary = Path(args["provisioner-binary"]).absolute() if args["provisioner-binary"] else None
     job = preload.GceBuild(
         source=finish.source,
         build=finish.build,
@@ -415,7 +429,7 @@ def _run_gce(context: Context, finish: FinishPlan, args: Parsed) -> int:
         old_image_ttl=args["old-image-ttl"],
         enable_cleanup=args["enable-cleanup"],
         build_context=context.workspace.build_context_archive,
-        provisioner_binary=binary,
+        provisioner_binary=finish.provisioner_binary,
     )
     if args["sbom-input-path"]:
         data = sbom.load_input(context.workspace.build_context_archive, args["sbom-input-path"])

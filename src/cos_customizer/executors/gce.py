@@ -129,6 +129,12 @@ def image_exists(images: Any, project: str, name: str) -> bool:
     return True
 
 
+def image_architecture(images: Any, project: str, name: str) -> str:
+    """The image's `architecture` field ("X86_64", "ARM64"; empty when the image does not say)."""
+    image = _call(f"image {name} in project {project}", lambda: images.get(project=project, image=name))
+    return str(image.architecture or "")
+
+
 def image_labels(images: Any, project: str, name: str) -> dict[str, str]:
     image = _call(f"image {name} in project {project}", lambda: images.get(project=project, image=name))
     return dict(image.labels)

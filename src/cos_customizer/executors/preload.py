@@ -31,7 +31,7 @@ from typing import Any
 
 from cos_customizer import output, runner
 from cos_customizer.config import BuildConfig, SourceImage
-from cos_customizer.errors import CustomizerError
+from cos_customizer.errors import CustomizerError, ValidationError
 from cos_customizer.executors import gce, sbom, startup, workflow
 from cos_customizer.provisioner.config import ProvisionerConfig
 from cos_customizer.runner import MissingToolError, require_tool, run
@@ -40,6 +40,8 @@ from cos_customizer.units import parse_duration
 log = logging.getLogger("cos_customizer")
 
 DAISY_ENV = "COS_CUSTOMIZER_DAISY"
+# What build-provisioner makes (the original ships one provisioner per architecture; we ship this one).
+PROVISIONER_ARCH = "x86-64"
 STOP_GRACE_SECONDS = 600.0
 CIDATA_MARGIN = 16 << 20
 
@@ -163,6 +165,20 @@ def write_sbom(data: dict[str, Any], directory: str, image_name: str, project: s
     return f"gs://{bucket}/{blob_name}"
 
 
+def architecture_from_name(name: str) -> str:
+    """What a COS image name says of its architecture (`cos-arm64-stable-...`): "ARM64" or ""."""
+    return "ARM64" if "arm64" in name.split("-") else ""
+
+
+def check_architecture(name: str, architecture: str) -> None:
+    """Refuse a source our provisioner cannot run on, before anything is made."""
+    if architecture.upper() == "ARM64":
+        raise ValidationError(
+            f"the source image {name} is arm64 and build-provisioner makes an {PROVISIONER_ARCH} provisioner: "
+            "pass -provisioner-binary=PATH with a provisioner built for arm64"
+        )
+
+
 def run_daisy(argv: list[str], timeout: float, env: dict[str, str] | None = None) -> None:
     """Run daisy with its output prefixed; on timeout or Ctrl-C it gets SIGINT and time to clean up."""
     log.info("Running daisy (the preload VM builds the image; its status lines follow)")
@@ -199,6 +215,8 @@ def finish(job: GceBuild, environ: dict[str, str], compute_endpoint: str) -> boo
     if gce.image_exists(images, job.image.project, job.image.name):
         log.info("Result image %s already exists in project %s. Exiting.", job.image.name, job.image.project)
         return False
+    if job.provisioner_binary is None:
+        check_architecture(job.source.Name, gce.image_architecture(images, job.source.Project, job.source.Name))
     image = job.image
     if job.inherit_labels:
         inherited = gce.image_labels(images, job.source.Project, job.source.Name)
