@@ -45,7 +45,46 @@ def test_round_trip() -> None:
     assert ProvisionerConfig.from_json(data) == FULL
 
 
-def test_json_shape_follows_the_original() -> None:
+# The original's JSON field names: its Go struct fields (src/pkg/provisioner/config.go, run_script_step.go,
+# install_gpu_step.go, install_packages_step.go), which encoding/json uses as keys.
+GO_FIELDS = {
+    "Config": {"BuildContexts", "BootDisk", "Steps"},
+    "BootDisk": {"OEMSize", "OEMFSSize4K", "ReclaimSDA3", "WaitForDiskResize"},
+    "Step": {"Type", "Args"},
+    "RunScript": {"BuildContext", "Path", "Env"},
+    "InstallGPU": {
+        "NvidiaDriverVersion",
+        "NvidiaDriverMD5Sum",
+        "NvidiaInstallDirHost",
+        "NvidiaInstallerContainer",
+        "GCSDepsPrefix",
+    },  # fmt: skip
+    "InstallPackages": {
+        "BuildContext",
+        "PkgSpecURL",
+        "TopWorkDir",
+        "AnthosInstallerDir",
+        "AnthosInstallerVersion",
+        "AnthosInstallerReleaseBucket",
+    },  # fmt: skip
+}
+
+
+def test_json_keys_are_the_originals() -> None:
+    data = FULL.to_json()
+    assert set(data) == GO_FIELDS["Config"]
+    assert set(data["BootDisk"]) == GO_FIELDS["BootDisk"]
+    for step in data["Steps"]:
+        assert set(step) == GO_FIELDS["Step"]
+        assert set(step["Args"] or {}) <= GO_FIELDS.get(step["Type"], set()), step["Type"]
+    for step_type in ("RunScript", "InstallGPU", "InstallPackages"):
+        args = next(step["Args"] for step in data["Steps"] if step["Type"] == step_type)
+        assert set(args) == GO_FIELDS[step_type]
+
+
+def test_json_shape_env_is_a_list_in_our_config() -> None:
+    """Ours: `Env` is a list, so values may hold commas (the original's is one comma-separated string, which
+    `test_reads_a_config_written_by_the_go_original` shows we read)."""
     data = FULL.to_json()
     assert data["BuildContexts"] == {"user": "gs://b/d/user_build_context.tar"}
     assert data["BootDisk"] == {
