@@ -491,6 +491,9 @@ def test_anthos_installer(local_build: CLI, workspace_root: Path) -> None:
         },
     }
     assert steps[1]["Args"]["PkgSpecURL"] == "gs://bucket/spec.tar.gz"  # type: ignore[index]
+    # install_packages.go: -top-workdir defaults to "" and AnthosInstallerDir is not set (the provisioner's
+    # state directory); the provisioner passes -top-workdir= as given.
+    assert steps[1]["Args"]["TopWorkDir"] == ""  # type: ignore[index]
 
 
 @pytest.mark.parametrize(
