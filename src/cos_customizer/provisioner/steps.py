@@ -38,7 +38,7 @@ from cos_customizer.runner import run
 
 EFI = 12
 GRUB_CFG = "efi/boot/grub.cfg"
-# The environment of a script run in a chroot (the local executor, tests); on a VM scripts get the VM's.
+# The environment of a script in the local executor; on a VM scripts get the VM's (environment.child_env).
 SCRIPT_ENV_BASE = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/root",
@@ -79,10 +79,8 @@ def ordered(steps: tuple[Step, ...]) -> list[Step]:
 
 def run_script(ctx: Context, args: StepArgs) -> None:
     assert isinstance(args, RunScriptArgs)
-    env = dict(os.environ) if not ctx.target.chroot else dict(SCRIPT_ENV_BASE)
-    for item in args.env:
-        key, _, value = item.partition("=")
-        env[key] = value
+    extra = {key: value for key, _, value in (item.partition("=") for item in args.env)}
+    env = {**SCRIPT_ENV_BASE, **extra} if ctx.target.fixed_env else child_env(extra)
     status = _run(ctx, ctx.context_dir(args.build_context), ["/bin/bash", args.path], env)
     if status != 0:
         raise StepFailed(f"script {args.path} failed with exit status {status}", status)
