@@ -23,7 +23,7 @@ import pytest
 from cos_customizer import runner
 from cos_customizer.cli.main import main
 from cos_customizer.disk import ext, gpt, grub, loop
-from tests.conftest import data_digest, snapshot
+from tests.conftest import SAMPLE_FIXTURES, data_digest, snapshot
 
 pytestmark = [
     pytest.mark.root,
@@ -143,12 +143,24 @@ SEALED = ([["run-script", "-script=preload.sh", "-env=GREETING=hi"], ["seal-oem"
           ["-oem-size=1G", "-disk-size-gb=12"])  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=["out.raw", "out.tar.gz", "out.qcow2"])
-def sealed_build(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, sample_raw: Path) -> Build:
+@dataclass(frozen=True)
+class SealedBuild(Build):
+    sample: Path  # the source sample image (session fixture)
+    grub_format: str
+
+
+# (-grub-format of the source sample, output): every output format on the dm= sample, raw on the dm-mod.create= one.
+SEALED_CASES = [("dm", "out.raw"), ("dm", "out.tar.gz"), ("dm", "out.qcow2"), ("dm-mod", "out.raw")]
+
+
+@pytest.fixture(scope="module", params=SEALED_CASES, ids=[f"{fmt}-{out}" for fmt, out in SEALED_CASES])
+def sealed_build(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> SealedBuild:
+    grub_format, output = request.param
+    sample: Path = request.getfixturevalue(SAMPLE_FIXTURES[grub_format])
     tmp = tmp_path_factory.mktemp("sealed")
-    build = run_build(tmp, sample_raw, SEALED[0], SEALED[1], request.param)
+    build = run_build(tmp, sample, SEALED[0], SEALED[1], output)
     assert build.code == 0, build.err
-    return build
+    return SealedBuild(**vars(build), sample=sample, grub_format=grub_format)
 
 
 def same_bytes(a_path: Path, a: gpt.Partition, b_path: Path, b: gpt.Partition) -> bool:
@@ -176,7 +188,19 @@ def verity_verify(image: Path, part: gpt.Partition, entry: grub.DmTarget) -> sub
                   device, device, entry.params["root_hexdigest"], check=False)  # fmt: skip
 
 
-def test_sealed_build(sealed_build: Build, sample_raw: Path) -> None:
+def kernel_line_tokens_after_anchor(cfg: str) -> list[list[str]]:
+    """For each kernel line, the two tokens after cros_efi."""
+    found = []
+    for line in cfg.splitlines():
+        tokens = line.split()
+        if "cros_efi" in tokens:
+            at = tokens.index("cros_efi")
+            found.append(tokens[at + 1 : at + 3])
+    return found
+
+
+def test_sealed_build(sealed_build: SealedBuild) -> None:
+    sample_raw = sealed_build.sample
     raw, before = sealed_build.raw, gpt.read_table(sample_raw)
     assert "Build succeeded" in sealed_build.out
     assert "OEM verity root hash" in sealed_build.out
@@ -186,8 +210,9 @@ def test_sealed_build(sealed_build: Build, sample_raw: Path) -> None:
     assert table.disk_sectors == 12 * 2097152
     # ROOT-A: 8 sectors at its old start. KERN-B boots first.
     assert (table.partition(3).first, table.partition(3).size) == (4509696, 8)
+    # As the original's `cgpt prioritize -P 5 -i 4`: KERN-B 5, KERN-A 4, KERN-C disabled.
     kernels = {p.number: p.priority for p in table.partitions if p.type_guid == gpt.CHROMEOS_KERNEL}
-    assert kernels[4] == max(kernels.values()) and list(kernels.values()).count(kernels[4]) == 1
+    assert kernels == {2: 4, 4: 5, 6: 0}
     # OEM at P = ROOT-A start + 4096, 2047M; STATE right after it, to the end.
     oem, state = table.partition(8), table.partition(1)
     assert (oem.first, oem.size) == (4513792, 2047 * 2048)
@@ -202,8 +227,14 @@ def test_sealed_build(sealed_build: Build, sample_raw: Path) -> None:
     for line in (line for line in cfg.splitlines() if "cros_efi" in line):
         assert line.split().count("systemd.mask=update-engine.service") == 1
         assert line.split().count("systemd.mask=usr-share-oem.mount") == 1
+    # The original's order: update-engine masked first, then the OEM mount, each right after cros_efi.
+    assert (
+        kernel_line_tokens_after_anchor(cfg)
+        == [["systemd.mask=usr-share-oem.mount", "systemd.mask=update-engine.service"]] * 4
+    )
     entries = grub.read_dm(cfg)
     assert [[t.name for t in line] for line in entries] == [["vroot", "oemroot"], ["vroot", "oemroot"]]
+    assert {t.form for line in entries for t in line} == {sealed_build.grub_format}
     vroot_b = entries[1][0]
     assert vroot_b.params["payload"] == f"PARTUUID={str(out_b.guid).upper()}"
     assert verity_verify(raw, out_b, vroot_b).returncode == 0
@@ -247,24 +278,33 @@ def test_sealed_build_leaves_nothing_behind(sealed_build: Build) -> None:
 
 
 @pytest.mark.parametrize(
-    ("steps", "finish", "oem_partition", "reclaimed"),
+    ("grub_format", "steps", "finish", "oem_partition", "reclaimed"),
     [
         # disable-auto-update and a larger OEM, no seal: the OEM file system grows to fill its partition.
         (
+            "dm",
             [["run-script", "-script=preload.sh"], ["disable-auto-update"]],
             ["-oem-size=1G", "-disk-size-gb=11"],
             1023 * 2048,
             True,
         ),
-        # seal-oem without -oem-size: a 32M OEM partition holding the 16M file system.
-        ([["run-script", "-script=preload.sh"], ["seal-oem"]], [], 32 * 2048, True),
+        # seal-oem without -oem-size: a 32M OEM partition holding the 16M file system; both grub.cfg forms.
+        ("dm", [["run-script", "-script=preload.sh"], ["seal-oem"]], [], 32 * 2048, True),
+        ("dm-mod", [["run-script", "-script=preload.sh"], ["seal-oem"]], [], 32 * 2048, True),
         # only a script: ROOT-A stays, nothing moves.
-        ([["run-script", "-script=preload.sh"]], [], 32768, False),
+        ("dm", [["run-script", "-script=preload.sh"]], [], 32768, False),
     ],
 )
 def test_other_builds(
-    tmp_path: Path, sample_raw: Path, steps: list[list[str]], finish: list[str], oem_partition: int, reclaimed: bool
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    grub_format: str,
+    steps: list[list[str]],
+    finish: list[str],
+    oem_partition: int,
+    reclaimed: bool,
 ) -> None:
+    sample_raw: Path = request.getfixturevalue(SAMPLE_FIXTURES[grub_format])
     build = run_build(tmp_path, sample_raw, steps, finish, "out.raw")
     assert build.code == 0, build.err
     raw = build.raw
@@ -279,7 +319,15 @@ def test_other_builds(
     assert ("oemroot" in cfg) == sealed
     if sealed:
         assert ext.info(raw, oem.first * 512).size == 16 * MiB
-        assert verity_verify(raw, oem, grub.read_dm(cfg)[0][1]).returncode == 0
+        for line in grub.read_dm(cfg):
+            assert [(t.name, t.form) for t in line] == [("vroot", grub_format), ("oemroot", grub_format)]
+            assert verity_verify(raw, oem, line[1]).returncode == 0
+        assert all(
+            tokens == ["systemd.mask=usr-share-oem.mount", "systemd.mask=update-engine.service"]
+            for tokens in kernel_line_tokens_after_anchor(cfg)
+        )
+    if reclaimed:
+        assert {n: table.partition(n).priority for n in (2, 4, 6)} == {2: 4, 4: 5, 6: 0}
     elif finish:
         assert ext.info(raw, oem.first * 512).size == oem.size * 512
     if reclaimed:
@@ -325,6 +373,45 @@ def test_compressed_sources(tmp_path: Path, sample_raw: Path, fmt: str) -> None:
     assert leaks(tmp_path) == ([], [])
 
 
+# Sealing runs last (a README decision): what a later step writes into the OEM is sealed with it.
+
+OEM_WRITER = """set -e
+echo "written after seal-oem in the step list" > /usr/share/oem/late
+"""
+
+
+@pytest.mark.parametrize("grub_format", ["dm", "dm-mod"])
+def test_seal_oem_before_a_script_still_seals_last(
+    request: pytest.FixtureRequest, tmp_path: Path, grub_format: str
+) -> None:
+    sample: Path = request.getfixturevalue(SAMPLE_FIXTURES[grub_format])
+    steps = [["seal-oem"], ["run-script", "-script=late.sh"]]
+    started = start(tmp_path, copy_of(sample, tmp_path), {"late.sh": OEM_WRITER}, steps)
+    output = tmp_path / "out.raw"
+    code, _, err = cli(started.env, "finish-image-build", f"-output={output}", "-oem-size=64M")
+    assert code == 0, err
+    table = gpt.read_table(output)
+    oem = table.partition(8)
+    assert cat(output, oem.first * 512, "/late") == "written after seal-oem in the step list\n"
+    cfg = grub.read_grub_cfg(output, partition_offset(table, 12))
+    entries = grub.read_dm(cfg)
+    assert [[(t.name, t.form) for t in line] for line in entries] == [
+        [("vroot", grub_format), ("oemroot", grub_format)]
+    ] * 2
+    for line in entries:
+        verified = verity_verify(output, oem, line[1])
+        assert verified.returncode == 0, verified.stderr
+    # The file is inside the verified range: changing its bytes on disk breaks verification.
+    block = sh("debugfs", "-R", "bmap /late 0", ext.device(output, oem.first * 512)).stdout.strip()
+    block_offset = oem.first * 512 + int(block) * 4096
+    with open(output, "r+b") as disk:
+        disk.seek(block_offset)
+        assert disk.read(7) == b"written"
+        disk.seek(block_offset)
+        disk.write(b"W")
+    assert verity_verify(output, oem, entries[0][1]).returncode != 0
+
+
 # Failures: nothing is left behind and the source is unchanged.
 
 
@@ -350,6 +437,23 @@ def test_failing_script(tmp_path: Path, sample_raw: Path) -> None:
     )
     assert "Traceback" not in err
     assert_clean_failure(tmp_path, Build(source, digest, tmp_path / "out.tar.gz", tmp_path, code, out, err))
+
+
+def test_seal_oem_without_a_verity_line_in_grub_cfg(tmp_path: Path, sample_raw: Path) -> None:
+    source = copy_of(sample_raw, tmp_path)
+    efi = partition_offset(gpt.read_table(source), 12)
+    local_only = "\n".join(line for line in grub.read_grub_cfg(source, efi).splitlines() if "dm=" not in line)
+    grub.write_grub_cfg(source, efi, local_only)
+    started = start(tmp_path, source, {"preload.sh": SCRIPT}, [["run-script", "-script=preload.sh"], ["seal-oem"]])
+    output = tmp_path / "out.raw"
+    code, out, err = cli(started.env, "finish-image-build", f"-output={output}")
+    assert code == 1
+    assert err.endswith(
+        "cos-customizer: error: seal-oem failed: grub.cfg has no dm= or dm-mod.create= verity line to add the "
+        "OEM to: seal-oem needs the verified boot entries of a COS image's efi/boot/grub.cfg\n"
+    )
+    assert "Traceback" not in err
+    assert_clean_failure(tmp_path, Build(source, started.digest, output, tmp_path, code, out, err))
 
 
 @pytest.mark.parametrize(
