@@ -58,7 +58,7 @@ GO_FIELDS = {
         "NvidiaInstallDirHost",
         "NvidiaInstallerContainer",
         "GCSDepsPrefix",
-    },  # fmt: skip
+    },
     "InstallPackages": {
         "BuildContext",
         "PkgSpecURL",
@@ -66,7 +66,7 @@ GO_FIELDS = {
         "AnthosInstallerDir",
         "AnthosInstallerVersion",
         "AnthosInstallerReleaseBucket",
-    },  # fmt: skip
+    },
 }
 
 
