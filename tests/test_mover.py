@@ -1,4 +1,4 @@
-"""The mover against a model of the bytes, and e2image moves checked with e2fsck."""
+"""The mover against a model of the bytes (on a file and on a loop device), and e2image moves checked with e2fsck."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cos_customizer.disk import ext, mover
-from cos_customizer.errors import CustomizerError
+from cos_customizer.disk import ext, loop, mover
 
 MiB = 1 << 20
 
@@ -134,49 +133,6 @@ def test_move_ext_keeps_the_file_system(tmp_path: Path, src: int, dst: int) -> N
     assert allocated(image) < 40 * MiB
 
 
-@pytest.mark.root
-def test_ext_resize_grows_to_exact_size_and_keeps_the_rest_of_the_image(tmp_path: Path) -> None:
-    tree = tmp_path / "tree"
-    tree.mkdir()
-    (tree / "hello").write_text("hi")
-    image = tmp_path / "disk.raw"
-    with open(image, "wb") as out:
-        out.truncate(256 * MiB)
-    make_ext(image, 8 * MiB, 32 * MiB, tree)
-    tail = random.Random(5).randbytes(4096)
-    with open(image, "r+b") as out:
-        out.seek(200 * MiB)
-        out.write(tail)
-    ext.resize(image, 8 * MiB, 100 * MiB)
-    assert ext.info(image, 8 * MiB).size == 100 * MiB
-    # resize2fs on a plain file would have cut it to 100 MiB: the image keeps its size and its data.
-    assert image.stat().st_size == 256 * MiB
-    with open(image, "rb") as f:
-        f.seek(200 * MiB)
-        assert f.read(4096) == tail
-    ext.resize(image, 8 * MiB, 40 * MiB)
-    assert image.stat().st_size == 256 * MiB
-    assert ext.info(image, 8 * MiB).size == 40 * MiB
-    ext.check(image, 8 * MiB)
-    assert read_file(image, 8 * MiB, "/hello") == b"hi"
-
-
-def test_ext_info_on_no_file_system(tmp_path: Path) -> None:
-    image = tmp_path / "disk.raw"
-    with open(image, "wb") as out:
-        out.truncate(8 * MiB)
-    with pytest.raises(CustomizerError, match="no ext file system at byte 4096 of"):
-        ext.info(image, 4096)
-
-
-def test_parse_dumpe2fs() -> None:
-    text = "Filesystem volume name:   <none>\nBlock count:              2048\nBlock size:               4096\n"
-    info = ext.parse_dumpe2fs(text)
-    assert (info.label, info.block_count, info.size) == ("", 2048, 8 * MiB)
-    with pytest.raises(CustomizerError, match="cannot read the dumpe2fs output"):
-        ext.parse_dumpe2fs("Block size: 4096\n")
-
-
 @pytest.mark.parametrize("delta", [-8 * MiB, 12 * MiB, -4096, 4096])
 def test_shift_tail_moves_the_end_of_the_file(tmp_path: Path, delta: int) -> None:
     rng = random.Random(delta)
@@ -211,33 +167,21 @@ def test_shift_tail_refuses_what_it_cannot_do_and_changes_nothing(tmp_path: Path
 
 
 @pytest.mark.root
-def test_ext_resize_far_beyond_the_reserved_descriptors(tmp_path: Path) -> None:
-    """A 16M OEM grown to 1 TiB: past mke2fs's 1024x reservation, the resize inode gives way."""
-    tree = tmp_path / "tree"
-    tree.mkdir()
-    (tree / "README").write_text("oem")
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a loop device")
+@pytest.mark.parametrize(("src", "dst"), [(8 * MiB, 20 * MiB), (20 * MiB, 8 * MiB), (4 * MiB, 60 * MiB)])
+def test_copy_range_on_a_block_device_is_byte_exact_and_keeps_holes(tmp_path: Path, src: int, dst: int) -> None:
+    """The provisioner's move on the VM: a device has no holes to find, so all is read; zeros are not written."""
+    rng = random.Random(src - dst)
     image = tmp_path / "disk.raw"
-    with open(image, "wb") as out:
-        out.truncate((1 << 40) + 64 * MiB)
-    make_ext(image, 8 * MiB, 16 * MiB, tree)
-    assert "resize_inode" in ext.info(image, 8 * MiB).features
-    ext.resize(image, 8 * MiB, 1 << 40)
-    info = ext.info(image, 8 * MiB)
-    assert info.size == 1 << 40
-    assert "resize_inode" not in info.features
-    ext.check(image, 8 * MiB)
-    assert read_file(image, 8 * MiB, "/README") == b"oem"
-    assert image.stat().st_size == (1 << 40) + 64 * MiB
-
-
-@pytest.mark.root
-def test_ext_resize_within_the_reservation_keeps_the_resize_inode(tmp_path: Path) -> None:
-    tree = tmp_path / "tree"
-    tree.mkdir()
-    image = tmp_path / "disk.raw"
-    with open(image, "wb") as out:
-        out.truncate(2 << 30)
-    make_ext(image, 8 * MiB, 16 * MiB, tree)
-    ext.resize(image, 8 * MiB, 1 << 30)
-    assert "resize_inode" in ext.info(image, 8 * MiB).features
-    ext.check(image, 8 * MiB)
+    length = 32 * MiB
+    old = [(dst + i * MiB, b"\xee" * 8192) for i in range(0, length // MiB, 3)]
+    data = scattered(rng, src, length, 12)
+    sparse_file(image, 96 * MiB, [*old, *data])
+    before = image.read_bytes()
+    with loop.attach(image) as device:
+        mover.copy_range(device, src, dst, length)
+    after = image.read_bytes()
+    assert after[dst : dst + length] == before[src : src + length]
+    assert after[:dst] == before[:dst]
+    assert after[dst + length :] == before[dst + length :]
+    assert allocated(image) <= 2 * sum(len(d) for _, d in data) + 16 * MiB + sum(len(d) for _, d in old)

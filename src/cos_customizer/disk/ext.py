@@ -1,8 +1,13 @@
-"""Thin wrappers for e2fsprogs, through the single `run()` helper.
+"""ext2/3/4 file systems: the superblock read in pure Python; checks and growth with e2fsck and resize2fs.
 
 A file system is named by a path and a byte offset, so a partition inside
 a whole-disk image file needs no loop device: e2fsprogs accepts
 `IMAGE?offset=BYTES` as a device name.
+
+Only e2fsck and resize2fs run here, the two tools the Go original relies
+on in the COS image itself (the provisioner uses this module on the VM):
+the superblock is read, and the resize inode dropped, in our own code.
+Standard library only.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
+import struct
+import uuid
 from pathlib import Path
 
 from cos_customizer.disk import loop
@@ -17,6 +24,28 @@ from cos_customizer.errors import CustomizerError
 from cos_customizer.runner import CommandError, require_tool, run
 
 E2FSPROGS = "e2fsprogs"
+SUPERBLOCK = 1024  # bytes into the file system, whatever its block size
+MAGIC = 0xEF53
+VALID_FS = 0x0001  # s_state: cleanly unmounted
+COMPAT_RESIZE_INODE = 0x10
+INCOMPAT_64BIT = 0x80
+RO_COMPAT_METADATA_CSUM = 0x400
+
+# Feature names as dumpe2fs prints them, by bit (compat, incompat, ro_compat).
+_COMPAT = (
+    *("dir_prealloc", "imagic_inodes", "has_journal", "ext_attr", "resize_inode", "dir_index", "lazy_bg", None),
+    *("snapshot_bitmap", "sparse_super2", "fast_commit", "stable_inodes", "orphan_file"),
+)
+_INCOMPAT = (
+    *("compression", "filetype", "needs_recovery", "journal_dev", "meta_bg", None, "extent", "64bit"),
+    *("mmp", "flex_bg", "ea_inode", None, "dirdata", "metadata_csum_seed", "large_dir", "inline_data"),
+    *("encrypt", "casefold"),
+)
+_RO_COMPAT = (
+    *("sparse_super", "large_file", None, "huge_file", "uninit_bg", "dir_nlink", "extra_isize", "snapshot"),
+    *("quota", "bigalloc", "metadata_csum", "replica", "read-only", "project", "shared_blocks", "verity"),
+    *("orphan_present",),
+)
 
 
 def device(path: Path, offset: int = 0) -> str:
@@ -26,7 +55,7 @@ def device(path: Path, offset: int = 0) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ExtInfo:
-    """What `dumpe2fs -h` says about a file system."""
+    """What the superblock says (the fields `dumpe2fs -h` prints under these names)."""
 
     label: str
     uuid: str
@@ -43,45 +72,83 @@ class ExtInfo:
         return self.block_count * self.block_size
 
 
-def parse_dumpe2fs(text: str) -> ExtInfo:
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            fields[key.strip()] = value.strip()
-    try:
-        label = fields.get("Filesystem volume name", "")
-        return ExtInfo(
-            label="" if label == "<none>" else label,
-            uuid=fields.get("Filesystem UUID", ""),
-            block_count=int(fields["Block count"]),
-            block_size=int(fields["Block size"]),
-            free_blocks=int(fields.get("Free blocks", "0")),
-            features=tuple(fields.get("Filesystem features", "").split()),
-            blocks_per_group=int(fields.get("Blocks per group", "32768")),
-            desc_size=int(fields.get("Group descriptor size", "32")),
-            reserved_gdt_blocks=int(fields.get("Reserved GDT blocks", "0")),
-        )
-    except (KeyError, ValueError) as err:
-        raise CustomizerError(f"cannot read the dumpe2fs output (missing or bad {err})") from err
+def _names(mask: int, names: tuple[str | None, ...], letter: str) -> list[str]:
+    found = []
+    for bit in range(32):
+        if mask & (1 << bit):
+            name = names[bit] if bit < len(names) else None
+            found.append(name or f"FEATURE_{letter}{bit}")
+    return found
+
+
+def parse_superblock(sb: bytes | bytearray) -> ExtInfo:
+    """The fields of a 1024-byte ext superblock; raises `ValueError` when it is not one."""
+    if len(sb) < 1024 or struct.unpack_from("<H", sb, 0x38)[0] != MAGIC:
+        raise ValueError("no ext superblock magic")
+    (blocks_lo, _reserved_lo, free_lo, _free_inodes, _first_data, log_block, _log_cluster,
+     blocks_per_group) = struct.unpack_from("<IIIIIIII", sb, 0x04)  # fmt: skip
+    compat, incompat, ro_compat = struct.unpack_from("<III", sb, 0x5C)
+    wide = bool(incompat & INCOMPAT_64BIT)
+    blocks_hi, _reserved_hi, free_hi = struct.unpack_from("<III", sb, 0x150) if wide else (0, 0, 0)
+    if log_block > 6:
+        raise ValueError(f"block size 2^{10 + log_block} is not an ext block size")
+    desc_size = struct.unpack_from("<H", sb, 0xFE)[0] if wide else 0
+    return ExtInfo(
+        label=sb[0x78:0x88].split(b"\0", 1)[0].decode(errors="replace"),
+        uuid=str(uuid.UUID(bytes=bytes(sb[0x68:0x78]))),
+        block_count=blocks_hi << 32 | blocks_lo,
+        block_size=1024 << log_block,
+        free_blocks=free_hi << 32 | free_lo,
+        features=tuple(
+            _names(compat, _COMPAT, "C") + _names(incompat, _INCOMPAT, "I") + _names(ro_compat, _RO_COMPAT, "R")
+        ),
+        blocks_per_group=blocks_per_group,
+        desc_size=desc_size or 32,
+        reserved_gdt_blocks=struct.unpack_from("<H", sb, 0xCE)[0],
+    )
+
+
+def _read_superblock(path: Path, offset: int) -> bytes:
+    with open(path, "rb") as f:
+        return os.pread(f.fileno(), 1024, offset + SUPERBLOCK)
 
 
 def info(path: Path, offset: int = 0) -> ExtInfo:
     """Read the superblock of the ext file system at `offset`."""
-    tool = require_tool("dumpe2fs", E2FSPROGS)
     try:
-        result = run([tool, "-h", device(path, offset)])
-    except CommandError as err:
-        raise CustomizerError(f"no ext file system at byte {offset} of {path}: {err.stderr.strip()}") from err
-    return parse_dumpe2fs(result.stdout.decode(errors="replace"))
+        return parse_superblock(_read_superblock(path, offset))
+    except (OSError, ValueError) as err:
+        raise CustomizerError(f"no ext file system at byte {offset} of {path}: {err}") from err
 
 
-def check(path: Path, offset: int = 0, *, repair: bool = False) -> None:
-    """`e2fsck -f -n` (or `-f -p` with `repair`); raises unless the file system is clean (or was fixed)."""
+def _crc32c_table() -> tuple[int, ...]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        table.append(crc)
+    return tuple(table)
+
+
+_CRC32C = _crc32c_table()
+
+
+def superblock_checksum(sb: bytes | bytearray) -> int:
+    """A superblock's metadata_csum checksum: crc32c seeded with ~0, not inverted, of all but its last 4 bytes."""
+    crc = 0xFFFFFFFF
+    for byte in sb[:0x3FC]:
+        crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc
+
+
+def check(path: Path, offset: int = 0, *, repair: bool = False, fix_all: bool = False) -> None:
+    """`e2fsck -f -n`, `-f -p` with `repair`, `-f -y` with `fix_all`; raises unless clean (or fixed)."""
     tool = require_tool("e2fsck", E2FSPROGS)
-    result = run([tool, "-f", "-p" if repair else "-n", device(path, offset)], check=False)
+    mode = "-y" if fix_all else "-p" if repair else "-n"
+    result = run([tool, "-f", mode, device(path, offset)], check=False)
     # e2fsck: 0 clean, 1 errors corrected; anything else is trouble.
-    if result.returncode not in ((0, 1) if repair else (0,)):
+    if result.returncode not in ((0, 1) if repair or fix_all else (0,)):
         raise CommandError(result.args, result.returncode, (result.stdout + result.stderr).decode(errors="replace"))
 
 
@@ -91,37 +158,62 @@ def _gdt_blocks(fs: ExtInfo, size_bytes: int) -> int:
     return -(-groups * fs.desc_size // fs.block_size)
 
 
-def _drop_resize_inode(path: Path, offset: int) -> None:
-    """Remove the resize inode, whose reserved descriptor blocks cannot cover the growth.
+def max_growth_with_resize_inode(fs: ExtInfo) -> int:
+    """The largest size in bytes resize2fs can grow `fs` to while it keeps its resize inode.
 
-    resize2fs fails ("Illegal doubly indirect block") when a file system grows
-    past what mke2fs reserved for it (1024 times its first size, as a 16M OEM
-    grown to 1024G); without the resize inode it grows by moving blocks. The
+    mke2fs reserves descriptor blocks for 1024 times the first size; past
+    them resize2fs fails ("Illegal doubly indirect block found") and leaves
+    the file system needing `e2fsck -fy`.
+    """
+    blocks = (_gdt_blocks(fs, fs.size) + fs.reserved_gdt_blocks) * fs.block_size // fs.desc_size * fs.blocks_per_group
+    return blocks * fs.block_size
+
+
+def drop_resize_inode(path: Path, offset: int) -> None:
+    """Turn off the resize_inode feature, as `tune2fs -O ^resize_inode` then `e2fsck -fy` do.
+
+    tune2fs only clears the feature bit (and the clean flag) in the
+    superblock; e2fsck then frees the resize inode and its reserved
+    descriptor blocks. So do we, with the superblock checksum kept right:
+    the result is byte for byte tune2fs's. Without the resize inode,
+    resize2fs grows a file system by moving blocks, to any size. The
     feature only serves online growth of a mounted file system.
     """
-    run([require_tool("tune2fs", E2FSPROGS), "-O", "^resize_inode", device(path, offset)])
-    result = run([require_tool("e2fsck", E2FSPROGS), "-f", "-y", device(path, offset)], check=False)
-    if result.returncode not in (0, 1):
-        raise CommandError(result.args, result.returncode, (result.stdout + result.stderr).decode(errors="replace"))
+    sb = bytearray(_read_superblock(path, offset))
+    fs = parse_superblock(sb)
+    if "resize_inode" not in fs.features:
+        return
+    compat, ro_compat = struct.unpack_from("<I", sb, 0x5C)[0], struct.unpack_from("<I", sb, 0x64)[0]
+    struct.pack_into("<I", sb, 0x5C, compat & ~COMPAT_RESIZE_INODE)
+    struct.pack_into("<H", sb, 0x3A, struct.unpack_from("<H", sb, 0x3A)[0] & ~VALID_FS)
+    if ro_compat & RO_COMPAT_METADATA_CSUM:
+        struct.pack_into("<I", sb, 0x3FC, superblock_checksum(sb))
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, bytes(sb), offset + SUPERBLOCK)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    check(path, offset, fix_all=True)
 
 
 def resize(path: Path, offset: int, size_bytes: int) -> None:
     """Grow (or shrink) the file system at `offset` to exactly `size_bytes` (a multiple of 512).
 
-    On a regular file resize2fs sets the file's size to the new file-system
-    size, ignoring the offset: it would cut a disk image short. So the file
-    system is resized through a loop device that covers exactly its new
-    extent (this needs root, as the local executor does anyway).
+    `e2fsck -f -p` first (resize2fs insists), then `resize2fs`; past what the
+    resize inode reserved, the resize inode is dropped first (see
+    `drop_resize_inode`). On a regular file resize2fs sets the file's size
+    to the new file-system size, ignoring the offset: it would cut a disk
+    image short. So there the file system is resized through a loop device
+    that covers exactly its new extent (root, as the local executor is); a
+    block device (the provisioner's disk) is resized in place.
     """
     if size_bytes % 512:
         raise ValueError(f"resize2fs size {size_bytes} is not a whole number of sectors")
-    check(path, offset, repair=True)  # resize2fs insists on a freshly checked file system
+    check(path, offset, repair=True)
     current = info(path, offset)
-    if (
-        "resize_inode" in current.features
-        and _gdt_blocks(current, size_bytes) > _gdt_blocks(current, current.size) + current.reserved_gdt_blocks
-    ):
-        _drop_resize_inode(path, offset)
+    if "resize_inode" in current.features and size_bytes > max_growth_with_resize_inode(current):
+        drop_resize_inode(path, offset)
     tool = require_tool("resize2fs", E2FSPROGS)
     if not stat.S_ISREG(os.stat(path).st_mode):
         run([tool, device(path, offset), f"{size_bytes // 512}s"])

@@ -3,13 +3,18 @@
 Two movers, both correct when source and destination overlap in either
 direction:
 
+- `copy_range`: any byte range, byte for byte, in our own code: data
+  extents found with `SEEK_DATA`/`SEEK_HOLE` are copied with
+  `copy_file_range`, and holes in the source become holes (or zeros) at the
+  destination, so the result is identical to the source and the image stays
+  sparse. A block device has no holes to find: all of it is read, and
+  runs that read as zeros are zeroed at the destination (`zero_range`)
+  rather than written. This is what the provisioner uses on the VM, as
+  `sfdisk --move-data` does in the Go original: it needs no tool at all.
 - `move_ext`: an ext2/3/4 file system, with `e2image -ra -o SRC -O DST
   IMAGE` given ONE file argument (an in-place move that copies only the
-  blocks the file system uses). Cost follows the data, not the partition.
-- `copy_range`: any byte range, byte for byte: data extents found with
-  `SEEK_DATA`/`SEEK_HOLE` are copied with `copy_file_range`, and holes in
-  the source become holes (or zeros) at the destination, so the result is
-  identical to the source and the image stays sparse.
+  blocks the file system uses). Cost follows the data, not the partition;
+  for builder machines with e2fsprogs (a COS image may lack e2image).
 
 Order of writes and crash safety: the movers only write the destination
 range, in an order that never overwrites source bytes not yet copied
@@ -39,6 +44,8 @@ from pathlib import Path
 from cos_customizer.runner import require_tool, run
 
 CHUNK = 8 << 20
+ZERO_GRAIN = 64 << 10  # runs of zeros this long are zeroed (holes), not written
+_ZEROS = bytes(ZERO_GRAIN)
 Progress = Callable[[int, int], None]
 
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -107,26 +114,52 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 
 def zero_range(fd: int, offset: int, length: int) -> None:
-    """Make [offset, offset+length) read as zeros: a hole in a file, zeroed blocks on a device."""
+    """Make [offset, offset+length) read as zeros: a hole where the file or device can unmap, else zeroed blocks.
+
+    On a block device, FALLOC_FL_PUNCH_HOLE is the kernel's "zero, unmapping
+    if you can, never by writing" (a loop device punches a hole in its backing
+    file); BLKZEROOUT zeroes by any means; writing zeros is the last resort.
+    """
     if length <= 0:
         return
+    try:
+        _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+        return
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
+            raise
     if stat.S_ISBLK(os.fstat(fd).st_mode):
         try:
             fcntl.ioctl(fd, _BLKZEROOUT, struct.pack("QQ", offset, length))
             return
         except OSError:
             pass
-    else:
-        try:
-            _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
-            return
-        except OSError as err:
-            if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
     zeros = bytes(min(CHUNK, length))
     done = 0
     while done < length:
         done += os.pwrite(fd, zeros[: min(len(zeros), length - done)], offset + done)
+
+
+def _write(fd: int, data: bytes, offset: int) -> None:
+    """Write `data` at `offset`, zeroing its runs of zero blocks instead of writing them (they stay holes)."""
+    view = memoryview(data)
+    zero = [bytes(view[pos : pos + ZERO_GRAIN]) == _ZEROS[: len(view[pos : pos + ZERO_GRAIN])]
+            for pos in range(0, len(data), ZERO_GRAIN)]  # fmt: skip
+    start = 0
+    while start < len(zero):
+        end = start
+        while end < len(zero) and zero[end] == zero[start]:
+            end += 1
+        first, last = start * ZERO_GRAIN, min(end * ZERO_GRAIN, len(data))
+        if zero[start]:
+            zero_range(fd, offset + first, last - first)
+        else:
+            while first < last:
+                written = os.pwrite(fd, view[first:last], offset + first)
+                if written <= 0:
+                    raise OSError(errno.EIO, f"short write at byte {offset + first}")
+                first += written
+        start = end
 
 
 def _copy(fd: int, src: int, dst: int, length: int) -> None:
@@ -143,7 +176,8 @@ def _copy(fd: int, src: int, dst: int, length: int) -> None:
             data = os.pread(fd, min(CHUNK, length - done), src + done)
             if not data:
                 raise OSError(errno.EIO, f"short read at byte {src + done}")
-            copied = os.pwrite(fd, data, dst + done)
+            _write(fd, data, dst + done)
+            copied = len(data)
         done += copied
 
 
