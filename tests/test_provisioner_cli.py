@@ -1,9 +1,14 @@
-"""The provisioner command: usage, the metadata watcher, refusals. No root needed."""
+"""The provisioner command: usage, the metadata watcher, refusals (no root needed); the disk-layout
+handler on a loop device with only the tools a COS image has (root)."""
 
 from __future__ import annotations
 
 import http.server
 import json
+import logging
+import os
+import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -12,7 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from cos_customizer import runner
+from cos_customizer.disk import ext, gpt, loop, planner
+from cos_customizer.provisioner.agent import plan_from
 from cos_customizer.provisioner.main import main
+
+GiB = 1 << 30
+COS_TOOLS = ("e2fsck", "resize2fs")  # what the Go original relies on in the COS image for the layout
 
 
 class Metadata(http.server.BaseHTTPRequestHandler):
@@ -84,3 +95,79 @@ def test_unknown_step_in_the_config_names_the_index(tmp_path: Path, capsys: pyte
         f'BuildFailed: cannot use {config}: {config}: Steps[1]: unknown step type "Reboot"' in capsys.readouterr().out
     )
     assert not (tmp_path / "var").exists()  # refused before anything was written
+
+
+def debugfs(image: Path, offset: int, request: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["debugfs", "-w", "-R", request, ext.device(image, offset)], capture_output=True, check=True)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a loop device")
+@pytest.mark.parametrize(("oem_size", "disk_size"), [(GiB, 12 * GiB), (1024 * GiB, 1034 * GiB)])
+def test_handle_disk_layout_on_a_block_device_runs_only_e2fsck_and_resize2fs(
+    tmp_path: Path,
+    sample_raw: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+    oem_size: int,
+    disk_size: int,
+) -> None:
+    """The shutdown handler as on the VM, after the reboots that reclaim ROOT-A and grow the disk:
+    OEM and STATE move by copy, grow with resize2fs only; e2image, tune2fs and dumpe2fs are not on PATH."""
+    image = tmp_path / "disk.raw"
+    subprocess.run(["cp", "--sparse=always", str(sample_raw), str(image)], check=True)
+    table = gpt.read_table(image)
+    root_a = table.partition(planner.ROOT_A)
+    gpt.write_table(image, table.replace(root_a.moved(root_a.first, planner.SHRUNK_ROOT)))  # what shrink_root_a does
+    os.truncate(image, disk_size)  # what the workflow's resize-disk step does
+    rng = random.Random(oem_size)
+    files: dict[tuple[int, str], bytes] = {}
+    for number in (planner.OEM, planner.STATE):
+        for i, size in enumerate((1, 4096, 300_000, 3 << 20)):
+            content = rng.randbytes(size)
+            local = tmp_path / f"f{number}-{i}"
+            local.write_bytes(content)
+            debugfs(image, table.partition(number).first * 512, f"write {local} f{i}")
+            files[(number, f"/f{i}")] = content
+    files[(planner.STATE, "/var_overlay/lib/sample-image")] = b"this file was on STATE before the build\n"
+    oem_fs_4k = oem_size // 4096 * 127 // 128 - 8  # room for the verity tree, as when sealing
+    inputs = {"disk_sectors": disk_size // 512, "reclaim_sda3": True, "oem_size": oem_size, "oem_fs_size_4k": oem_fs_4k}
+    expected = plan_from({"disk": str(image), **inputs})
+    assert [m.name for m in expected.moves] == ["OEM", "STATE"]
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in COS_TOOLS:
+        found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+        assert found is not None
+        (bin_dir / name).symlink_to(found)
+    with loop.attach(image) as disk:
+        plan_file = tmp_path / "layout.json"
+        plan_file.write_text(json.dumps({"disk": str(disk), **inputs}))
+        with monkeypatch.context() as env:
+            env.setenv("PATH", str(bin_dir))
+            env.setattr(runner, "FALLBACK_DIRS", ())
+            for absent in ("e2image", "tune2fs", "dumpe2fs", "sfdisk"):
+                with pytest.raises(runner.MissingToolError):
+                    runner.require_tool(absent, "e2fsprogs")
+            with caplog.at_level(logging.DEBUG, logger="cos_customizer.run"):
+                assert main(["handle-disk-layout", f"--plan={plan_file}"]) == 0
+    out = capsys.readouterr().out
+    assert "moving OEM\n" in out and "moving STATE\n" in out and out.endswith("Partitions relocated\n")
+    ran = [record.getMessage().removeprefix("run: ").split()[0] for record in caplog.records]
+    assert {Path(tool).name for tool in ran} == set(COS_TOOLS), ran
+
+    after = gpt.read_table(image)
+    assert after == expected.after
+    assert "No problems found" in subprocess.run(["sgdisk", "-v", str(image)], capture_output=True, text=True).stdout
+    oem, state = after.partition(planner.OEM), after.partition(planner.STATE)
+    for part in (oem, state):
+        result = subprocess.run(["e2fsck", "-fn", ext.device(image, part.first * 512)], capture_output=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert ext.info(image, oem.first * 512).size == oem_fs_4k * 4096
+    assert ext.info(image, state.first * 512).size == state.size * 512 // 4096 * 4096
+    for (number, name), content in files.items():
+        offset = after.partition(number).first * 512
+        assert debugfs(image, offset, f"cat {name}").stdout == content, (number, name)
+    assert os.stat(image).st_blocks * 512 < 256 << 20  # zeros became holes, not written blocks

@@ -9,6 +9,12 @@ is never written.
 STATE is the last partition of a COS disk, so when it moves inside a regular
 file the file's tail is shifted in place (extent maps only) instead of
 copying its data; other moves copy only data extents, holes stay holes.
+
+Tools: by default only e2fsck and resize2fs run (what the Go original relies
+on in the COS image; the provisioner applies the plan on the VM at shutdown),
+so a move on a block device is an ordered copy of the whole partition, as
+`sfdisk --move-data` does there. `e2image=True` (a builder machine with
+e2fsprogs) moves an ext file system on a block device by its used blocks.
 """
 
 from __future__ import annotations
@@ -38,8 +44,12 @@ def apply(
     progress: mover.Progress | None = None,
     *,
     grow: bool = True,
+    e2image: bool = False,
 ) -> None:
-    """Move data, write the new table, and (with `grow`) grow the file systems."""
+    """Move data, write the new table, and (with `grow`) grow the file systems.
+
+    With `e2image`, ext file systems on a block device move with e2image (used blocks only).
+    """
     target_size = plan.after.disk_sectors * SECTOR
     for move in plan.moves:
         src, dst, length = move.src * SECTOR, move.dst * SECTOR, move.sectors * SECTOR
@@ -48,7 +58,7 @@ def apply(
             mover.copy_range(image, src, dst, length, progress)
         elif move.number == STATE and _is_tail(plan, STATE) and mover.shift_tail(image, src, dst - src):
             report(f"moved {move.name} by shifting the image's tail")
-        elif stat.S_ISBLK(os.stat(image).st_mode):
+        elif e2image and stat.S_ISBLK(os.stat(image).st_mode):
             report(f"moving {move.name} (used blocks only)")
             mover.move_ext(image, src, dst)  # a device has no holes to skip: let the file system say what is used
         else:

@@ -169,10 +169,11 @@ def relocate(target: Target, state: State, say: Say) -> None:
 
 def handle_disk_layout(plan_file: Path, say: Say) -> None:
     """The shutdown handler: with the file systems unmounted, move the data, write the new table,
-    and grow OEM and STATE offline (online growth needs CAP_SYS_RESOURCE and a reread table)."""
+    and grow OEM and STATE offline (online growth needs CAP_SYS_RESOURCE and a reread table).
+    Only e2fsck and resize2fs run, as in the Go original: a COS image may lack e2image."""
     inputs = json.loads(plan_file.read_text())
     plan = plan_from(inputs)
-    apply.apply(Path(inputs["disk"]), plan, report=say)
+    apply.apply(Path(inputs["disk"]), plan, report=say, e2image=False)
     say("Partitions relocated")
 
 
