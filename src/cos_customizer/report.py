@@ -1,22 +1,51 @@
-"""The end-of-build summary: steps, times, partition tables, verity root hash, output."""
+"""The end-of-build summary: steps, times, partition tables, verity root hash, output.
+
+The executor fills a `Summary` as it builds and hands it here with the
+build it describes; this module knows no executor.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import sys
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Protocol
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table as RichTable
 
 from cos_customizer.disk.gpt import CHROMEOS_KERNEL
+from cos_customizer.disk.planner import DiskPlan
+from cos_customizer.disk.verity import VerityParams
+from cos_customizer.images import ImageFormat
 from cos_customizer.units import human_size
 
-if TYPE_CHECKING:
-    from cos_customizer.executors.local import LocalBuild, Summary
+
+@dataclasses.dataclass
+class Summary:
+    """What a build did: its phases and steps with their seconds, the cleanup, the OEM's verity."""
+
+    phases: list[tuple[str, float]] = dataclasses.field(default_factory=list)
+    steps: list[tuple[str, float]] = dataclasses.field(default_factory=list)
+    cleanup: list[str] = dataclasses.field(default_factory=list)
+    oem_verity: VerityParams | None = None
+
+
+class Built(Protocol):
+    """The build a summary describes (the local executor's `LocalBuild`)."""
+
+    @property
+    def output(self) -> Path: ...
+
+    @property
+    def format(self) -> ImageFormat: ...
+
+    @property
+    def plan(self) -> DiskPlan: ...
 
 
 @contextlib.contextmanager
@@ -35,7 +64,7 @@ def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
         yield update
 
 
-def summary(build: LocalBuild, result: Summary) -> str:
+def summary(build: Built, result: Summary) -> str:
     buffer = io.StringIO()
     console = Console(file=buffer, width=110, no_color=True, highlight=False)
     console.print(f"Build succeeded: {build.output}")

@@ -44,6 +44,7 @@ from cos_customizer.provisioner import steps
 from cos_customizer.provisioner.config import ProvisionerConfig, RunScriptArgs, StepType
 from cos_customizer.provisioner.state import State
 from cos_customizer.provisioner.target import Target
+from cos_customizer.report import Summary
 from cos_customizer.runner import require_tool
 
 log = logging.getLogger("cos_customizer")
@@ -71,14 +72,6 @@ class LocalBuild:
     config: ProvisionerConfig
     plan: DiskPlan
     timeout: float  # seconds
-
-
-@dataclasses.dataclass
-class Summary:
-    phases: list[tuple[str, float]] = dataclasses.field(default_factory=list)
-    steps: list[tuple[str, float]] = dataclasses.field(default_factory=list)
-    cleanup: list[str] = dataclasses.field(default_factory=list)
-    oem_verity: VerityParams | None = None
 
 
 class BuildFailed(CustomizerError):
