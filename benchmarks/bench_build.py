@@ -6,13 +6,16 @@ The build is the README's: on the sample image, a script writing to
 /var/lib, /mnt/stateful_partition and /usr/share/oem; seal-oem;
 disable-auto-update; -oem-size=1G -disk-size-gb=12; a .tar.gz output.
 
-The naive path does the same with stock tools: cp; truncate and
-`sgdisk -e`; dd ROOT-A to ROOT-B; `sfdisk --move-data` for STATE and OEM;
+The naive path does the same with stock tools, the best a user would do
+with them: `cp --sparse=always`; truncate and `sgdisk -e`; `dd
+conv=sparse` ROOT-A to ROOT-B; `sfdisk --move-data` for STATE and OEM;
 `sfdisk` for sizes and kernel priority bits; resize2fs; the script in a
-chroot of loop mounts; `veritysetup format`; grub.cfg through mtools; plain
-`tar -czf`. Targets: ours >= 10x faster, its disk >= 50x smaller in
-allocated bytes. Then: extending the OEM to 1024G on a 1034 GB disk must
-take at most twice as long as to 1G.
+chroot of loop mounts; `veritysetup format`; grub.cfg through mtools; `tar
+--format=oldgnu -Sczf` (GCE's documented import recipe, sparse-aware).
+Both grub.cfg forms of the sample image (`dm=`, `dm-mod.create=`) are
+built. Targets: ours >= 10x faster, its disk >= 50x smaller in allocated
+bytes. Then: extending the OEM to 1024G on a 1034 GB disk must take at
+most twice as long as to 1G.
 """
 
 from __future__ import annotations
@@ -75,11 +78,11 @@ def naive(work: Path, source: Path, output: Path) -> tuple[float, int]:
     oem_sectors = 2047 * 2048
     new_state = p + oem_sectors
     started = time.perf_counter()
-    sh("cp", source, disk)
+    sh("cp", "--sparse=always", source, disk)
     sh("truncate", "-s", "12G", disk)
     sh("sgdisk", "-e", disk)
     mib = 1 << 20
-    sh("dd", f"if={disk}", f"of={disk}", "bs=4M", "conv=notrunc", "status=none", "iflag=skip_bytes,count_bytes",
+    sh("dd", f"if={disk}", f"of={disk}", "bs=4M", "conv=sparse,notrunc", "status=none", "iflag=skip_bytes,count_bytes",
        "oflag=seek_bytes", f"skip={root_a * SECTOR}", f"seek={root_b * SECTOR}", f"count={2048 * mib}")  # fmt: skip
     sh("sfdisk", "-q", "--no-reread", "-N", "3", disk, stdin=f"{root_a},8\n")
     sh("sfdisk", "-q", "--no-reread", "--move-data", "-N", "1", disk, stdin=f"{new_state},+\n")
@@ -113,7 +116,7 @@ def naive(work: Path, source: Path, output: Path) -> tuple[float, int]:
     cfg = grub.add_oem_verity(cfg, partuuid="00000000-0000-0000-0000-000000000000", fs_size_4k=262144,
                               root_hexdigest=root_hash, salt=salt)  # fmt: skip
     grub.write_grub_cfg(disk, efi, grub.mask_units(cfg, grub.UPDATE_ENGINE, grub.OEM_MOUNT))
-    sh("tar", "-czf", output, "-C", work, "disk.raw")
+    sh("tar", "--format=oldgnu", "-Sczf", output, "-C", work, "disk.raw")
     elapsed = time.perf_counter() - started
     return elapsed, disk.stat().st_blocks * SECTOR
 
@@ -153,6 +156,41 @@ class Loops:
             subprocess.run(["losetup", "--detach", device], check=False)
 
 
+FORMS = {"dm": "dm=", "dm-mod": "dm-mod.create="}  # sample-image -grub-format, and the form it writes
+GRUB_FORMATS = tuple(FORMS)
+
+
+def compare(work: Path, grub_format: str) -> tuple[bool, Path]:
+    """The sealed build, ours and naive, on a sample image with this grub.cfg form; returns (met, sample)."""
+    sample = work / f"sample-{grub_format}.raw"
+    subprocess.run([sys.executable, "-m", "cos_customizer", "sample-image", str(sample), f"-grub-format={grub_format}"],
+                   check=True, capture_output=True)  # fmt: skip
+    sealed = [["run-script", "-script=preload.sh"], ["seal-oem"], ["disable-auto-update"]]
+    t_ours = ours(work, sample, sealed, ["-oem-size=1G", "-disk-size-gb=12"], work / "ours.tar.gz")
+    ours_disk = work / "ours.raw"
+    ours(work, sample, sealed, ["-oem-size=1G", "-disk-size-gb=12"], ours_disk)
+    alloc_ours = ours_disk.stat().st_blocks * SECTOR
+    ours_disk.unlink()
+    naive_dir = work / "naive"
+    naive_dir.mkdir()
+    t_naive, alloc_naive = naive(naive_dir, sample, work / "naive.tar.gz")
+    shutil.rmtree(naive_dir)
+    gz_ours, gz_naive = ((work / n).stat().st_size for n in ("ours.tar.gz", "naive.tar.gz"))
+    for name in ("ours.tar.gz", "naive.tar.gz"):
+        (work / name).unlink()
+    speed, size = t_naive / t_ours, alloc_naive / alloc_ours
+    print(
+        f"sealed build, -oem-size=1G -disk-size-gb=12, .tar.gz, grub.cfg {FORMS[grub_format]}; same sample, same run:"
+    )
+    for name, seconds, alloc, gz in (("ours", t_ours, alloc_ours, gz_ours), ("naive", t_naive, alloc_naive, gz_naive)):
+        print(
+            f"  {name + ':':<6} {seconds:7.2f} s  disk allocated {alloc / 2**20:8.1f} MiB  tar.gz {gz / 2**20:7.1f} MiB"
+        )
+    print(f"  ours is {speed:.1f}x faster (target >= {SPEED_TARGET:.0f}x), ", end="")
+    print(f"its disk {size:.0f}x smaller (target >= {SIZE_TARGET:.0f}x)", flush=True)
+    return speed >= SPEED_TARGET and size >= SIZE_TARGET, sample
+
+
 def main() -> int:
     if os.geteuid() != 0:
         raise SystemExit("run as root: both paths use loop devices and mounts")
@@ -160,38 +198,18 @@ def main() -> int:
         work = Path(tmp)
         (work / "context").mkdir()
         (work / "context/preload.sh").write_text(SCRIPT)
-        sample = work / "sample.raw"
-        subprocess.run([sys.executable, "-m", "cos_customizer", "sample-image", str(sample)], check=True,
-                       capture_output=True)  # fmt: skip
-        sealed = [["run-script", "-script=preload.sh"], ["seal-oem"], ["disable-auto-update"]]
-        t_ours = ours(work, sample, sealed, ["-oem-size=1G", "-disk-size-gb=12"], work / "ours.tar.gz")
-        ours_disk = work / "ours.raw"
-        ours(work, sample, sealed, ["-oem-size=1G", "-disk-size-gb=12"], ours_disk)
-        alloc_ours = ours_disk.stat().st_blocks * SECTOR
-        ours_disk.unlink()
-        naive_dir = work / "naive"
-        naive_dir.mkdir()
-        t_naive, alloc_naive = naive(naive_dir, sample, work / "naive.tar.gz")
-        shutil.rmtree(naive_dir)
+        met = [compare(work, grub_format) for grub_format in GRUB_FORMATS]
+        sample = met[0][1]
         script = [["run-script", "-script=preload.sh"]]
         t_small = ours(work, sample, script, ["-oem-size=1G", "-disk-size-gb=11"], work / "small.raw")
         (work / "small.raw").unlink()
         t_huge = ours(work, sample, script, ["-oem-size=1024G", "-disk-size-gb=1034"], work / "huge.raw")
         (work / "huge.raw").unlink()
-        gz_ours, gz_naive = ((work / n).stat().st_size for n in ("ours.tar.gz", "naive.tar.gz"))
-    speed, size, scale = t_naive / t_ours, alloc_naive / alloc_ours, t_huge / t_small
-    print("sealed build, -oem-size=1G -disk-size-gb=12, .tar.gz output; same sample image, same run:")
-    for name, seconds, alloc, gz in (("ours", t_ours, alloc_ours, gz_ours), ("naive", t_naive, alloc_naive, gz_naive)):
-        print(
-            f"  {name + ':':<6} {seconds:7.2f} s  disk allocated {alloc / 2**20:8.1f} MiB  tar.gz {gz / 2**20:7.1f} MiB"
-        )
-    print(f"  ours is {speed:.1f}x faster (target >= {SPEED_TARGET:.0f}x), ", end="")
-    print(f"its disk {size:.0f}x smaller (target >= {SIZE_TARGET:.0f}x)")
+    scale = t_huge / t_small
     print("OEM growth (run-script only, raw output):")
     print(f"  -oem-size=1G    -disk-size-gb=11:   {t_small:6.2f} s")
     print(f"  -oem-size=1024G -disk-size-gb=1034: {t_huge:6.2f} s   ({scale:.2f}x; target <= {SCALE_TARGET:.0f}x)")
-    ok = speed >= SPEED_TARGET and size >= SIZE_TARGET and scale <= SCALE_TARGET
-    return 0 if ok else 1
+    return 0 if all(ok for ok, _ in met) and scale <= SCALE_TARGET else 1
 
 
 if __name__ == "__main__":
