@@ -510,7 +510,7 @@ def test_missing_tool_is_refused_before_anything(
     with started(tmp_path, sample_raw) as env:
         bin_dir = tmp_path / "bin"
         bin_dir.mkdir()
-        for name in ("e2fsck", "dumpe2fs", "mount", "umount", "unshare", "tar", "mtype", "mcopy", "losetup"):
+        for name in ("e2fsck", "mount", "umount", "unshare", "tar", "mtype", "mcopy", "losetup"):
             found = runner.require_tool(name, "x")
             (bin_dir / name).symlink_to(found)
         monkeypatch.setenv("PATH", str(bin_dir))

@@ -53,7 +53,6 @@ EFI = 12
 TOOLS = (
     ("e2fsck", "e2fsprogs"),
     ("resize2fs", "e2fsprogs"),
-    ("dumpe2fs", "e2fsprogs"),
     ("mount", "mount"),
     ("umount", "mount"),
     ("unshare", "util-linux"),
