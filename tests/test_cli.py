@@ -727,9 +727,9 @@ def test_finish_gce_dry_run(gce_build: CLI, workspace_root: Path, tmp_path: Path
         "InheritLabels": False,
     }
     prov = plan["provisioner_config"]
-    assert prov["BuildContexts"] == {"user": "gs://bucket/build-1/user_build_context.tar"}
+    assert prov["BuildContexts"] == {"user": "gs://bucket/build-1/cos-customizer/user_build_context.tar"}
     assert prov["BootDisk"] == {"OEMSize": "1023M", "OEMFSSize4K": 0, "ReclaimSDA3": True, "WaitForDiskResize": True}
-    assert prov["Steps"][0]["Args"]["GCSDepsPrefix"] == "gs://bucket/build-1/gcs_files"
+    assert prov["Steps"][0]["Args"]["GCSDepsPrefix"] == "gs://bucket/build-1/cos-customizer/gcs_files"
     build = plan["build_config"]
     assert (build["Zone"], build["Project"], build["MachineType"], build["DiskType"]) == (
         "us-west1-b",

@@ -82,8 +82,25 @@ def finish(cli: CLI, daisy: tuple[Path, Path], tmp_path: Path, *extra: str, **en
                f"-provisioner-binary={binary}", *extra, env=environ)  # fmt: skip
 
 
+# The original's managed directory (src/pkg/preloader/gcs.go: WORKDIR joined with "cos-customizer").
+MANAGED = "build-7/cos-customizer/"
+# What the user keeps under the same workdir: beside the managed directory, and under look-alike names.
+USER_OBJECTS = ("build-7/mine.txt", "build-7/cos-customizer-other/keep", "build-7/cos-customizerx", "build-70/x",
+                "build-7/sub/cos-customizer/y")  # fmt: skip
+
+
 def managed(gcs: Any) -> list[str]:
-    return sorted(blob.name for blob in gcs.list_blobs(BUCKET, prefix="build-7/"))
+    return sorted(blob.name for blob in gcs.list_blobs(BUCKET, prefix=MANAGED))
+
+
+def put_user_objects(gcs: Any) -> None:
+    for name in USER_OBJECTS:
+        gcs.bucket(BUCKET).blob(name).upload_from_string(f"the user's {name}")
+
+
+def user_objects(gcs: Any) -> dict[str, str]:
+    return {name: gcs.bucket(BUCKET).blob(name).download_as_text() for name in USER_OBJECTS
+            if gcs.bucket(BUCKET).blob(name).exists()}  # fmt: skip
 
 
 def test_end_to_end(started: CLI, gcs: Any, compute: Compute, daisy: tuple[Path, Path], tmp_path: Path,
@@ -99,8 +116,8 @@ def test_end_to_end(started: CLI, gcs: Any, compute: Compute, daisy: tuple[Path,
     seen = record["inspected"]
     # The uploads were there while daisy ran, and the managed directory is gone now.
     assert seen["gcs_objects"] == [
-        "build-7/gcs_files/NVIDIA-Linux-x86_64-450.51.06.run",
-        "build-7/user_build_context.tar",
+        "build-7/cos-customizer/gcs_files/NVIDIA-Linux-x86_64-450.51.06.run",
+        "build-7/cos-customizer/user_build_context.tar",
     ]
     assert managed(gcs) == []
     # The CIDATA disk: a FAT labelled CIDATA with the provisioner and its final config.
@@ -108,7 +125,7 @@ def test_end_to_end(started: CLI, gcs: Any, compute: Compute, daisy: tuple[Path,
     assert seen["cidata_files"] == ["config.json", "provisioner"]
     assert "CIDATA" in seen["cidata_label"]
     config = seen["cidata_config"]
-    assert config["BuildContexts"] == {"user": "gs://builds/build-7/user_build_context.tar"}
+    assert config["BuildContexts"] == {"user": "gs://builds/build-7/cos-customizer/user_build_context.tar"}
     assert config["BootDisk"] == {
         "OEMSize": "2047M",
         "OEMFSSize4K": 262144,
@@ -116,7 +133,7 @@ def test_end_to_end(started: CLI, gcs: Any, compute: Compute, daisy: tuple[Path,
         "WaitForDiskResize": True,
     }
     gpu = next(step for step in config["Steps"] if step["Type"] == "InstallGPU")
-    assert gpu["Args"]["GCSDepsPrefix"] == "gs://builds/build-7/gcs_files"
+    assert gpu["Args"]["GCSDepsPrefix"] == "gs://builds/build-7/cos-customizer/gcs_files"
     # Workflow: labels inherited from the source, -labels wins; a scratch disk for install-gpu; the resize.
     workflow = record["workflow"]
     assert workflow["Steps"]["image"]["CreateImages"][0]["labels"] == {"milestone": "override", "team": "os"}
@@ -124,6 +141,7 @@ def test_end_to_end(started: CLI, gcs: Any, compute: Compute, daisy: tuple[Path,
     assert workflow["Steps"]["resize-disk"] == {"ResizeDisks": [{"Name": "boot-disk", "SizeGb": "13"}]}
     assert record["vars"]["source_image"] == "projects/cos-cloud/global/images/cos-stable-109-17800-66-0"
     assert record["vars"]["host_maintenance"] == "TERMINATE"
+    assert record["flags"]["-gcs_path"] == "gs://builds/build-7/cos-customizer"
     assert record["flags"]["-compute_endpoint_override"] == f"{compute.url}/projects/"
     # Deprecation of the older family member, with the TTL; the workspace is removed.
     deprecated = compute.images["my-proj"]["custom-0"]["deprecated"]
@@ -314,3 +332,15 @@ def test_an_arm64_source_is_refused_before_anything_unless_a_provisioner_binary_
         assert dry.code == 0, dry.err
         assert json.loads(dry.out)["cidata_provisioner"] == f"{binary} (-provisioner-binary)"
         assert f"  CIDATA:    {binary} (-provisioner-binary)\n" in dry.err
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_only_the_managed_directory_is_deleted(started: CLI, gcs: Any, daisy: tuple[Path, Path], tmp_path: Path,
+                                             fail: bool) -> None:  # fmt: skip
+    """The user's objects under the same workdir survive a build, successful or not; ours are all gone."""
+    put_user_objects(gcs)
+    gcs.bucket(BUCKET).blob(MANAGED + "left-by-an-earlier-build").upload_from_string("ours")
+    result = finish(started, daisy, tmp_path, **({"DAISY_STANDIN_FAIL": "1"} if fail else {}))
+    assert result.code == (1 if fail else 0), result.err
+    assert user_objects(gcs) == {name: f"the user's {name}" for name in USER_OBJECTS}
+    assert managed(gcs) == []

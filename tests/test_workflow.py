@@ -113,7 +113,16 @@ def test_matrix(tmp_path: Path, gpu: bool, reclaim: bool, oem: str, disk: int, f
     assert image["labels"] == {"a": "1"}
     assert image["licenses"] == ["projects/p/global/licenses/l"]
     assert image["description"] == "Derivative of ${source_image}."
-    tail = ["-gcs_path", "gs://bucket/dir", "-project", "proj", "-zone", "us-west1-b", "-default_timeout", "1h0m0s"]
+    tail = [
+        "-gcs_path",
+        "gs://bucket/dir/cos-customizer",
+        "-project",
+        "proj",
+        "-zone",
+        "us-west1-b",
+        "-default_timeout",
+        "1h0m0s",
+    ]
     assert args[-10:-2] == tail
     assert args[-2:] == ["-disable_gcs_logging", str(tmp_path / "build_image.wf.json")]
     recorded = json.loads((tmp_path / "record.json").read_text())

@@ -270,15 +270,15 @@ def _check_local_flags(args: Parsed, source: SourceImage) -> Output:
 
 def _gce_provisioner(config: ProvisionerConfig, build: BuildConfig) -> ProvisionerConfig:
     """The provisioner config as the preload VM will see it."""
-    managed = f"gs://{build.GCSBucket}/{build.GCSDir}"
+    managed = workflow.managed_dir(build)
     steps = []
     for step in config.steps:
         if isinstance(step.args, InstallGPUArgs) and step.args.gcs_deps_prefix:
-            step = Step(dataclasses.replace(step.args, gcs_deps_prefix=f"{managed}/gcs_files"))
+            step = Step(dataclasses.replace(step.args, gcs_deps_prefix=f"{managed}/{workflow.DEPS_DIR}"))
         steps.append(step)
     return dataclasses.replace(
         config.with_boot_disk(wait_for_disk_resize=plan.need_disk_resize(config.boot_disk, build.DiskSize)),
-        build_contexts=(("user", f"{managed}/user_build_context.tar"),),
+        build_contexts=(("user", f"{managed}/{workflow.CONTEXT_OBJECT}"),),
         steps=tuple(steps),
     )
 

@@ -101,7 +101,8 @@ def managed_directory(build: BuildConfig) -> Iterator[Any]:
         yield bucket
     finally:
         try:
-            blobs = list(client.list_blobs(build.GCSBucket, prefix=f"{build.GCSDir}/"))
+            # The trailing slash: `WORKDIR/cos-customizer-other/...` is the user's, not ours.
+            blobs = list(client.list_blobs(build.GCSBucket, prefix=f"{workflow.managed_prefix(build)}/"))
             for blob in blobs:
                 blob.delete()
             log.info("Deleted the managed directory %s (%d objects)", workflow.managed_dir(build), len(blobs))
@@ -112,8 +113,10 @@ def managed_directory(build: BuildConfig) -> Iterator[Any]:
 def upload(bucket: Any, build: BuildConfig, build_context: Path) -> None:
     from google.api_core import exceptions
 
-    uploads = {build_context: f"{build.GCSDir}/user_build_context.tar"}
-    uploads.update({Path(f): f"{build.GCSDir}/gcs_files/{Path(f).name}" for f in build.GCSFiles})
+    uploads = {build_context: workflow.managed_object(build, workflow.CONTEXT_OBJECT)}
+    uploads.update(
+        {Path(f): workflow.managed_object(build, f"{workflow.DEPS_DIR}/{Path(f).name}") for f in build.GCSFiles}
+    )
     for local, name in uploads.items():
         try:
             bucket.blob(name).upload_from_filename(str(local))

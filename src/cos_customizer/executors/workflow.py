@@ -10,6 +10,7 @@ one guest accelerator when a GPU type is set.
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 import urllib.parse
 from typing import Any
 
@@ -193,5 +194,22 @@ def daisy_args(
     return args
 
 
+# The one directory under -gcs-workdir the build owns (the original's `managedDir`): daisy's -gcs_path,
+# the build context archive, the install-gpu deps. Only objects under it are ever deleted.
+MANAGED_DIR = "cos-customizer"
+CONTEXT_OBJECT = "user_build_context.tar"
+DEPS_DIR = "gcs_files"
+
+
+def managed_prefix(build: BuildConfig) -> str:
+    """The managed directory's object prefix, `WORKDIR/cos-customizer`, joined and cleaned as the original joins it."""
+    return posixpath.normpath(posixpath.join(build.GCSDir, MANAGED_DIR))
+
+
+def managed_object(build: BuildConfig, name: str) -> str:
+    """The object name of `name` (a relative path) in the managed directory."""
+    return f"{managed_prefix(build)}/{name}"
+
+
 def managed_dir(build: BuildConfig) -> str:
-    return f"gs://{build.GCSBucket}/{build.GCSDir}"
+    return f"gs://{build.GCSBucket}/{managed_prefix(build)}"
