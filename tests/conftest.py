@@ -55,7 +55,7 @@ def cli(home: Path, workspace_root: Path, capsys: pytest.CaptureFixture[str], co
 
     def run(*argv: str, env: dict[str, str] | None = None) -> Result:
         environ = {"HOME": str(home), "COS_CUSTOMIZER_WORKDIR": str(workspace_root), "PATH": os.environ["PATH"],
-                   "COS_CUSTOMIZER_COMPUTE_ENDPOINT": compute.url}  # fmt: skip
+                   "COS_CUSTOMIZER_COMPUTE_ENDPOINT": f"{compute.url}/compute/v1/"}  # fmt: skip
         environ.update(env or {})
         capsys.readouterr()
         code = main(list(argv), environ)

@@ -713,7 +713,7 @@ def test_finish_gce_dry_run(gce_build: CLI, workspace_root: Path, tmp_path: Path
         "-disk-size-gb=20",
         "-oem-size=1G",
         "-dry-run",
-        env={"COS_CUSTOMIZER_COMPUTE_ENDPOINT": "http://127.0.0.1:9/"},
+        env={"COS_CUSTOMIZER_COMPUTE_ENDPOINT": "http://127.0.0.1:9/compute/v1/"},
     )
     assert result.code == 0, result.err
     plan = json.loads(result.out)
@@ -738,11 +738,11 @@ def test_finish_gce_dry_run(gce_build: CLI, workspace_root: Path, tmp_path: Path
         "pd-standard",
     )
     assert build["GPUType"] == "nvidia-tesla-p100"
-    assert build["GCEEndpoint"] == "http://127.0.0.1:9/"
+    assert build["GCEEndpoint"] == "http://127.0.0.1:9/compute/v1/"
     assert plan["workflow"]["Name"] == "build-image"
     assert plan["workflow"]["Steps"]["resize-disk"] == {"ResizeDisks": [{"Name": "boot-disk", "SizeGb": "20"}]}
     args = plan["daisy_args"]
-    assert args[0] == "-compute_endpoint_override=http://127.0.0.1:9/projects/"
+    assert args[0] == "-compute_endpoint_override=http://127.0.0.1:9/compute/v1/projects/"
     assert args[args.index("-var:output_image_name") + 1] == "cos-stable-109-17800-66-0-custom"
     assert args[-1] == "<build-dir>/build_image.wf.json"
     assert snapshot(workspace_root) == before

@@ -142,7 +142,9 @@ def test_end_to_end(started: CLI, gcs: Any, compute: Compute, daisy: tuple[Path,
     assert record["vars"]["source_image"] == "projects/cos-cloud/global/images/cos-stable-109-17800-66-0"
     assert record["vars"]["host_maintenance"] == "TERMINATE"
     assert record["flags"]["-gcs_path"] == "gs://builds/build-7/cos-customizer"
-    assert record["flags"]["-compute_endpoint_override"] == f"{compute.url}/projects/"
+    # One -compute-endpoint value, the original's API base: the client reached the stand-in through it, and
+    # daisy gets the original's override, path.Join(base, "projects") + "/" (preload.go).
+    assert record["flags"]["-compute_endpoint_override"] == f"{compute.url}/compute/v1/projects/"
     # Deprecation of the older family member, with the TTL; the workspace is removed.
     deprecated = compute.images["my-proj"]["custom-0"]["deprecated"]
     assert deprecated["state"] == "DEPRECATED"
@@ -344,3 +346,14 @@ def test_only_the_managed_directory_is_deleted(started: CLI, gcs: Any, daisy: tu
     assert result.code == (1 if fail else 0), result.err
     assert user_objects(gcs) == {name: f"the user's {name}" for name in USER_OBJECTS}
     assert managed(gcs) == []
+
+
+def test_a_host_only_compute_endpoint_is_refused_with_one_line(cli: CLI, context_dir: Path, compute: Compute) -> None:
+    result = cli("start-image-build", f"-build-context={context_dir}", "-image-project=cos-cloud",
+                 "-image-family=cos-stable", f"-gcs-bucket={BUCKET}", "-gcs-workdir=build-7",
+                 env={"COS_CUSTOMIZER_COMPUTE_ENDPOINT": compute.url})  # fmt: skip
+    assert (result.code, result.err) == (1, (
+        f"cos-customizer: error: -compute-endpoint={compute.url}: give the Compute API's base URL, ending in "
+        "/compute/v1/ (for example http://127.0.0.1:8080/compute/v1/), as the original takes it\n"
+    ))  # fmt: skip
+    assert compute.requests == []

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from cos_customizer.config import BuildConfig, SourceImage
+from cos_customizer.errors import ValidationError
 from cos_customizer.executors import startup, workflow
 from cos_customizer.provisioner.config import (
     DisableAutoUpdateArgs,
@@ -193,3 +194,29 @@ def test_cloud_config_runs_the_provisioner_and_speaks_the_protocol() -> None:
     assert "TTYPath=%I" in text and "cos-customizer@${tty}.service" in text
     script = startup.SCRIPT
     assert subprocess.run(["bash", "-n"], input=script, text=True, check=False).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "client", "daisy"),
+    [
+        ("http://127.0.0.1:8000/compute/v1/", "http://127.0.0.1:8000", "http://127.0.0.1:8000/compute/v1/projects/"),
+        ("http://127.0.0.1:8000/compute/v1", "http://127.0.0.1:8000", "http://127.0.0.1:8000/compute/v1/projects/"),
+        ("https://proxy.example/gce/compute/v1/", "https://proxy.example/gce",
+         "https://proxy.example/gce/compute/v1/projects/"),
+    ],
+)  # fmt: skip
+def test_one_compute_endpoint_value_serves_the_client_and_daisy(value: str, client: str, daisy: str) -> None:
+    """The value is the API base, as the original's `-compute-endpoint` (option.WithEndpoint; daisy gets
+    path.Join(base, "projects") + "/"); the Python client appends /compute/v1 itself, so it gets the rest."""
+    endpoint = workflow.compute_endpoint(value)
+    assert (endpoint.client, endpoint.daisy) == (client, daisy)
+
+
+@pytest.mark.parametrize("value", ["http://127.0.0.1:8000", "http://127.0.0.1:8000/", "127.0.0.1:8000/compute/v1/"])
+def test_a_compute_endpoint_without_the_api_path_is_refused(value: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        workflow.compute_endpoint(value)
+    assert str(err.value) == (
+        f"-compute-endpoint={value}: give the Compute API's base URL, ending in /compute/v1/ "
+        "(for example http://127.0.0.1:8080/compute/v1/), as the original takes it"
+    )

@@ -291,6 +291,8 @@ def make_plan(context: Context, args: Parsed) -> FinishPlan:
     output = _check_local_flags(args, source) if executor is Executor.LOCAL else None
     if executor is Executor.GCE:
         _check_gce_flags(args)
+        if context.compute_endpoint:
+            workflow.compute_endpoint(context.compute_endpoint)  # one value for the client and daisy, or refused
     if args["timeout"] <= 0:
         raise UsageError(f"-timeout={format_duration(args['timeout'])}: give a positive duration such as 1h0m0s")
     boot_disk = plan.resolve_boot_disk(config, args["oem-size"], args["disk-size-gb"])

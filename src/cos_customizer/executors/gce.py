@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from cos_customizer.config import SourceImage
 from cos_customizer.errors import CustomizerError, ValidationError
+from cos_customizer.executors.workflow import compute_endpoint
 
 log = logging.getLogger("cos_customizer")
 
@@ -61,7 +62,7 @@ def _options(endpoint: str) -> dict[str, Any]:
     from google.api_core.client_options import ClientOptions
     from google.auth.credentials import AnonymousCredentials
 
-    options: dict[str, Any] = {"client_options": ClientOptions(api_endpoint=endpoint)}
+    options: dict[str, Any] = {"client_options": ClientOptions(api_endpoint=compute_endpoint(endpoint).client)}
     if endpoint.startswith("http://"):
         options["credentials"] = AnonymousCredentials()  # type: ignore[no-untyped-call]
     return options

@@ -15,6 +15,7 @@ import urllib.parse
 from typing import Any
 
 from cos_customizer.config import BuildConfig, SourceImage
+from cos_customizer.errors import ValidationError
 from cos_customizer.plan import IMAGE_SIZE_GB, need_disk_resize
 from cos_customizer.provisioner.config import ProvisionerConfig, StepType
 
@@ -163,9 +164,7 @@ def daisy_args(
     """daisy's arguments for this build (the order of the original's)."""
     args: list[str] = []
     if build.GCEEndpoint and DEFAULT_COMPUTE not in build.GCEEndpoint:
-        endpoint = urllib.parse.urlparse(build.GCEEndpoint)
-        path = endpoint.path.rstrip("/") + "/projects"
-        args.append(f"-compute_endpoint_override={endpoint._replace(path=path).geturl()}/")
+        args.append(f"-compute_endpoint_override={compute_endpoint(build.GCEEndpoint).daisy}")
     boot = config.boot_disk
     if not boot.oem_size and build.DiskSize > IMAGE_SIZE_GB and not boot.reclaim_sda3:
         args += ["-var:disk_size_gb", str(build.DiskSize)]
@@ -192,6 +191,31 @@ def daisy_args(
         workflow_path,
     ]  # fmt: skip
     return args
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeEndpoint:
+    """One -compute-endpoint value (the original's: the API base, `http://HOST/compute/v1/`) as each user needs it."""
+
+    client: str  # google-cloud-compute's api_endpoint: it appends /compute/v1/projects/... itself
+    daisy: str  # daisy's -compute_endpoint_override: the base joined with "projects", and a trailing slash
+
+
+API_PATH = "/compute/v1"
+
+
+def compute_endpoint(value: str) -> ComputeEndpoint:
+    """Split the API base into the client's endpoint and daisy's override, or refuse what no client can serve."""
+    parsed = urllib.parse.urlparse(value)
+    path = parsed.path.rstrip("/")
+    if parsed.scheme not in ("http", "https") or not parsed.netloc or not path.endswith(API_PATH):
+        raise ValidationError(
+            f"-compute-endpoint={value}: give the Compute API's base URL, ending in {API_PATH}/ "
+            f"(for example http://127.0.0.1:8080{API_PATH}/), as the original takes it"
+        )
+    base = parsed._replace(path=path, params="", query="", fragment="")
+    client = base._replace(path=path[: -len(API_PATH)]).geturl()
+    return ComputeEndpoint(client=client, daisy=base._replace(path=posixpath.join(path, "projects")).geturl() + "/")
 
 
 # The one directory under -gcs-workdir the build owns (the original's `managedDir`): daisy's -gcs_path,
