@@ -357,3 +357,38 @@ def test_a_host_only_compute_endpoint_is_refused_with_one_line(cli: CLI, context
         "/compute/v1/ (for example http://127.0.0.1:8080/compute/v1/), as the original takes it\n"
     ))  # fmt: skip
     assert compute.requests == []
+
+
+# The original's TestResolveMilestone cases (src/pkg/gce/gce_test.go), and names its imageNameRegex reads or not.
+@pytest.mark.parametrize(
+    ("names", "milestone", "expected"),
+    [
+        (["cos-dev-68-10718-0-0", "cos-beta-67-10525-0-0"], 68, "cos-dev-68-10718-0-0"),
+        (["cos-dev-68-10718-11-0", "cos-dev-68-10718-0-0", "bad-image"], 68, "cos-dev-68-10718-11-0"),
+        ([], 68, None),
+        (["bad-image"], 68, None),
+        (["cos-arm64-stable-109-17800-66-0", "cos-stable-109-17800-9-0"], 109, "cos-arm64-stable-109-17800-66-0"),
+        (["cos-65-10323-0-0"], 65, None),
+        (["cos-stable-109-17800-100-0", "cos-stable-109-17800-66-0"], 109, "cos-stable-109-17800-100-0"),
+        (["cos-stable-109-9999-0-0", "cos-stable-109-17800-1-0"], 109, "cos-stable-109-17800-1-0"),
+    ],
+)
+def test_milestone_resolution_is_the_originals(names: list[str], milestone: int, expected: str | None) -> None:
+    from cos_customizer.executors import gce
+
+    found = gce.newest_on_milestone(names, milestone)
+    assert (found[0] if found else None) == expected
+
+
+def test_milestone_takes_the_highest_build_number_deprecated_or_not(cli: CLI, compute: Compute, context_dir: Path,
+                                                                     workspace_root: Path) -> None:  # fmt: skip
+    """Not the newest by creation time, and a deprecated image is not skipped (the original skips none)."""
+    compute.add_image("cos-cloud", "cos-stable-109-17800-200-0", created="2023-01-01T00:00:00Z", deprecated=True)
+    compute.add_image("cos-cloud", "cos-beta-109-17800-100-0", created="2025-01-01T00:00:00Z")
+    result = cli("start-image-build", f"-build-context={context_dir}", "-image-project=cos-cloud",
+                 "-image-milestone=109", f"-gcs-bucket={BUCKET}", "-gcs-workdir=build-7")  # fmt: skip
+    assert result.code == 0, result.err
+    source = json.loads((workspace_root / "config/source_image").read_text())
+    assert source["Name"] == "cos-stable-109-17800-200-0"
+    # cos-109-17800-0-0 of the stand-in is not a name the original reads: 3 candidates, not 4.
+    assert "Using image cos-stable-109-17800-200-0: the highest build number among the 3 cos-cloud images" in result.err

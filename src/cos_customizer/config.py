@@ -39,6 +39,8 @@ class SourceImage(_Model):
     def describe(self) -> str:
         if self.ImageFile:
             return self.ImageFile
+        if self.Name and self.Milestone:
+            return f"{self.Project}/{self.Name} (the highest build number on milestone {self.Milestone} at start)"
         if self.Name:
             return f"{self.Project}/{self.Name}"
         if self.Family:

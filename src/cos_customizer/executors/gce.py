@@ -91,7 +91,6 @@ def resolve_source_image(requested: SourceImage, compute_endpoint: str = "") -> 
     project = requested.Project
     if requested.Milestone:
         name = latest_on_milestone(images, requested.Milestone)
-        log.info("Using image %s from milestone %d", name, requested.Milestone)
         return requested.model_copy(update={"Name": name})
     if requested.Family:
         image = _call(
@@ -105,16 +104,43 @@ def resolve_source_image(requested: SourceImage, compute_endpoint: str = "") -> 
     return requested
 
 
-def latest_on_milestone(images: Any, milestone: int) -> str:
-    pattern = re.compile(rf"^cos-(?:(?:stable|beta|dev)-)?{milestone}-")
-    found = [
-        image
-        for image in _call(f"images of {COS_PROJECT}", lambda: list(images.list(project=COS_PROJECT)))
-        if pattern.match(image.name) and not (image.deprecated and image.deprecated.state)
+# How the original reads a cos-cloud image name (src/pkg/gce/gce.go, imageNameRegex): the milestone follows a
+# lower-case word (stable, beta, dev, ...), then the build number's three parts. Searched, not anchored.
+_IMAGE_NAME = re.compile(r"[a-z0-9-]+-[a-z]+-([0-9]+)-([0-9]+)-([0-9]+)-([0-9]+)")
+
+
+def decode_image_name(name: str) -> tuple[int, tuple[int, int, int]] | None:
+    """(milestone, build number) of a cos-cloud image name, or None when the original would not read it."""
+    match = _IMAGE_NAME.search(name)
+    if match is None:
+        return None
+    milestone, *build = (int(group) for group in match.groups())
+    return milestone, (build[0], build[1], build[2])
+
+
+def newest_on_milestone(names: list[str], milestone: int) -> tuple[str, int] | None:
+    """The name with the highest build number on `milestone`, and how many names were on it (deprecated or not,
+    as in the original's ResolveMilestone)."""
+    candidates = [
+        (decoded[1], name) for name in names if (decoded := decode_image_name(name)) and decoded[0] == milestone
     ]
-    if not found:
+    if not candidates:
+        return None
+    return max(candidates)[1], len(candidates)
+
+
+def latest_on_milestone(images: Any, milestone: int) -> str:
+    listed = _call(f"images of {COS_PROJECT}", lambda: list(images.list(project=COS_PROJECT)))
+    found = newest_on_milestone([str(image.name) for image in listed], milestone)
+    if found is None:
         raise ValidationError(f"no image found on milestone {milestone} in {COS_PROJECT}")
-    return str(max(found, key=lambda image: image.creation_timestamp).name)
+    name, count = found
+    log.info(
+        "Using image %s: the highest build number among the %d %s images on milestone %d "
+        "(deprecated images count, as in the original)",
+        name, count, COS_PROJECT, milestone,
+    )  # fmt: skip
+    return name
 
 
 def image_exists(images: Any, project: str, name: str) -> bool:
