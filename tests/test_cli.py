@@ -616,11 +616,6 @@ def test_finish_output_format_follows_the_name(local_build: CLI, tmp_path: Path,
             'invalid value "A45M" for flag -oem-size: a size must start with a digit; use a whole number followed by B, K, M or G (for example 500M), or a bare number of 512-byte sectors',
         ),
         (
-            ["-output={tmp}/o.raw", "-oem-size="],
-            2,
-            'invalid value "" for flag -oem-size: empty size; use a whole number followed by B, K, M or G (for example 500M), or a bare number of 512-byte sectors',
-        ),
-        (
             ["-output={tmp}/o.raw", "-oem-size=8M"],
             2,
             'invalid value "8M" for flag -oem-size: oem-size must be at least 16M (the size of the OEM partition in a COS image)',
@@ -866,3 +861,14 @@ def test_signal_during_start_keeps_the_previous_build(
     assert snapshot(workspace_root) == before
     assert sorted(p.name for p in workspace_root.parent.iterdir() if p.name.startswith(".ws")) == []
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_empty_flag_values_are_unset_flags(local_build: CLI, tmp_path: Path) -> None:
+    """-oem-size= (an empty Cloud Build substitution) plans exactly what no -oem-size plans, as in the original."""
+    assert local_build("seal-oem").code == 0
+    out = f"-output={tmp_path / 'o.raw'}"
+    plain = local_build("finish-image-build", out, "-dry-run")
+    empty = local_build("finish-image-build", out, "-oem-size=", "-image-family=", "-zone=", "-dry-run")
+    assert (plain.code, empty.code) == (0, 0), empty.err
+    assert json.loads(empty.out)["provisioner_config"] == json.loads(plain.out)["provisioner_config"]
+    assert json.loads(empty.out)["disk_plan"] == json.loads(plain.out)["disk_plan"]

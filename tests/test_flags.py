@@ -165,3 +165,18 @@ def test_not_interspersed_stops_at_first_positional() -> None:
 def test_single_dash_is_positional() -> None:
     assert p("-")["name"] == ""
     assert p("-").positional == ["-"]
+
+
+def test_an_empty_string_value_is_an_unset_flag_as_in_the_original() -> None:
+    """Go's string flags take "" and the original treats "" as "not set" (an empty Cloud Build substitution);
+    its int, bool and duration flags refuse "" (strconv), and so do ours."""
+    with_default = (*FLAGS, Flag("machine", Kind.STRING, "has a default", default="n1-standard-1"))
+    parsed = parse(with_default, ["-size=", "-name=", "-machine="], command="test")
+    assert (parsed["size"], parsed["name"], parsed["machine"]) == ("", "", "n1-standard-1")
+    assert parsed.given == set()
+    for flag in ("-count=", "-on=", "-timeout="):
+        with pytest.raises(UsageError) as err:
+            p(flag)
+        assert str(err.value).startswith(
+            f'invalid {"boolean value" if flag == "-on=" else "value"} "" for flag {flag[:-1]}'
+        )

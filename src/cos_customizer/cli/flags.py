@@ -104,6 +104,11 @@ def parse_map(text: str, into: dict[str, str]) -> None:
 
 
 def _set(flag: Flag, raw: str, parsed: Parsed) -> None:
+    if raw == "" and flag.kind is Kind.STRING:
+        # As the original, whose string flags take "" as "not set" (-oem-size= from an empty Cloud Build
+        # substitution is no -oem-size); a flag with a default keeps it.
+        parsed.values[flag.name] = flag.initial
+        return
     try:
         if flag.kind is Kind.BOOL:
             value: Any = parse_bool(raw)
