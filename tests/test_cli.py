@@ -872,3 +872,13 @@ def test_empty_flag_values_are_unset_flags(local_build: CLI, tmp_path: Path) -> 
     assert (plain.code, empty.code) == (0, 0), empty.err
     assert json.loads(empty.out)["provisioner_config"] == json.loads(plain.out)["provisioner_config"]
     assert json.loads(empty.out)["disk_plan"] == json.loads(plain.out)["disk_plan"]
+
+
+def test_gce_dry_run_says_inherited_labels_are_read_at_build_time(gce_build: CLI) -> None:
+    result = gce_build(
+        "finish-image-build", *GCE_FINISH, "-image-name=out", "-inherit-labels", "-labels=a=1", "-dry-run"
+    )
+    assert result.code == 0, result.err
+    said = "the source image's labels are read when the build starts (-labels wins); the dry run reads none"
+    assert json.loads(result.out)["inherited_labels"] == said
+    assert f"  labels:    {said}\n" in result.err

@@ -193,6 +193,8 @@ class FinishPlan:
         else:
             assert self.output_image is not None
             doc["output_image"] = self.output_image
+            if self.output_image["InheritLabels"]:
+                doc["inherited_labels"] = INHERITED_LABELS
             image = workflow.OutputImage(
                 name=self.output_image["Name"],
                 project=self.output_image["Project"],
@@ -214,6 +216,9 @@ class FinishPlan:
             doc["build_files"] = f"{BUILD_DIR} is a temporary directory made at build time"
             doc["cidata_provisioner"] = describe_binary(self.provisioner_binary)
         return doc
+
+
+INHERITED_LABELS = "the source image's labels are read when the build starts (-labels wins); the dry run reads none"
 
 
 def describe_binary(binary: Path | None) -> str:
@@ -389,6 +394,8 @@ def describe(finish: FinishPlan) -> str:
             f"  output:    image {image['Project']}/{image['Name']}"
             + (f" in family {image['Family']}" if image["Family"] else "")
         )
+        if image["InheritLabels"]:
+            lines.append(f"  labels:    {INHERITED_LABELS}")
         lines.append(f"  build in:  project {build.Project}, zone {build.Zone}, {build.MachineType}")
         lines.append(f"  CIDATA:    {describe_binary(finish.provisioner_binary)}")
     size = f"{build.DiskSize} GB" if build.DiskSize else f"{plan.IMAGE_SIZE_GB} GB (the image's size)"
