@@ -106,6 +106,8 @@ def inspect(record: dict[str, Any]) -> dict[str, Any]:
     import tempfile
 
     seen: dict[str, Any] = {}
+    cloud_config = record["workflow"].get("Sources", {}).get("cloud-config", "")
+    seen["cloud_config"] = Path(cloud_config).read_text() if cloud_config else None
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(record["vars"]["cidata_img"]) as tar:
             seen["cidata_members"] = tar.getnames()
@@ -122,6 +124,9 @@ def inspect(record: dict[str, Any]) -> dict[str, Any]:
             ["mtype", "-i", image, "::/config.json"], capture_output=True, text=True, env=env, check=True
         )
         seen["cidata_config"] = json.loads(config.stdout)
+        for name in ("user-data", "meta-data"):
+            found = subprocess.run(["mtype", "-i", image, f"::/{name}"], capture_output=True, text=True, env=env)
+            seen[f"cidata_{name}"] = found.stdout if found.returncode == 0 else None
         label = subprocess.run(["mlabel", "-s", "-i", image, "::"], capture_output=True, text=True, env=env, check=True)
         seen["cidata_label"] = label.stdout.strip()
     from google.auth.credentials import AnonymousCredentials

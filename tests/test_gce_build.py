@@ -122,7 +122,11 @@ def test_end_to_end(started: CLI, gcs: Any, compute: Compute, daisy: tuple[Path,
     assert managed(gcs) == []
     # The CIDATA disk: a FAT labelled CIDATA with the provisioner and its final config.
     assert seen["cidata_members"] == ["disk.raw"]
-    assert seen["cidata_files"] == ["config.json", "provisioner"]
+    assert seen["cidata_files"] == ["config.json", "meta-data", "provisioner", "user-data"]
+    # The original's CIDATA also holds cloud-init's NoCloud pair: the startup cloud-config and an empty meta-data.
+    assert seen["cidata_user-data"] == seen["cloud_config"]
+    assert seen["cidata_user-data"].startswith("#cloud-config\n")
+    assert seen["cidata_meta-data"] == ""
     assert "CIDATA" in seen["cidata_label"]
     config = seen["cidata_config"]
     assert config["BuildContexts"] == {"user": "gs://builds/build-7/cos-customizer/user_build_context.tar"}

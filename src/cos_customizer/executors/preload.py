@@ -138,6 +138,13 @@ def cidata_disk(work: Path, binary: Path, config: ProvisionerConfig) -> Path:
     env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
     run([mcopy, "-i", str(disk), str(binary), "::/provisioner"], env=env)
     run([mcopy, "-i", str(disk), str(config_file), "::/config.json"], env=env)
+    # As the original's CIDATA (its Dockerfile): cloud-init's NoCloud pair, the startup cloud-config as
+    # user-data and an empty meta-data, so a VM that boots it without metadata still provisions.
+    user_data, meta_data = work / "user-data", work / "meta-data"
+    user_data.write_text(startup.cloud_config())
+    meta_data.write_text("")
+    run([mcopy, "-i", str(disk), str(user_data), "::/user-data"], env=env)
+    run([mcopy, "-i", str(disk), str(meta_data), "::/meta-data"], env=env)
     archive = work / "cidata.tar.gz"
     output.tar_gz(disk, archive)
     return archive
