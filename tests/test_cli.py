@@ -104,13 +104,9 @@ def test_start_gce_records_what_was_given(cli: CLI, context_dir: Path, workspace
     )
     assert result.code == 0, result.err
     source = json.loads((workspace_root / "config/source_image").read_text())
-    assert source == {
-        "Name": "cos-stable-109-17800-66-0",
-        "Project": "cos-cloud",
-        "Family": "cos-stable",
-        "Milestone": 0,
-        "ImageFile": "",
-    }
+    # The original's shape ({"Project", "name"}: a compute.Image with its project, src/pkg/config/config.go),
+    # plus how the image was asked for, which the original ignores.
+    assert source == {"Project": "cos-cloud", "name": "cos-stable-109-17800-66-0", "Family": "cos-stable"}
     build = json.loads((workspace_root / "config/build").read_text())
     assert (build["GCSBucket"], build["GCSDir"]) == ("b", "w")
 
@@ -882,3 +878,31 @@ def test_gce_dry_run_says_inherited_labels_are_read_at_build_time(gce_build: CLI
     said = "the source image's labels are read when the build starts (-labels wins); the dry run reads none"
     assert json.loads(result.out)["inherited_labels"] == said
     assert f"  labels:    {said}\n" in result.err
+
+
+# A workspace as the original's start-image-build, run-script and seal-oem write it (encoding/json of its
+# config.Image, config.Build and provisioner.Config: no omitempty on Build, nil slices as null, Env a string).
+ORIGINAL_WORKSPACE = {
+    "config/source_image": '{"name":"cos-stable-109-17800-66-0","Project":"cos-cloud"}',
+    "config/build": '{"GCSBucket":"b","GCSDir":"w","Project":"","Zone":"","MachineType":"","ServiceAccount":"",'
+    '"DiskType":"","DiskSize":0,"GPUType":"","Timeout":"","GCSFiles":null,"GCEEndpoint":"","Network":"","Subnet":""}',
+    "config/provisioner": '{"BuildContexts":null,"BootDisk":{"OEMSize":"","OEMFSSize4K":0,"ReclaimSDA3":true,'
+    '"WaitForDiskResize":false},"Steps":[{"Type":"RunScript","Args":{"BuildContext":"user","Path":"a.sh",'
+    '"Env":"A=1,B=2"}},{"Type":"SealOEM","Args":null}]}',
+}
+
+
+def test_a_workspace_the_original_wrote_is_finished_here(cli: CLI, workspace_root: Path, context_dir: Path) -> None:
+    for name, text in ORIGINAL_WORKSPACE.items():
+        (workspace_root / name).parent.mkdir(parents=True, exist_ok=True)
+        (workspace_root / name).write_text(text)
+    subprocess.run(["tar", "-cf", str(workspace_root / "user_build_context.tar"), "-C", str(context_dir), "."],
+                   check=True)  # fmt: skip
+    result = cli("finish-image-build", *GCE_FINISH, "-image-name=out", "-dry-run")
+    assert result.code == 0, result.err
+    plan = json.loads(result.out)
+    assert plan["source_image"] == {"Project": "cos-cloud", "name": "cos-stable-109-17800-66-0"}
+    assert plan["provisioner_config"]["Steps"][0]["Args"]["Env"] == ["A=1", "B=2"]
+    assert plan["daisy_args"][plan["daisy_args"].index("-var:source_image") + 1] == (
+        "projects/cos-cloud/global/images/cos-stable-109-17800-66-0"
+    )

@@ -210,7 +210,7 @@ def test_source_resolution(cli: CLI, context_dir: Path, workspace_root: Path, fl
     result = cli("start-image-build", f"-build-context={context_dir}", "-image-project=cos-cloud", "-gcs-bucket=b",
                  "-gcs-workdir=w", *flags)  # fmt: skip
     assert result.code == 0, result.err
-    assert json.loads((workspace_root / "config/source_image").read_text())["Name"] == name
+    assert json.loads((workspace_root / "config/source_image").read_text())["name"] == name
 
 
 @pytest.mark.parametrize(
@@ -393,6 +393,6 @@ def test_milestone_takes_the_highest_build_number_deprecated_or_not(cli: CLI, co
                  "-image-milestone=109", f"-gcs-bucket={BUCKET}", "-gcs-workdir=build-7")  # fmt: skip
     assert result.code == 0, result.err
     source = json.loads((workspace_root / "config/source_image").read_text())
-    assert source["Name"] == "cos-stable-109-17800-200-0"
+    assert source["name"] == "cos-stable-109-17800-200-0"
     # cos-109-17800-0-0 of the stand-in is not a name the original reads: 3 candidates, not 4.
     assert "Using image cos-stable-109-17800-200-0: the highest build number among the 3 cos-cloud images" in result.err

@@ -7,11 +7,29 @@ it must also load on the preload VM with the standard library only.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    """Read as Go's encoding/json reads the original's files: keys matched without regard to case, unknown keys
+    ignored, `null` meaning the zero value; so either tool reads the other's workspace."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _as_go_reads(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = {name.lower(): name for name in cls.model_fields}
+        read: dict[str, Any] = {}
+        for key, value in data.items():
+            name = fields.get(str(key).lower())
+            if name is not None and value is not None:
+                read[name] = value
+        return read
 
 
 class SourceImage(_Model):
@@ -35,6 +53,15 @@ class SourceImage(_Model):
     @property
     def url(self) -> str:
         return f"projects/{self.Project}/global/images/{self.Name}"
+
+    @model_serializer(mode="plain")
+    def _as_the_original_writes(self) -> dict[str, Any]:
+        """The original's shape, `{"Project", "name"}` (a compute.Image with its Project), plus ours when set:
+        the original ignores `Milestone` and `ImageFile`, and `Family` fills a field it does not use."""
+        data: dict[str, Any] = {"Project": self.Project, "name": self.Name}
+        extras = {"Family": self.Family, "Milestone": self.Milestone, "ImageFile": self.ImageFile}
+        data.update({key: value for key, value in extras.items() if value})
+        return data
 
     def describe(self) -> str:
         if self.ImageFile:
