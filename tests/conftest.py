@@ -158,3 +158,41 @@ def data_digest(path: Path) -> str:
     finally:
         os.close(fd)
     return digest.hexdigest()
+
+
+# NVIDIA's public driver bucket as install-gpu reads it (gs://nvidia-drivers-us-public/tesla/<version>/...).
+DRIVER_OBJECTS = (
+    "tesla/535.104.05/NVIDIA-Linux-x86_64-535.104.05.run",
+    "tesla/450.51.06/NVIDIA-Linux-x86_64-450.51.06.run",
+    "tesla/450.51.06/NVIDIA-Linux-x86_64-450.51.06.run.md5",
+)
+
+
+@pytest.fixture(scope="session")
+def driver_bucket_host() -> Iterator[str]:
+    """A GCS emulator holding NVIDIA's public driver bucket, for the whole session."""
+    import socket
+    import threading
+
+    from gcp_storage_emulator.server import create_server
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="nvidia-drivers-us-public")
+    threading.Thread(target=server.start, daemon=True).start()
+    host = f"http://127.0.0.1:{port}"
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage  # type: ignore[attr-defined]
+
+    client = storage.Client(project="test", credentials=AnonymousCredentials(), client_options={"api_endpoint": host})  # type: ignore[no-untyped-call]
+    for name in DRIVER_OBJECTS:
+        client.bucket("nvidia-drivers-us-public").blob(name).upload_from_string("x")
+    yield host
+    server.stop()
+
+
+@pytest.fixture
+def driver_bucket(driver_bucket_host: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", driver_bucket_host)
+    return driver_bucket_host

@@ -423,9 +423,10 @@ def test_install_gpu_run_file_names_follow_the_provisioner(
             "-install-dir=var/lib/nvidia: give an absolute path on the image, like /var/lib/nvidia",
         ),
         (
-            ["-get-valid-drivers"],
+            ["-version=535.104.06"],
             1,
-            "-get-valid-drivers is not supported by this version: pass the driver version you want with -version",
+            "driver version 535.104.06 is not valid; valid driver versions are: [390.46 450.51.06 535.104.05] "
+            "(or give an NVIDIA .run installer in -deps-dir)",
         ),
     ],
 )
@@ -906,3 +907,19 @@ def test_a_workspace_the_original_wrote_is_finished_here(cli: CLI, workspace_roo
     assert plan["daisy_args"][plan["daisy_args"].index("-var:source_image") + 1] == (
         "projects/cos-cloud/global/images/cos-stable-109-17800-66-0"
     )
+
+
+@pytest.fixture(autouse=True)
+def _drivers(driver_bucket: str) -> str:
+    """install-gpu checks plain versions against NVIDIA's bucket, as the original: an emulator stands in."""
+    return driver_bucket
+
+
+def test_get_valid_drivers_lists_the_originals_set(gce_build: CLI, workspace_root: Path) -> None:
+    """The original's validDriverVersions: 390.46, plus the second path element of each object under tesla/."""
+    before = snapshot(workspace_root)
+    result = gce_build("install-gpu", "-get-valid-drivers")
+    assert result.code == 0, result.err
+    assert result.out == "390.46\n450.51.06\n535.104.05\n"
+    assert "Valid driver versions are: [390.46 450.51.06 535.104.05]" in result.err
+    assert snapshot(workspace_root) == before

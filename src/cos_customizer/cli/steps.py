@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -125,6 +126,13 @@ def _check_gpu_version(version: str, deps_dir: str) -> None:
             f"driver version {version} is not valid: give a version such as 535.104.05, or the name of an "
             "NVIDIA installer file in -deps-dir such as NVIDIA-Linux-x86_64-450.51.06.run"
         )
+    else:  # as the original: a version must be one NVIDIA's public bucket has
+        valid = gce.valid_driver_versions()
+        if version not in valid:
+            raise ValidationError(
+                f"driver version {version} is not valid; valid driver versions are: [{' '.join(valid)}] "
+                "(or give an NVIDIA .run installer in -deps-dir)"
+            )
 
 
 def _deps_files(deps_dir: str) -> tuple[str, ...]:
@@ -136,8 +144,9 @@ def _deps_files(deps_dir: str) -> tuple[str, ...]:
 
 def handle_install_gpu(context: Context, args: Parsed) -> int:
     if args["get-valid-drivers"]:
-        for version in gce.valid_driver_versions():
-            print(version)
+        versions = gce.valid_driver_versions()
+        log.info("Valid driver versions are: [%s]", " ".join(versions))
+        sys.stdout.write("".join(f"{version}\n" for version in versions))
         return 0
     ws = context.workspace
     config = ws.provisioner()

@@ -31,11 +31,26 @@ class GceError(CustomizerError):
     """Compute Engine refused or failed a call."""
 
 
+# Where the original looks up driver versions (install_gpu.go, validDriverVersions): the second path element of
+# every object under tesla/ in NVIDIA's public bucket, read anonymously, plus one version it always accepts.
+DRIVER_BUCKET = "nvidia-drivers-us-public"
+DRIVER_PREFIX = "tesla/"
+ALWAYS_VALID_DRIVER = "390.46"
+
+
 def valid_driver_versions() -> list[str]:
-    """`install-gpu -get-valid-drivers` (lists NVIDIA's public GCS bucket); not in this version."""
-    raise CustomizerError(
-        "-get-valid-drivers is not supported by this version: pass the driver version you want with -version"
-    )
+    """The driver versions install-gpu accepts, sorted (the original's set; STORAGE_EMULATOR_HOST for tests)."""
+    from google.api_core import exceptions
+    from google.cloud import storage  # type: ignore[attr-defined]
+
+    try:
+        client = storage.Client.create_anonymous_client()
+        names = [blob.name for blob in client.list_blobs(DRIVER_BUCKET, prefix=DRIVER_PREFIX)]
+    except exceptions.GoogleAPIError as err:
+        raise GceError(f"cannot list the GPU driver versions in gs://{DRIVER_BUCKET}/{DRIVER_PREFIX}: {err}") from err
+    found = {ALWAYS_VALID_DRIVER}
+    found.update(parts[1] for name in names if len(parts := name.split("/", 2)) > 1)
+    return sorted(found)
 
 
 @contextmanager
