@@ -10,11 +10,13 @@ SIGKILL.
 The layout is the one of 03-cos-disk.md: the root read-only; STATE at
 /mnt/stateful_partition with /var and /home bound from it (/var noexec,
 /var/lib/{google,docker,toolbox} exec); OEM at /usr/share/oem; /etc writable
-through an overlay whose upper layer is discarded; tmpfs on /tmp, /run,
-/mnt/disks and /var/lib/cloud; /dev and /sys from the host; /proc fresh for
-each script; the host's resolv.conf. Each script runs as `/bin/bash FILE` in
-its own mount and PID namespace, chrooted into that tree, in the build
-context directory, its output streamed line by line.
+through an overlay whose upper layer is discarded; size-limited tmpfs on
+/tmp, /run, /mnt/disks and /var/lib/cloud (`large_tmpfs_size`, `SMALL_TMPFS`); the host's
+resolv.conf. Each script runs as `/bin/bash FILE` in the sandbox of
+`executors.sandbox` (its own /proc, /dev and read-only /sys, pivot_root into
+that tree, a user namespace, the build's network namespace with
+slirp4netns), in the build context directory, its output streamed line by
+line; its `-env` reaches only the sandbox.
 
 Usage: python -m cos_customizer.executors.runtime SPEC.json
 """
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from cos_customizer.disk import loop
+from cos_customizer.executors import sandbox
 from cos_customizer.provisioner import steps
 from cos_customizer.provisioner.cleanup import STATE_DIR, clean
 from cos_customizer.provisioner.config import ProvisionerConfig, RunScriptArgs
@@ -42,6 +45,15 @@ from cos_customizer.runner import CommandError, require_tool, run
 
 TAIL_LINES = 20
 EXEC_DIRS = ("google", "docker", "toolbox")
+MiB = 1 << 20
+GiB = 1 << 30
+SMALL_TMPFS = 64 * MiB  # /run, /var/lib/cloud, the /etc overlay's upper layer
+
+
+def large_tmpfs_size() -> int:
+    """/tmp and /mnt/disks: a quarter of the machine's memory, at most 1 GiB each."""
+    pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(64 * MiB, min(GiB, pages // 4))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +80,7 @@ class StageSpec:
     contexts: dict[str, str]  # build context name -> archive path
     scripts: tuple[Script, ...]
     result: str  # where the stage writes its result (JSON)
+    allow_host_loopback: bool = False  # scripts may reach the host's 127.0.0.1 (as 10.0.2.2)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -83,6 +96,7 @@ class StageSpec:
             contexts=dict(data["contexts"]),
             scripts=tuple(Script(**{**s, "env": tuple(s["env"])}) for s in data["scripts"]),
             result=data["result"],
+            allow_host_loopback=bool(data.get("allow_host_loopback", False)),
         )
 
 
@@ -134,11 +148,11 @@ def layout(spec: StageSpec) -> Iterator[Path]:
             path.mkdir(parents=True, exist_ok=True)
             _bind(stack, path, path, "nosuid", "nodev", "exec")
         (root / "var/lib/cloud").mkdir(parents=True, exist_ok=True)
-        _mount(stack, "tmpfs", root / "var/lib/cloud", "mode=0755", fstype="tmpfs")
+        _mount(stack, "tmpfs", root / "var/lib/cloud", "mode=0755", f"size={SMALL_TMPFS}", fstype="tmpfs")
         _partition(stack, spec.image, spec.oem, _mountpoint(root, "usr/share/oem"))
         layers = work / "etc-layers"
         layers.mkdir(exist_ok=True)
-        _mount(stack, "tmpfs", layers, "mode=0755", fstype="tmpfs")
+        _mount(stack, "tmpfs", layers, "mode=0755", f"size={SMALL_TMPFS}", fstype="tmpfs")
         (layers / "upper").mkdir()
         (layers / "work").mkdir()
         etc = _mountpoint(root, "etc")
@@ -150,16 +164,16 @@ def layout(spec: StageSpec) -> Iterator[Path]:
                 resolv.unlink()
             resolv.touch()
             _bind(stack, Path("/etc/resolv.conf").resolve(), resolv, "ro")
-        for relative, options in (
-            ("tmp", ("nosuid", "nodev", "noexec")),
-            ("run", ("nosuid", "nodev")),
-            ("mnt/disks", ()),
+        large = large_tmpfs_size()
+        for relative, size, options in (
+            ("tmp", large, ("nosuid", "nodev", "noexec")),
+            ("run", SMALL_TMPFS, ("nosuid", "nodev")),
+            ("mnt/disks", large, ()),
         ):
             mode = "mode=1777" if relative == "tmp" else "mode=0755"
-            _mount(stack, "tmpfs", _mountpoint(root, relative), mode, *options, fstype="tmpfs")
-        _mount(stack, "/dev", _mountpoint(root, "dev"), "rbind")
-        _mount(stack, "/sys", _mountpoint(root, "sys"), "rbind")
-        _mountpoint(root, "proc")
+            _mount(stack, "tmpfs", _mountpoint(root, relative), mode, f"size={size}", *options, fstype="tmpfs")
+        for relative in ("dev", "sys", "proc"):  # each script's sandbox mounts its own
+            _mountpoint(root, relative)
         yield root
 
 
@@ -171,8 +185,24 @@ def unpack_contexts(root: Path, contexts: dict[str, str]) -> None:
         run([tar, "-xpf", archive, "-C", str(target)])
 
 
-def run_script(root: Path, script: Script) -> None:
-    """`/bin/bash FILE` by the provisioner's own step code, chrooted into `root`; output streamed with the step name."""
+@contextmanager
+def sandbox_network(work: Path, allow_host_loopback: bool) -> Iterator[sandbox.Namespaces]:
+    """The build's user and network namespaces (bound under `work`), with slirp4netns while the block runs."""
+    spaces = sandbox.make_namespaces(work / "ns")
+    network = sandbox.Network(
+        spaces, allow_host_loopback=allow_host_loopback, tool=require_tool("slirp4netns", "slirp4netns")
+    )
+    try:
+        yield spaces
+    finally:
+        network.close()
+
+
+def run_script(root: Path, script: Script, spaces: sandbox.Namespaces, work: Path) -> None:
+    """`/bin/bash FILE` by the provisioner's own step code, in the sandbox on `root`, output streamed with its name.
+
+    The step's -env goes to the sandbox in its spec file, never into the environment of a host-side process.
+    """
     tail: list[str] = []
 
     def say(line: str) -> None:
@@ -180,26 +210,41 @@ def run_script(root: Path, script: Script) -> None:
         tail.append(line)
         del tail[:-TAIL_LINES]
 
-    target = Target(root=root, disk=root, partition_template="", chroot=True, fixed_env=True)
+    extra = {key: value for key, _, value in (item.partition("=") for item in script.env)}
+    spec_path = work / "sandbox.json"
+    sandbox.SandboxSpec(root=str(root), user=spaces.user, net=spaces.net, env={**steps.SCRIPT_ENV_BASE, **extra}).write(
+        spec_path
+    )
+    target = Target(
+        root=root,
+        disk=root,
+        partition_template="",
+        chroot=True,
+        fixed_env=True,
+        sandbox=tuple(sandbox.command(spec_path)),
+    )
     context = steps.Context(target, State(root / STATE_DIR, ProvisionerConfig()), say)
     try:
-        steps.run_script(context, RunScriptArgs(build_context=script.context, path=script.path, env=script.env))
+        steps.run_script(context, RunScriptArgs(build_context=script.context, path=script.path, env=()))
     except steps.StepFailed as err:
         raise StageError(f"{script.name} failed with exit status {err.status}", status=err.status, tail=tail) from err
 
 
 def stage(spec: StageSpec) -> dict[str, Any]:
     timings: list[dict[str, Any]] = []
+    work = Path(spec.workdir)
     with layout(spec) as root:
         unpack_contexts(root, spec.contexts)
-        for index, script in enumerate(spec.scripts):
-            started = time.monotonic()
-            try:
-                run_script(root, script)
-            except StageError as err:
-                err.info["index"] = index
-                raise
-            timings.append({"name": script.name, "seconds": round(time.monotonic() - started, 3)})
+        if spec.scripts:
+            with sandbox_network(work, spec.allow_host_loopback) as spaces:
+                for index, script in enumerate(spec.scripts):
+                    started = time.monotonic()
+                    try:
+                        run_script(root, script, spaces, work)
+                    except StageError as err:
+                        err.info["index"] = index
+                        raise
+                    timings.append({"name": script.name, "seconds": round(time.monotonic() - started, 3)})
         cleaned = clean(root)
     return {"ok": True, "steps": timings, "cleanup": cleaned}
 

@@ -32,6 +32,10 @@ class Target:
     console: str = ""
     # How a script runs: the VM runs it directly; a test chroots into `root`.
     chroot: bool = False
+    # With `chroot`: the argv prefix of a sandbox that runs `--wd=DIR -- ARGV` in `root` (the local
+    # executor's, executors/sandbox.py); empty: `unshare --root`. The sandbox gets the script's
+    # environment its own way: what this process passes reaches only the sandbox's host-side helper.
+    sandbox: tuple[str, ...] = ()
     # The environment scripts start from: the one the VM gave the provisioner (less the loaders'
     # variables), or a small fixed one (the local executor: never the builder's environment).
     fixed_env: bool = False
@@ -51,14 +55,16 @@ class Target:
         for key in ("root", "disk"):
             if key in data:
                 data[key] = Path(data[key])
-        if "systemctl" in data:
-            data["systemctl"] = tuple(data["systemctl"])
+        for key in ("systemctl", "sandbox"):
+            if key in data:
+                data[key] = tuple(data[key])
         return cls(**data)
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["root"], data["disk"] = str(self.root), str(self.disk)
         data["systemctl"] = list(self.systemctl)
+        data["sandbox"] = list(self.sandbox)
         return data
 
     def path(self, absolute: str) -> Path:
@@ -113,6 +119,8 @@ class Target:
 
     def command(self, workdir: str, argv: list[str]) -> tuple[list[str], str | None]:
         """How to run `argv` in `workdir` (a path of the target): the argv and the cwd to use."""
+        if self.chroot and self.sandbox:
+            return [*self.sandbox, f"--wd={workdir}", "--", *argv], None
         if self.chroot:
             isolate = ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc"]
             return [*isolate, f"--root={self.root}", f"--wd={workdir}", *argv], None

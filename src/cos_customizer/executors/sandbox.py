@@ -1,0 +1,381 @@
+"""The script sandbox of the local executor: a run-script can change only the image.
+
+Two parts, both standard library only (this file also runs on its own, as
+`python -I sandbox.py SPEC -- ARGV`, so a script's start costs no package
+import):
+
+* `Namespaces` (once per build, in the stage): a user namespace mapping every
+  id to itself (root inside is uid 0 on disk, so file ownership in the image
+  is exact) and a network namespace owned by it, kept alive by bind mounts
+  of their /proc/PID/ns files in the stage's private mount namespace (they
+  vanish with it). `Network` gives that namespace outbound access through
+  slirp4netns (the host's loopback refused unless allowed).
+* `main` (once per script): the sandbox itself, as bubblewrap and mkosi's
+  sandbox build theirs (read, not copied). As the host's root, in a new
+  mount and PID namespace joined to the build's network namespace, it mounts
+  on the runtime tree a fresh /proc (its /sys, sysrq-trigger and the other
+  host-wide knobs read-only or masked), a fresh read-only sysfs of the
+  sandbox's network namespace (so no cgroup tree at all), and a private /dev
+  (a small tmpfs with null, zero, full, random, urandom and tty bound from the
+  host, a private devpts with ptmx, a size-limited /dev/shm, the fd links);
+  it pivot_roots into the tree and detaches the old root. Then it joins the
+  build's user namespace and unshares a mount, IPC and UTS namespace owned
+  by it: every mount it inherited is locked (cannot be unmounted,
+  revealed or made writable), and root's capabilities count only for what
+  that user namespace owns (mounts inside the stage, its network). Last it
+  drops CAP_MKNOD, CAP_SYS_MODULE, CAP_SYS_RAWIO, CAP_SYS_BOOT, CAP_SYS_TIME
+  and a few more from the bounding set, sets no_new_privs, and executes the
+  script with the environment from the spec (never the one this helper was
+  started with), as PID 1 of its PID namespace. If the helper dies, the
+  kernel kills PID 1 (PR_SET_PDEATHSIG) and with it the whole namespace.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import errno
+import fcntl
+import json
+import os
+import platform
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MNT_DETACH = 2
+
+PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
+
+# Dropped from the bounding set. A preload script needs none of them: it makes no device nodes
+# (CAP_MKNOD: devices of the image are created at boot by devtmpfs and udev), loads no module,
+# touches no raw I/O port, clock, boot loader of the host, audit or MAC policy, BPF or perf.
+DROPPED = {
+    "CAP_MKNOD": 27,
+    "CAP_SYS_MODULE": 16,
+    "CAP_SYS_RAWIO": 17,
+    "CAP_SYS_PACCT": 20,
+    "CAP_SYS_BOOT": 22,
+    "CAP_SYS_TIME": 25,
+    "CAP_AUDIT_CONTROL": 30,
+    "CAP_MAC_OVERRIDE": 32,
+    "CAP_MAC_ADMIN": 33,
+    "CAP_SYSLOG": 34,
+    "CAP_WAKE_ALARM": 35,
+    "CAP_BLOCK_SUSPEND": 36,
+    "CAP_PERFMON": 38,
+    "CAP_BPF": 39,
+}
+
+# Host-wide knobs in a fresh /proc that only check "uid 0" (the sandbox's root is uid 0 on the host):
+# read-only or hidden, as container runtimes do.
+PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
+PROC_MASKED = ("kcore", "keys", "timer_list", "sched_debug", "latency_stats", "acpi", "scsi", "asound")
+DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+DEV_SHM_SIZE = 64 << 20
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
+_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+_libc.unshare.argtypes = (ctypes.c_int,)
+_libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
+_libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+
+
+def _check(result: int, what: str, path: str = "") -> None:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}", path or None)
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(flags), "unshare")
+
+
+def setns(path_or_fd: str | int, nstype: int) -> None:
+    fd = os.open(path_or_fd, os.O_RDONLY | os.O_CLOEXEC) if isinstance(path_or_fd, str) else path_or_fd
+    try:
+        _check(_libc.setns(fd, nstype), "setns", str(path_or_fd))
+    finally:
+        if isinstance(path_or_fd, str):
+            os.close(fd)
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
+    def enc(value: str | None) -> bytes | None:
+        return value.encode() if value is not None else None
+
+    _check(_libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)), f"mount {fstype or ''}", target)
+
+
+def bind(source: str, target: str, flags: int = 0) -> None:
+    mount(source, target, None, MS_BIND)
+    if flags:
+        mount(None, target, None, MS_REMOUNT | MS_BIND | flags)
+
+
+def prctl(option: int, arg: int = 0) -> None:
+    _check(_libc.prctl(option, arg, 0, 0, 0), "prctl")
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    number = SYS_PIVOT_ROOT.get(platform.machine())
+    if number is None:
+        raise OSError(errno.ENOSYS, f"pivot_root: unknown system call number on {platform.machine()}")
+    _check(_libc.syscall(number, new_root.encode(), put_old.encode()), "pivot_root", new_root)
+
+
+# --- the build's namespaces and network (in the stage, once per build) ---
+
+
+@dataclasses.dataclass(frozen=True)
+class Namespaces:
+    user: str  # a bind mount of the user namespace's ns file
+    net: str
+
+
+def make_namespaces(directory: Path) -> Namespaces:
+    """A user namespace mapping all ids to themselves and a network namespace it owns (loopback up).
+
+    Kept by bind mounts under `directory` (in the caller's mount namespace, which should be private:
+    they go with it). Needs root.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    to_child_r, to_child_w = os.pipe()
+    to_parent_r, to_parent_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        status = 1
+        try:
+            os.close(to_child_w)
+            os.close(to_parent_r)
+            unshare(CLONE_NEWUSER)
+            os.write(to_parent_w, b"u")
+            if os.read(to_child_r, 1) != b"m":
+                os._exit(1)
+            unshare(CLONE_NEWNET)
+            _loopback_up()
+            os.write(to_parent_w, b"n")
+            os.read(to_child_r, 1)  # until the parent has bound the files
+            status = 0
+        except BaseException as err:  # noqa: BLE001
+            os.write(2, f"sandbox: {err}\n".encode())
+        os._exit(status)
+    os.close(to_child_r)
+    os.close(to_parent_w)
+    try:
+        if os.read(to_parent_r, 1) != b"u":
+            raise OSError(errno.EPERM, "cannot make a user namespace (is user.max_user_namespaces 0?)")
+        for name in ("uid_map", "gid_map"):
+            Path(f"/proc/{pid}/{name}").write_text("0 0 4294967295\n")
+        os.write(to_child_w, b"m")
+        if os.read(to_parent_r, 1) != b"n":
+            raise OSError(errno.EPERM, "cannot make a network namespace")
+        spaces = Namespaces(user=str(directory / "user"), net=str(directory / "net"))
+        for kind, path in (("user", spaces.user), ("net", spaces.net)):
+            Path(path).touch()
+            bind(f"/proc/{pid}/ns/{kind}", path)
+        return spaces
+    finally:
+        os.close(to_child_w)
+        os.close(to_parent_r)
+        os.waitpid(pid, 0)
+
+
+def _loopback_up() -> None:
+    import socket
+
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(sock, siocgifflags, request))[1]
+        fcntl.ioctl(sock, siocsifflags, struct.pack("16sH14x", b"lo", flags | iff_up))
+
+
+class Network:
+    """slirp4netns on the build's network namespace: outbound TCP/UDP through the host's sockets.
+
+    The sandbox sees 10.0.2.100/24, the gateway 10.0.2.2 and a DNS forwarder at 10.0.2.3. The host's
+    loopback (10.0.2.2 inside) is refused unless `allow_host_loopback`. Stopped with `close()`, and by
+    itself when this process dies (its exit fd closes).
+    """
+
+    def __init__(self, spaces: Namespaces, *, allow_host_loopback: bool, tool: str = "slirp4netns") -> None:
+        ready_r, ready_w = os.pipe()
+        self._exit_r, self._exit_w = os.pipe()
+        argv = [tool, "--configure", "--mtu=65520", f"--ready-fd={ready_w}", f"--exit-fd={self._exit_r}"]
+        if not allow_host_loopback:
+            argv.append("--disable-host-loopback")
+        argv += ["--enable-sandbox", "--enable-seccomp", f"--userns-path={spaces.user}"]
+        argv += ["--netns-type=path", spaces.net, "tap0"]
+        try:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                pass_fds=(ready_w, self._exit_r), env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+            )  # fmt: skip
+        finally:
+            os.close(ready_w)
+            os.close(self._exit_r)
+        with os.fdopen(ready_r, "rb") as ready:
+            readable, _, _ = select.select([ready], [], [], 10.0)
+            ok = bool(readable) and ready.read(1) == b"1"
+        if not ok:
+            self.close()
+            assert self.proc.stderr is not None
+            said = self.proc.stderr.read().decode(errors="replace").strip().splitlines()
+            raise OSError(errno.EIO, f"slirp4netns did not start: {said[-1] if said else 'no message'}")
+
+    def close(self) -> None:
+        if self._exit_w >= 0:
+            os.close(self._exit_w)
+            self._exit_w = -1
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+# --- the sandbox of one script ---
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxSpec:
+    root: str  # the runtime tree (a mount point)
+    user: str  # Namespaces.user
+    net: str  # Namespaces.net
+    env: dict[str, str]  # the script's whole environment
+    hostname: str = "cos-customizer"
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def read(cls, path: Path) -> SandboxSpec:
+        data: dict[str, Any] = json.loads(path.read_text())
+        return cls(**data)
+
+
+def command(spec_path: Path) -> list[str]:
+    """The argv prefix that runs a command in the sandbox; append `--wd=DIR -- ARGV`."""
+    return [sys.executable, "-I", str(Path(__file__).resolve()), str(spec_path)]
+
+
+def _setup_mounts(root: str) -> None:
+    """As the host's root, in the sandbox's fresh mount namespace: /proc, /sys and /dev on `root`."""
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    proc = f"{root}/proc"
+    mount("proc", proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    for name in PROC_READ_ONLY:
+        if os.path.exists(f"{proc}/{name}"):
+            bind(f"{proc}/{name}", f"{proc}/{name}", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    for name in PROC_MASKED:
+        path = f"{proc}/{name}"
+        if os.path.isdir(path):
+            mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=0,mode=0555")
+        elif os.path.exists(path):
+            bind("/dev/null", path)
+    mount("sysfs", f"{root}/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    dev = f"{root}/dev"
+    mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=256k,nr_inodes=256")
+    for name in DEV_NODES:
+        Path(f"{dev}/{name}").touch()
+        bind(f"/dev/{name}", f"{dev}/{name}", MS_NOSUID | MS_NOEXEC)
+    for number, name in enumerate(("stdin", "stdout", "stderr")):
+        os.symlink(f"/proc/self/fd/{number}", f"{dev}/{name}")
+    os.symlink("/proc/self/fd", f"{dev}/fd")
+    os.symlink("/proc/kcore", f"{dev}/core")
+    os.mkdir(f"{dev}/pts", 0o755)
+    mount("devpts", f"{dev}/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620,gid=5")
+    os.symlink("pts/ptmx", f"{dev}/ptmx")
+    os.mkdir(f"{dev}/shm")
+    mount("tmpfs", f"{dev}/shm", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={DEV_SHM_SIZE}")
+
+
+def _enter(spec: SandboxSpec, workdir: str) -> None:
+    """In the child that becomes PID 1: everything but the exec (no import after pivot_root: the host's
+    Python library is gone)."""
+    user_fd = os.open(spec.user, os.O_RDONLY | os.O_CLOEXEC)
+    setns(spec.net, CLONE_NEWNET)
+    _setup_mounts(spec.root)
+    os.chdir(spec.root)
+    pivot_root(".", ".")
+    _check(_libc.umount2(b".", MNT_DETACH), "umount the old root")
+    os.chdir("/")
+    setns(user_fd, CLONE_NEWUSER)
+    os.close(user_fd)
+    # No cgroup namespace of its own: cgroup file systems can then be mounted only with CAP_SYS_ADMIN in
+    # the host's user namespace, so no cgroup tree of the host is reachable (it would be, as a cgroup2
+    # mount rooted at the stage's cgroup, in a cgroup namespace this user namespace owned).
+    unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS)
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+    os.setgroups([])
+
+    socket.sethostname(spec.hostname)
+    for number in DROPPED.values():
+        prctl(PR_CAPBSET_DROP, number)
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+    os.chdir(workdir)
+
+
+def main(argv: list[str]) -> int:
+    """`sandbox.py SPEC --wd=DIR -- ARGV...`: run ARGV in the sandbox; exit with its status."""
+    if len(argv) < 4 or not argv[1].startswith("--wd=") or argv[2] != "--":
+        sys.stderr.write("usage: sandbox.py SPEC --wd=DIR -- ARGV...\n")
+        return 2
+    spec = SandboxSpec.read(Path(argv[0]))
+    workdir, command_argv = argv[1][len("--wd=") :], argv[3:]
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the stage gone, this helper goes too
+    unshare(CLONE_NEWNS | CLONE_NEWPID)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - PID 1 of the sandbox
+        try:
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            _enter(spec, workdir)
+            os.execve(command_argv[0], command_argv, spec.env)
+        except BaseException as err:  # noqa: BLE001
+            os.write(2, f"sandbox: {err}\n".encode())
+        os._exit(127)
+
+    def stop(number: int, _frame: object) -> None:
+        os.kill(pid, signal.SIGKILL)  # PID 1 gone, the kernel kills the rest of its namespace
+        os._exit(128 + number)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, stop)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
