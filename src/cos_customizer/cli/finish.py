@@ -140,10 +140,19 @@ FLAGS = (
         "Validate everything and print the plan (text on stderr, JSON on stdout); change nothing.",
         ours=True,
     ),
+    Flag(
+        "allow-host-loopback",
+        Kind.BOOL,
+        "Local builds: let scripts reach services on this machine's loopback (127.0.0.1:PORT is 10.0.2.2:PORT "
+        "inside the script sandbox). Refused without it.",
+        ours=True,
+    ),
 )
 
 GCE_ONLY = tuple(
-    flag.name for flag in FLAGS if flag.name not in {"oem-size", "disk-size-gb", "timeout", "output", "dry-run"}
+    flag.name
+    for flag in FLAGS
+    if flag.name not in {"oem-size", "disk-size-gb", "timeout", "output", "dry-run", "allow-host-loopback"}
 )
 
 
@@ -462,6 +471,7 @@ def _run_local(context: Context, finish: FinishPlan, args: Parsed) -> int:
         config=finish.provisioner,
         plan=finish.disk_plan,
         timeout=args["timeout"] / 1e9,
+        allow_host_loopback=args["allow-host-loopback"],
     )
     local.preflight(build)
     for warning in finish.disk_plan.warnings:

@@ -71,6 +71,7 @@ class LocalBuild:
     config: ProvisionerConfig
     plan: DiskPlan
     timeout: float  # seconds
+    allow_host_loopback: bool = False  # scripts may reach the host's 127.0.0.1 (-allow-host-loopback)
 
 
 class BuildFailed(CustomizerError):
@@ -185,6 +186,7 @@ def _run_stage(
         contexts=contexts,
         scripts=_scripts(build.config),
         result=str(result_path),
+        allow_host_loopback=build.allow_host_loopback,
     )
     spec_path = work / "stage.json"
     spec_path.write_text(json.dumps(spec.to_json()))
