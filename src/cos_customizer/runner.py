@@ -3,15 +3,25 @@
 Argument lists only (never a shell string). The command is logged under
 `-debug`; a failure raises `CommandError` carrying the command, its exit
 status and the tail of its stderr. Standard library only.
+
+No command outlives the process that started it: every child gets
+`PR_SET_PDEATHSIG` = SIGKILL (`die_with_parent`), so the kernel kills it
+when its parent dies, even by SIGKILL. Streamed output is read in bounded
+chunks: a line longer than `LINE_LIMIT` bytes is cut (and marked), never
+held whole in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import logging
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -22,6 +32,13 @@ from cos_customizer.errors import CustomizerError
 log = logging.getLogger("cos_customizer.run")
 
 STDERR_TAIL_LINES = 8
+# The longest line passed on whole; the rest of a longer line is dropped and the cut marked.
+LINE_LIMIT = 64 << 10
+CUT_MARK = " [line cut: longer than {limit} bytes]"
+# How much of one output line an error message quotes.
+QUOTE_LIMIT = 1000
+_READ_SIZE = 64 << 10
+_PR_SET_PDEATHSIG = 1
 # Where tools live that a non-root PATH may lack (mke2fs, losetup, ...).
 FALLBACK_DIRS: tuple[str, ...] = ("/usr/sbin", "/sbin")
 
@@ -33,7 +50,8 @@ class CommandError(CustomizerError):
         self.argv = list(argv)
         self.status = status
         self.stderr = stderr
-        tail = " | ".join(line.strip() for line in stderr.strip().splitlines()[-STDERR_TAIL_LINES:] if line.strip())
+        lines = stderr.strip().splitlines()[-STDERR_TAIL_LINES:]
+        tail = " | ".join(quote(line.strip()) for line in lines if line.strip())
         message = f"{shlex.join(self.argv)} failed with exit status {status}"
         if tail:
             message += f": {tail}"
@@ -44,6 +62,41 @@ class CommandError(CustomizerError):
 
 class MissingToolError(CustomizerError):
     """A required external tool is not installed."""
+
+
+def quote(line: str, limit: int = QUOTE_LIMIT) -> str:
+    """`line`, shortened for an error message."""
+    return line if len(line) <= limit else line[:limit] + f"... ({len(line) - limit} more characters)"
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    prctl: Callable[..., int] = libc.prctl
+    return prctl
+
+
+_prctl = _load_prctl()  # resolved once here: a preexec_fn must do as little as possible
+
+
+def die_with_parent(parent: int = 0) -> None:
+    """Ask the kernel to SIGKILL this process when its parent (thread) dies. Usable as a `preexec_fn`.
+
+    With `parent` (the pid of the process that forked this one, taken before
+    the fork), a parent that died before the call is noticed: then die now.
+    """
+    if _prctl is None:
+        return
+    _prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if parent and os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def die_with_us() -> Callable[[], None]:
+    """A `preexec_fn` for a child that must die with this process (see `die_with_parent`)."""
+    return functools.partial(die_with_parent, os.getpid())
 
 
 def require_tool(name: str, package: str) -> str:
@@ -73,7 +126,15 @@ def run(
     log.debug("run: %s", shlex.join(args))
     try:
         if on_line is None:
-            result = subprocess.run(args, input=input, env=env, cwd=cwd, capture_output=True, check=False)
+            result = subprocess.run(
+                args,
+                input=input,
+                env=env,
+                cwd=cwd,
+                capture_output=True,
+                check=False,
+                preexec_fn=die_with_us(),  # one prctl, resolved beforehand: safe after fork
+            )
         else:
             result = _stream(args, env, cwd, on_line)
     except FileNotFoundError as err:
@@ -88,16 +149,53 @@ def _stream(
 ) -> subprocess.CompletedProcess[bytes]:
     lines: list[str] = []
     with subprocess.Popen(
-        args, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        args,
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        preexec_fn=die_with_us(),
     ) as proc:
         assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.decode(errors="replace").rstrip("\n")
+        for line in bounded_lines(proc.stdout.fileno()):
             lines.append(line)
             del lines[:-STDERR_TAIL_LINES]
             on_line(line)
     tail = "\n".join(lines).encode()
     return subprocess.CompletedProcess(args, proc.returncode, b"", tail)
+
+
+def bounded_lines(fd: int, limit: int = LINE_LIMIT) -> Iterator[str]:
+    """The lines read from `fd` until end of file, without their newline, each at most `limit` bytes.
+
+    The input is read in chunks of 64 KiB; of a longer line only the first
+    `limit` bytes are kept, followed by `CUT_MARK`. Memory stays bounded
+    whatever the input.
+    """
+    kept = bytearray()
+    cut = False
+    mark = CUT_MARK.format(limit=limit)
+
+    def line() -> str:
+        return kept.decode(errors="replace") + (mark if cut else "")
+
+    while chunk := os.read(fd, _READ_SIZE):
+        start = 0
+        while start < len(chunk):
+            end = chunk.find(b"\n", start)
+            piece = chunk[start:] if end < 0 else chunk[start:end]
+            room = limit - len(kept)
+            kept += piece[: max(room, 0)]
+            cut = cut or len(piece) > room
+            if end < 0:
+                break
+            yield line()
+            kept.clear()
+            cut = False
+            start = end + 1
+    if kept or cut:
+        yield line()
 
 
 @contextlib.contextmanager
