@@ -6,23 +6,40 @@
   `disk.raw`, stored sparse (GNU tar `--sparse --format=oldgnu`, which only
   reads data extents), gzip-compressed (pigz when installed, on every core).
 
-The result is first written under a temporary name beside the output and
-renamed at the end, so a failure never leaves a partial output.
+The result is first written under a temporary name beside the working copy
+(the build's own directory, which a later build sweeps if this one is
+killed) and renamed at the end, so a failure never leaves a partial output.
+Where the rename cannot work because the working copy is on another file
+system than the output (EXDEV), the file is copied (sparse) to a temporary
+name beside the output and renamed there. A full or read-only file system
+is one clear error naming it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
+from cos_customizer.disk import mover
+from cos_customizer.errors import CustomizerError
 from cos_customizer.images import ImageFormat
-from cos_customizer.runner import CommandError, require_tool, run
+from cos_customizer.runner import CommandError, die_with_us, require_tool, run
+
+NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device"
+_COPY_CHUNK = 4 << 20
 
 
-def partial_name(output: Path) -> Path:
-    return output.with_name(f".{output.name}.partial")
+class OutputError(CustomizerError):
+    """The output could not be written (a full or read-only file system, a mount point in the way)."""
+
+
+def partial_name(output: Path, directory: Path | None = None) -> Path:
+    """Where `output` is written before it is renamed into place: in `directory` (default: beside it)."""
+    return (directory or output.parent) / f".{output.name}.partial"
 
 
 def compressor() -> list[str]:
@@ -32,20 +49,83 @@ def compressor() -> list[str]:
 
 def write(disk: Path, output: Path, fmt: ImageFormat) -> None:
     """Turn the raw working copy `disk` into `output`. `disk` is consumed for raw output."""
-    if fmt is ImageFormat.RAW:
-        os.replace(disk, output)
-        return
-    partial = partial_name(output)
     try:
-        if fmt is ImageFormat.QCOW2:
-            run(
-                [require_tool("qemu-img", "qemu-utils"), "convert", "-f", "raw", "-O", "qcow2", str(disk), str(partial)]
-            )
-        else:
-            tar_gz(disk, partial)
-        os.replace(partial, output)
-    finally:
-        partial.unlink(missing_ok=True)
+        if fmt is ImageFormat.RAW:
+            place(disk, output)
+            return
+        partial = partial_name(output, disk.parent)
+        try:
+            if fmt is ImageFormat.QCOW2:
+                qemu_img = require_tool("qemu-img", "qemu-utils")
+                run([qemu_img, "convert", "-f", "raw", "-O", "qcow2", str(disk), str(partial)])
+            else:
+                tar_gz(disk, partial)
+            place(partial, output)
+        finally:
+            partial.unlink(missing_ok=True)
+    except (OSError, CommandError) as err:
+        failure = explain(err, output, f"writing {output}")
+        if failure is None:
+            raise
+        raise failure from err
+
+
+def place(source: Path, output: Path) -> None:
+    """Rename `source` to `output`; across file systems (EXDEV), copy it beside `output` first."""
+    try:
+        os.replace(source, output)
+        return
+    except OSError as err:
+        if err.errno == errno.EBUSY:
+            raise OutputError(
+                f"cannot replace {output}: it is a mount point (Device or resource busy); "
+                "choose an -output that is not mounted on"
+            ) from err
+        if err.errno != errno.EXDEV:
+            raise
+    fd, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
+    temporary = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as dst, open(source, "rb") as src:
+            sparse_copy(src.fileno(), dst.fileno())
+        os.replace(temporary, output)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    source.unlink()
+
+
+def sparse_copy(src: int, dst: int) -> None:
+    """Copy file `src` to `dst` (both descriptors), data extents only: holes stay holes."""
+    size = os.fstat(src).st_size
+    os.ftruncate(dst, size)
+    for offset, length in mover.data_extents(src, 0, size):
+        done = 0
+        while done < length:
+            data = os.pread(src, min(_COPY_CHUNK, length - done), offset + done)
+            if not data:
+                raise OSError(errno.EIO, f"short read at byte {offset + done}")
+            written = 0
+            while written < len(data):
+                written += os.pwrite(dst, data[written:], offset + done + written)
+            done += len(data)
+    os.fsync(dst)
+
+
+def explain(err: BaseException, where: Path, doing: str) -> OutputError | None:
+    """One clear error for a full or read-only file system at `where` while `doing`; None for other errors."""
+    directory = where if where.is_dir() else where.parent
+    code = err.errno if isinstance(err, OSError) else None
+    text = str(err)
+    if code in (errno.ENOSPC, errno.EDQUOT) or NO_SPACE in text or os.strerror(errno.EDQUOT) in text:
+        return OutputError(
+            f"{NO_SPACE} in {directory} while {doing}: free some space there or choose a place on a larger file system"
+        )
+    if code == errno.EROFS or os.strerror(errno.EROFS) in text:
+        return OutputError(
+            f"{directory} is on a read-only file system (while {doing}): choose a place on a writable file system"
+        )
+    return None
 
 
 def tar_gz(disk: Path, partial: Path) -> None:
@@ -55,15 +135,18 @@ def tar_gz(disk: Path, partial: Path) -> None:
     tar = [require_tool("tar", "tar"), "--sparse", "--format=oldgnu", "-C", str(disk.parent), "-cf", "-", "disk.raw"]
     gzip = compressor()
     with open(partial, "wb") as out:
-        archiver = subprocess.Popen(tar, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        archiver = subprocess.Popen(tar, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=die_with_us())
         assert archiver.stdout is not None
-        packer = subprocess.Popen(gzip, stdin=archiver.stdout, stdout=out, stderr=subprocess.PIPE)
+        packer = subprocess.Popen(
+            gzip, stdin=archiver.stdout, stdout=out, stderr=subprocess.PIPE, preexec_fn=die_with_us()
+        )
         archiver.stdout.close()
         _, pack_err = packer.communicate()
         _, tar_err = archiver.communicate()
-        if archiver.returncode != 0:
-            raise CommandError(tar, archiver.returncode, tar_err.decode(errors="replace"))
+        # The compressor first: when it fails (a full disk), tar only sees a broken pipe.
         if packer.returncode != 0:
             raise CommandError(gzip, packer.returncode, pack_err.decode(errors="replace"))
+        if archiver.returncode != 0:
+            raise CommandError(tar, archiver.returncode, tar_err.decode(errors="replace"))
         out.flush()
         os.fsync(out.fileno())

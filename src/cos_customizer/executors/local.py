@@ -13,14 +13,26 @@
 Any failure, Ctrl-C or SIGTERM stops the stage's whole process group, and
 removes the working copy and any partial output; the stage's mounts and
 loop devices vanish with its mount namespace.
+
+A SIGKILL cannot be caught, so the kernel does the rest: every link of the
+stage's process chain dies with its parent (`runner.die_with_parent` for
+the stage and every command, unshare's `--kill-child` for the process
+after each fork, and a script's own PID namespace takes the daemons it
+started with it). What remains is the work directory
+`.OUTPUT.work-XXXXXXXX` beside the output: it holds a lock file (`owner`,
+locked as long as its build runs), and the next build in that directory
+removes every such directory whose lock is free (`sweep`), with a note.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -61,6 +73,12 @@ TOOLS = (
     ("mcopy", "mtools"),
 )
 SPACE_MARGIN = 256 << 20
+# The work directory of a build: `.OUTPUT.work-` and mkdtemp's 8 characters; `owner` is its lock.
+WORK_NAME = re.compile(r"\..+\.work-[a-z0-9_]{8}")
+OWNER = "owner"
+OWNER_NEW = ".owner.new"
+# A full file system: less than this is free after the stage.
+FULL_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,10 +110,14 @@ def preflight(build: LocalBuild) -> None:
         tools.append(("qemu-img", "qemu-utils"))
     for name, package in tools:
         require_tool(name, package)
+    sweep(build.output.parent)
     if build.format is ImageFormat.TAR_GZ and shutil.which("pigz") is None:
         require_tool("gzip", "gzip")
     needed = _space_needed(build)
-    stats = os.statvfs(build.output.parent)
+    try:
+        stats = os.statvfs(build.output.parent)
+    except OSError as err:
+        raise ValidationError(f"cannot use the -output directory {build.output.parent}: {err.strerror}") from err
     free = stats.f_bavail * stats.f_frsize
     if free < needed:
         raise ValidationError(
@@ -148,15 +170,21 @@ class _Stage:
         ]
         argv = [*unshare, "--", sys.executable, "-m", "cos_customizer.executors.runtime", str(spec_path)]
         self.proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=runner.die_with_us(),  # the stage dies with the tool, even by SIGKILL
         )
 
     def stream(self, deadline: float, on_line: Callable[[str], None]) -> int:
         """Pass the stage's output on; past `deadline` the stage is stopped and BuildFailed raised."""
         assert self.proc.stdout is not None
         with runner.deadline(deadline - time.monotonic(), self.stop) as expired:
-            for raw in self.proc.stdout:
-                on_line(raw.decode(errors="replace").rstrip("\n"))
+            # The stage cut its lines already (runner.LINE_LIMIT); leave room for its "[run-script NAME] " prefix.
+            for line in runner.bounded_lines(self.proc.stdout.fileno(), runner.LINE_LIMIT + 8192):
+                on_line(line)
             status = self.proc.wait()
         if expired.is_set():
             raise BuildFailed("the build took longer than -timeout and was stopped")
@@ -195,14 +223,26 @@ def _run_stage(
         stage.stream(deadline, _echo)
     finally:
         stage.stop()
+    # The scripts' writes go to the sparse working copy: a full file system under it loses them.
+    _check_space(work, "the scripts ran (the working copy grows with what they write)")
     if not result_path.exists():
         raise BuildFailed("the build stage stopped without a result (see the output above)")
     result: dict[str, object] = json.loads(result_path.read_text())
     if not result.get("ok"):
         tail = result.get("tail") or []
-        last = "; last output: " + " | ".join(str(line) for line in tail[-5:]) if tail else ""  # type: ignore[index]
+        quoted = (runner.quote(str(line), 300) for line in tail[-5:])  # type: ignore[index]
+        last = "; last output: " + " | ".join(quoted) if tail else ""
         raise BuildFailed(f"{result.get('message')}{last}")
     return result
+
+
+def _check_space(work: Path, doing: str) -> None:
+    stats = os.statvfs(work)
+    if stats.f_bfree * stats.f_frsize < FULL_BYTES or stats.f_bavail == 0:
+        raise BuildFailed(
+            f"{output.NO_SPACE} in {work.parent} while {doing}: free some space there "
+            "or choose an -output on a larger file system"
+        )
 
 
 def _offline_steps(build: LocalBuild, disk: Path, work: Path, summary: Summary) -> None:
@@ -229,28 +269,141 @@ def run_build(build: LocalBuild, contexts: dict[str, str]) -> Summary:
     """Run the whole build; on any failure nothing is left behind but the untouched source."""
     summary = Summary()
     deadline = time.monotonic() + build.timeout
-    work = Path(tempfile.mkdtemp(prefix=f".{build.output.name}.work-", dir=build.output.parent))
+    doing = f"making the work directory in {build.output.parent}"
     try:
-        disk = work / "disk.raw"
-        with _phase(summary, f"copy {build.source.name} (sparse)"), report.progress_bar("copy") as progress:
-            images.working_copy(build.source, disk, progress)
-        with _phase(summary, "apply the disk plan"), report.progress_bar("move") as progress:
-            apply.apply(disk, build.plan, report=lambda message: log.info("    %s", message), progress=progress)
-        with _phase(summary, "run the steps in the COS runtime layout"):
-            result = _run_stage(build, work, disk, contexts, deadline)
-            summary.steps.extend((str(s["name"]), float(s["seconds"])) for s in result["steps"])  # type: ignore[attr-defined]
-            summary.cleanup = [str(item) for item in result["cleanup"]]  # type: ignore[attr-defined]
-        with _phase(summary, "offline steps and checks"):
-            _offline_steps(build, disk, work, summary)
-            for number in (STATE, OEM):
-                ext.check(disk, build.plan.after.partition(number).first * SECTOR)
-        if time.monotonic() > deadline:
-            raise BuildFailed("the build took longer than -timeout and was stopped")
-        with _phase(summary, f"write {build.output.name} ({build.format.value})"):
-            output.write(disk, build.output, build.format)
-    finally:
-        _remove_work(work)
+        work, owner = _make_work(build.output)
+        try:
+            disk = work / "disk.raw"
+            doing = f"copying {build.source.name}"
+            with _phase(summary, f"copy {build.source.name} (sparse)"), report.progress_bar("copy") as progress:
+                _working_copy(build.source, disk, progress)
+            doing = "applying the disk plan"
+            with _phase(summary, "apply the disk plan"), report.progress_bar("move") as progress:
+                apply.apply(disk, build.plan, report=lambda message: log.info("    %s", message), progress=progress)
+            doing = "running the steps"
+            with _phase(summary, "run the steps in the COS runtime layout"):
+                result = _run_stage(build, work, disk, contexts, deadline)
+                summary.steps.extend((str(s["name"]), float(s["seconds"])) for s in result["steps"])  # type: ignore[attr-defined]
+                summary.cleanup = [str(item) for item in result["cleanup"]]  # type: ignore[attr-defined]
+            doing = "running the offline steps"
+            with _phase(summary, "offline steps and checks"):
+                _offline_steps(build, disk, work, summary)
+                for number in (STATE, OEM):
+                    ext.check(disk, build.plan.after.partition(number).first * SECTOR)
+            if time.monotonic() > deadline:
+                raise BuildFailed("the build took longer than -timeout and was stopped")
+            doing = f"writing {build.output}"
+            with _phase(summary, f"write {build.output.name} ({build.format.value})"):
+                output.write(disk, build.output, build.format)
+        finally:
+            try:
+                _remove_work(work)
+            finally:
+                os.close(owner)
+    except runner.CommandError as err:
+        explained = output.explain(err, build.output.parent, doing)
+        if explained is None:
+            raise
+        raise BuildFailed(str(explained)) from err
+    except OSError as err:
+        explained = output.explain(err, build.output.parent, doing)
+        if explained is None:
+            raise BuildFailed(f"{err.strerror or err} while {doing}: {err.filename or build.output.parent}") from err
+        raise BuildFailed(str(explained)) from err
     return summary
+
+
+def _working_copy(source: Path, disk: Path, progress: Callable[[int, int], None]) -> None:
+    """`images.working_copy`; a raw source on another file system than the output (copy_file_range says EXDEV)
+    is copied with plain reads and writes of its data extents."""
+    try:
+        images.working_copy(source, disk, progress)
+    except OSError as err:
+        if err.errno != errno.EXDEV or images.detect(source) is not ImageFormat.RAW:
+            raise
+        log.debug("copy_file_range across file systems: copying %s by reads and writes", source)
+        with open(source, "rb") as src, open(disk, "wb") as dst:
+            output.sparse_copy(src.fileno(), dst.fileno())
+
+
+def _make_work(output_path: Path) -> tuple[Path, int]:
+    """A fresh work directory beside the output, and its `owner` lock, held (locked) until the descriptor closes.
+
+    The lock file appears under its final name already locked, so a sweep never takes a live build for a dead one.
+    """
+    work = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.work-", dir=output_path.parent))
+    fd = os.open(work / OWNER_NEW, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, f"cos-customizer build, process {os.getpid()}\n".encode())
+        os.rename(work / OWNER_NEW, work / OWNER)
+    except BaseException:
+        os.close(fd)
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return work, fd
+
+
+def sweep(directory: Path) -> list[Path]:
+    """Remove what killed builds left in `directory`: their work directories, once nothing holds their lock.
+
+    Only directories named as `_make_work` names them and holding its lock
+    file are considered; one whose lock is held (a live build) or that
+    something is still mounted under is left alone. Each removal is noted.
+    """
+    swept: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return swept
+    for entry in entries:
+        if not WORK_NAME.fullmatch(entry.name) or not entry.is_dir(follow_symlinks=False):
+            continue
+        work = Path(entry.path)
+        fd = _open_owner(work)
+        if fd is None:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live build
+            owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a build"
+            if not _release_leftover(work):
+                continue
+            shutil.rmtree(work, ignore_errors=True)
+        finally:
+            os.close(fd)
+        if not work.exists():
+            log.info("note: removed %s, left behind by a killed build (%s)", work, owner)
+            swept.append(work)
+    return swept
+
+
+def _open_owner(work: Path) -> int | None:
+    for name in (OWNER, OWNER_NEW):
+        try:
+            return os.open(work / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+    return None
+
+
+def _release_leftover(work: Path) -> bool:
+    """Detach the loop devices backed by files of a dead build's `work`; False if something is mounted under it."""
+    prefix = f"{work.resolve()}/"
+    mounted = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    inside = [m for m in mounted if m.startswith(prefix)]
+    if inside:
+        log.warning("note: %s is left: %s is still mounted (unmount it, then remove the directory)", work, inside[0])
+        return False
+    tool = require_tool("losetup", "mount")
+    listing = json.loads(runner.run([tool, "--json", "--list"]).stdout or b'{"loopdevices": []}')
+    for device in listing.get("loopdevices", []):
+        backing = str(device.get("back-file") or "").removesuffix(" (deleted)")
+        if backing.startswith(prefix):
+            loop.detach(Path(device["name"]))
+    return True
 
 
 def _release_loops(disk: Path, seconds: float = 15.0) -> None:
