@@ -14,6 +14,7 @@ beside the old one and swaps it in.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -58,7 +59,29 @@ def resolve_root(flag_value: str | None, environ: Mapping[str, str]) -> Path:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write `data` as JSON to `path` so readers see the old or the new file, never a mix."""
+    """Write `data` as JSON to `path` so readers see the old or the new file, never a mix.
+
+    A full or read-only file system, or a path through a regular file, is one clear WorkspaceError.
+    """
+    try:
+        _write_json_atomic(path, data)
+    except OSError as err:
+        why = {
+            errno.ENOSPC: "free some space there",
+            errno.EDQUOT: "free some space there",
+            errno.EROFS: "make it writable",
+            errno.ENOTDIR: "a part of its path is a regular file, not a directory",
+            errno.EEXIST: "a part of its path is a regular file, not a directory",
+        }.get(err.errno or 0)
+        if why is None:
+            raise
+        raise WorkspaceError(
+            f"cannot write the workspace file {path}: {os.strerror(err.errno or 0)}; {why}, "
+            "or choose another -local-state-workdir, and run the step again"
+        ) from err
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

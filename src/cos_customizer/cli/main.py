@@ -7,12 +7,14 @@ Tracebacks are shown only with `-debug`.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from cos_customizer import __version__
 from cos_customizer.cli import extra, finish, start, steps
@@ -171,6 +173,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except Terminated:
         sys.stderr.write("cos-customizer: stopped by SIGTERM; nothing was left half-written\n")
         return 143
+    except OSError as err:
+        if session.debug:
+            log.exception("cos-customizer failed")
+        sys.stderr.write(f"cos-customizer: error: {describe_os_error(err)}\n")
+        return EXIT_FAILURE
     except Exception as err:
         if session.debug:
             log.exception("cos-customizer failed")
@@ -180,6 +187,38 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return EXIT_FAILURE
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+OS_ERROR_HINTS = {
+    errno.ENOSPC: "free some space there and run the step again",
+    errno.EDQUOT: "free some space there (a disk quota is full) and run the step again",
+    errno.EROFS: "the file system is read-only: choose a place on a writable one",
+    errno.ENOTDIR: "a part of the path is a regular file, not a directory: choose another path",
+    errno.EEXIST: "choose another path",
+    errno.EACCES: "check the permissions, or run as a user who may write there",
+    errno.EPERM: "check the permissions, or run as a user who may write there",
+    errno.EXDEV: "keep both on the same file system",
+}
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for a file-system error no step turned into a CustomizerError: what failed, where, what to do."""
+    if err.errno in (errno.EEXIST, errno.ENOTDIR) and err.filename:
+        blocker = _non_directory(Path(os.fsdecode(err.filename)))
+        if blocker is not None:
+            return f"{blocker} is not a directory (the path {err.filename} goes through it): choose another path"
+    what = err.strerror or str(err)
+    where = " -> ".join(str(name) for name in (err.filename, err.filename2) if name is not None)
+    hint = OS_ERROR_HINTS.get(err.errno or 0, "")
+    return what + (f": {where}" if where else "") + (f" ({hint})" if hint else "")
+
+
+def _non_directory(path: Path) -> Path | None:
+    """The first existing part of `path` (from the root down) that is not a directory, if any."""
+    for part in (*reversed(path.parents), path):
+        if os.path.lexists(part) and not part.is_dir():
+            return part
+    return None
 
 
 class Terminated(BaseException):
