@@ -508,6 +508,18 @@ def test_disk_full_while_writing_the_tar_gz(setup: Setup) -> None:
         assert sorted(p.name for p in fs.iterdir()) == ["lost+found"]
 
 
+def test_a_build_whose_output_is_on_another_file_system_than_its_source(setup: Setup) -> None:
+    """copy_file_range cannot cross file systems (EXDEV): the working copy is then copied by reads and writes."""
+    setup.start(STEPS_OK)
+    with small_fs(setup.tmp / "out.fs", 600) as fs:
+        result = setup.cli("finish-image-build", f"-output={fs / 'out.raw'}")
+        assert result.returncode == 0, result.stderr
+        assert errors(result.stderr) == []
+        assert sorted(p.name for p in fs.iterdir()) == ["out.raw"]
+        assert (fs / "out.raw").stat().st_blocks * 512 < 200 * MiB  # still sparse
+        assert leftovers(setup.token, setup.tmp) == []
+
+
 @pytest.mark.parametrize("fmt", [ImageFormat.RAW, ImageFormat.TAR_GZ])
 def test_output_on_another_file_system_than_the_working_copy(tmp_path: Path, fmt: ImageFormat) -> None:
     with small_fs(tmp_path / "work.fs", 64) as work:
