@@ -10,16 +10,24 @@ Layout (as in the Go original):
 Every write is atomic (temporary file, fsync, rename), so a crash never
 leaves a half-written config; `start-image-build` builds a new workspace
 beside the old one and swaps it in.
+
+A command that changes or consumes the workspace (`start-image-build`,
+`finish-image-build`) holds an exclusive flock on `.cos-customizer.lock`
+inside it for its whole run; a second one fails at once naming the holder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,7 +35,7 @@ from typing import Any, TypeVar
 import pydantic
 
 from cos_customizer.config import BuildConfig, SourceImage
-from cos_customizer.errors import ConfigError, WorkspaceError
+from cos_customizer.errors import ConfigError, CustomizerError, WorkspaceError
 from cos_customizer.provisioner.config import ProvisionerConfig
 
 DEFAULT_WORKDIR = ".cos-customizer-workdir"
@@ -37,6 +45,7 @@ SOURCE_IMAGE = "config/source_image"
 BUILD = "config/build"
 PROVISIONER = "config/provisioner"
 BUILD_CONTEXT_ARCHIVE = "user_build_context.tar"
+LOCK = ".cos-customizer.lock"
 
 T = TypeVar("T")
 
@@ -56,6 +65,66 @@ def resolve_root(flag_value: str | None, environ: Mapping[str, str]) -> Path:
             f"HOME is not set, so the workspace {name} has no place: set HOME or pass an absolute path"
         )
     return Path(home) / path
+
+
+def contains(root: Path, path: Path) -> bool:
+    """Whether `path` is `root` or lies inside it, both resolved (every symlink followed)."""
+    real_root, real = root.resolve(), path.resolve()
+    return real == real_root or real.is_relative_to(real_root)
+
+
+@contextlib.contextmanager
+def hold_lock(path: Path, busy: Callable[[str], str]) -> Iterator[None]:
+    """Hold an exclusive flock on the lock file `path` (made if needed, removed at the end).
+
+    Fails at once, with `busy("pid N")` as the message, when another process holds it. The file
+    holds the holder's pid. Removing it at the end is safe: a process that opened the old file
+    finds, once it has the lock, that the name no longer leads to that file, and starts over.
+    """
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            raise CustomizerError(f"cannot make the lock file {path}: {err.strerror}") from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = _holder(fd) if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else ""
+            os.close(fd)
+            if holder:
+                raise WorkspaceError(busy(holder)) from None
+            raise CustomizerError(f"cannot lock {path}: {err.strerror}") from err
+        if _same_file(path, fd):
+            break
+        os.close(fd)  # the previous holder removed it between our open and our lock
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        if _same_file(path, fd):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        os.close(fd)
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        named = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _holder(fd: int) -> str:
+    """ "pid N" of the process that holds the lock on `fd` (it writes its pid right after locking)."""
+    for _ in range(20):
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if text.isdigit():
+            return f"pid {text}"
+        time.sleep(0.05)
+    return "pid unknown"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -120,6 +189,22 @@ class Workspace:
     @property
     def build_context_archive(self) -> Path:
         return self.root / BUILD_CONTEXT_ARCHIVE
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / LOCK
+
+    def lock(self) -> AbstractContextManager[None]:
+        """Hold the workspace for this command; another command holding it makes this one fail at once."""
+        if not self.root.is_dir():
+            return contextlib.nullcontext()  # nothing to hold: require() says what is missing
+        return hold_lock(
+            self.lock_path,
+            lambda holder: (
+                f"the workspace {self.root} is in use by another cos-customizer ({holder}): wait for "
+                "it to finish, or give this build its own -local-state-workdir"
+            ),
+        )
 
     # Reading
 

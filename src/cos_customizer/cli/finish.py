@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cos_customizer import images, plan, report
+from cos_customizer import images, plan, report, workspace
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import Flag, Kind, Parsed
 from cos_customizer.config import BuildConfig, SourceImage
@@ -141,6 +141,13 @@ FLAGS = (
         ours=True,
     ),
     Flag(
+        "allow-backing-file",
+        Kind.BOOL,
+        "Local builds: accept a .qcow2 source that names a backing file or an external data file (their "
+        "bytes, files of this machine, are read into the image). Refused without it.",
+        ours=True,
+    ),
+    Flag(
         "allow-host-loopback",
         Kind.BOOL,
         "Local builds: let scripts reach services on this machine's loopback (127.0.0.1:PORT is 10.0.2.2:PORT "
@@ -152,7 +159,8 @@ FLAGS = (
 GCE_ONLY = tuple(
     flag.name
     for flag in FLAGS
-    if flag.name not in {"oem-size", "disk-size-gb", "timeout", "output", "dry-run", "allow-host-loopback"}
+    if flag.name
+    not in {"oem-size", "disk-size-gb", "timeout", "output", "dry-run", "allow-backing-file", "allow-host-loopback"}
 )
 
 
@@ -261,7 +269,7 @@ def _check_gce_flags(args: Parsed) -> None:
         raise UsageError(f"-provisioner-binary={args['provisioner-binary']}: no such file")
 
 
-def _check_local_flags(args: Parsed, source: SourceImage) -> Output:
+def _check_local_flags(args: Parsed, source: SourceImage, workspace_root: Path) -> Output:
     for name in GCE_ONLY:
         if name in args.given:
             raise UsageError(
@@ -275,11 +283,25 @@ def _check_local_flags(args: Parsed, source: SourceImage) -> Output:
         raise UsageError(
             f"-output={args['output']} is the source image; the source is never written, choose another name"
         )
-    if output.path.exists() or output.path.is_symlink():
-        raise ValidationError(f"-output={args['output']} already exists: remove it or choose another name")
+    if workspace.contains(workspace_root, output.path):
+        raise UsageError(
+            f"-output={args['output']} is inside the workspace {workspace_root}, which finish-image-build removes "
+            "when it ends: write the image outside the workspace"
+        )
+    _check_output_absent(output, args["output"])
     if not output.path.parent.is_dir():
         raise ValidationError(f"-output={args['output']}: the directory {output.path.parent} does not exist")
     return output
+
+
+def _check_output_absent(output: Output, flag_value: str) -> None:
+    if output.path.exists() or output.path.is_symlink():
+        raise ValidationError(f"-output={flag_value} already exists: remove it or choose another name")
+
+
+def output_lock(output: Path) -> Path:
+    """The lock file beside the output, held while a build writes it."""
+    return output.with_name(f".{output.name}.lock")
 
 
 def _gce_provisioner(config: ProvisionerConfig, build: BuildConfig) -> ProvisionerConfig:
@@ -302,9 +324,11 @@ def make_plan(context: Context, args: Parsed) -> FinishPlan:
     ws = context.workspace
     source, build, config = ws.source_image(), ws.build(), ws.provisioner()
     executor = executor_for(source)
-    output = _check_local_flags(args, source) if executor is Executor.LOCAL else None
+    output = _check_local_flags(args, source, context.workspace_root) if executor is Executor.LOCAL else None
     if executor is Executor.GCE:
         _check_gce_flags(args)
+        if args["allow-backing-file"]:
+            raise UsageError("-allow-backing-file is for local builds (started with a .qcow2 -image-file)")
         if context.compute_endpoint:
             workflow.compute_endpoint(context.compute_endpoint)  # one value for the client and daisy, or refused
     if args["timeout"] <= 0:
@@ -314,15 +338,11 @@ def make_plan(context: Context, args: Parsed) -> FinishPlan:
     check_supported(executor, config)
     build = build.model_copy(update={"DiskSize": args["disk-size-gb"], "Timeout": format_duration(args["timeout"])})
     if executor is Executor.LOCAL:
+        assert output is not None
         config = dataclasses.replace(config, build_contexts=(("user", str(ws.build_context_archive)),))
-        return FinishPlan(
-            executor,
-            source,
-            build,
-            config,
-            output=output,
-            disk_plan=local_disk_plan(source, config, args["disk-size-gb"]),
-        )
+        images.check_room(Path(source.ImageFile), output.path.parent)  # a gzip bomb, before any extraction
+        disk_plan = local_disk_plan(source, config, args["disk-size-gb"], allow_backing_file=args["allow-backing-file"])
+        return FinishPlan(executor, source, build, config, output=output, disk_plan=disk_plan)
     build = build.model_copy(
         update={
             "Project": args["project"],
@@ -353,9 +373,11 @@ def make_plan(context: Context, args: Parsed) -> FinishPlan:
     )
 
 
-def local_disk_plan(source: SourceImage, config: ProvisionerConfig, disk_size_gb: int = 0) -> DiskPlan:
+def local_disk_plan(
+    source: SourceImage, config: ProvisionerConfig, disk_size_gb: int = 0, *, allow_backing_file: bool = False
+) -> DiskPlan:
     """The partition plan for a local build, from the source image's own table."""
-    table = images.read_source_table(Path(source.ImageFile))
+    table = images.read_source_table(Path(source.ImageFile), allow_backing_file=allow_backing_file)
     boot = config.boot_disk
     return planner.plan(
         table,
@@ -422,14 +444,30 @@ def describe(finish: FinishPlan) -> str:
 
 
 def handle(context: Context, args: Parsed) -> int:
-    finish = make_plan(context, args)
-    if args["dry-run"]:
+    if args["dry-run"]:  # reads only: takes no lock, writes no lock file
+        finish = make_plan(context, args)
         sys.stderr.write(describe(finish))
         sys.stdout.write(json.dumps(finish.to_json(), indent=2) + "\n")
         return 0
-    if finish.executor is Executor.LOCAL:
-        return _run_local(context, finish, args)
-    return _run_gce(context, finish, args)
+    with context.workspace.lock():  # held to the end: a second finish on this workspace fails at once
+        finish = make_plan(context, args)
+        if finish.executor is not Executor.LOCAL:
+            return _run_gce(context, finish, args)
+        assert finish.output is not None
+        output = finish.output
+
+        def busy(holder: str) -> str:
+            return (
+                f"-output={args['output']} is in use by another cos-customizer ({holder}) writing the same "
+                "output: wait for it to finish, or choose another -output"
+            )
+
+        with (
+            workspace.hold_lock(output_lock(output.path), busy),
+            images.backing_files_allowed(args["allow-backing-file"]),
+        ):
+            _check_output_absent(output, args["output"])  # again, now that no other build can be writing it
+            return _run_local(context, finish, args)
 
 
 def _run_gce(context: Context, finish: FinishPlan, args: Parsed) -> int:

@@ -6,7 +6,7 @@ import logging
 import os
 from pathlib import Path
 
-from cos_customizer import buildcontext, workspace
+from cos_customizer import buildcontext, images, workspace
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import Flag, Kind, Parsed
 from cos_customizer.config import BuildConfig, SourceImage
@@ -49,7 +49,7 @@ FLAGS = (
 )
 
 
-def _requested_source(args: Parsed) -> SourceImage:
+def _requested_source(args: Parsed, root: Path) -> SourceImage:
     if args["image-file"]:
         for name in GCE_SOURCE_FLAGS:
             if name in args.given:
@@ -57,7 +57,7 @@ def _requested_source(args: Parsed) -> SourceImage:
                     f"-image-file and -{name} are mutually exclusive: a build starts either from a local "
                     "image file (local executor) or from a Compute Engine image (gce executor)"
                 )
-        return SourceImage(ImageFile=str(_check_image_file(Path(args["image-file"]))))
+        return SourceImage(ImageFile=str(_check_image_file(Path(args["image-file"]), root)))
     chosen = [name for name in ("image-name", "image-milestone", "image-family") if args[name]]
     if len(chosen) != 1:
         raise UsageError(
@@ -80,21 +80,28 @@ def _requested_source(args: Parsed) -> SourceImage:
     )
 
 
-def _check_image_file(path: Path) -> Path:
-    if not path.exists():
+def _check_image_file(path: Path, root: Path) -> Path:
+    """A regular file outside the workspace; found with stat alone (a FIFO or a device is never opened)."""
+    what = images.kind(path)
+    if what == images.MISSING:
         raise UsageError(f"-image-file={path}: no such file; give a raw, .qcow2 or .tar.gz COS disk image")
-    if not (path.is_file() or path.is_block_device()):
-        raise UsageError(f"-image-file={path}: not a file; give a raw, .qcow2 or .tar.gz COS disk image")
+    if what != images.REGULAR:
+        raise UsageError(f"-image-file={path}: {what}, not a file; give a raw, .qcow2 or .tar.gz COS disk image")
     if not os.access(path, os.R_OK):
         raise UsageError(f"-image-file={path}: not readable by this user")
+    if workspace.contains(root, path):
+        raise UsageError(
+            f"-image-file={path} is inside the workspace {root}, which start-image-build replaces and "
+            "finish-image-build removes: move the image out of it, or choose another -local-state-workdir"
+        )
     return path.resolve()
 
 
 def handle(context: Context, args: Parsed) -> int:
-    requested = _requested_source(args)
+    root = context.workspace_root
+    requested = _requested_source(args, root)
     source = requested if requested.is_local else gce.resolve_source_image(requested, context.compute_endpoint)
     build_context = Path(args["build-context"])
-    root = context.workspace_root
     members = 0
 
     def fill(new: workspace.Workspace) -> None:
@@ -105,7 +112,8 @@ def handle(context: Context, args: Parsed) -> int:
         new.save_build(BuildConfig(GCSBucket=args["gcs-bucket"], GCSDir=args["gcs-workdir"]))
         new.save_provisioner(ProvisionerConfig())
 
-    workspace.create(root, fill)
+    with context.workspace.lock():  # a finish-image-build still running on the old workspace keeps it
+        workspace.create(root, fill)
     log.info(
         "Started an image build from %s (build context %s: %d %s; state in %s)",
         source.describe(),

@@ -81,7 +81,12 @@ def run_script(ctx: Context, args: StepArgs) -> None:
     assert isinstance(args, RunScriptArgs)
     extra = {key: value for key, _, value in (item.partition("=") for item in args.env)}
     env = {**SCRIPT_ENV_BASE, **extra} if ctx.target.fixed_env else child_env(extra)
-    status = _run(ctx, ctx.context_dir(args.build_context), ["/bin/bash", args.path], env)
+    workdir = ctx.context_dir(args.build_context)
+    # An absolute path inside the build context (the original's filepath.Join(buildContext, Path)), so a
+    # script named like an option (--version, -i) is never read by bash as one.
+    script = posixpath.normpath(posixpath.join(workdir, args.path.lstrip("/")))
+    argv = ["/bin/bash", script if ctx.target.chroot else str(ctx.target.path(script))]
+    status = _run(ctx, workdir, argv, env)
     if status != 0:
         raise StepFailed(f"script {args.path} failed with exit status {status}", status)
 
