@@ -316,21 +316,38 @@ def test_sweep_removes_only_dead_builds_work_directories(tmp_path: Path) -> None
 # Output: bounded memory whatever a script prints.
 
 
+# ru_maxrss of a process includes what it had before its execve, so a child forked from a big pytest would
+# start "big": the measure runs the program from a small wrapper and reads the wrapper's RUSAGE_CHILDREN.
+MEASURE = (
+    "import resource, subprocess, sys\n"
+    "result = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)\n"
+    "print(result.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    "sys.stdout.flush()\n"
+    "sys.stdout.buffer.write(result.stdout)\n"
+)
+
+
+def peak_memory(argv: list[str], env: dict[str, str] | None = None) -> tuple[int, int, list[str]]:
+    """Run `argv`: its exit status, the peak resident memory (KiB) of it and every process it started, its output."""
+    result = subprocess.run([sys.executable, "-c", MEASURE, *argv], env=env, capture_output=True, text=True)
+    first, *lines = result.stdout.splitlines()
+    code, maxrss_kib = map(int, first.split())
+    return code, maxrss_kib, lines
+
+
 def test_run_streams_a_huge_line_in_bounded_memory() -> None:
     code = (
-        "import resource\n"
         "from cos_customizer import runner\n"
         "lines = []\n"
         "runner.run(['sh', '-c', 'head -c 268435456 /dev/zero | tr \"\\\\0\" x; echo; echo after'],"
         " on_line=lambda line: lines.append((len(line), line[-60:])))\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
         "print(lines)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    maxrss_kib, lines = result.stdout.splitlines()
-    assert int(maxrss_kib) < 100 * 1024  # the line is 256 MiB
+    status, maxrss_kib, lines = peak_memory([sys.executable, "-c", code])
+    assert status == 0, lines
+    assert maxrss_kib < 100 * 1024, maxrss_kib  # the line is 256 MiB
     mark = runner.CUT_MARK.format(limit=runner.LINE_LIMIT)
-    assert lines == repr([(runner.LINE_LIMIT + len(mark), ("x" * 60 + mark)[-60:]), (5, "after")])
+    assert lines == [repr([(runner.LINE_LIMIT + len(mark), ("x" * 60 + mark)[-60:]), (5, "after")])]
 
 
 def test_bounded_lines_cuts_and_marks_long_lines() -> None:
@@ -357,19 +374,11 @@ def test_bounded_lines_cuts_and_marks_long_lines() -> None:
 def test_a_script_printing_a_huge_line_keeps_the_build_small(setup: Setup) -> None:
     (setup.context / "big.sh").write_text("head -c 268435456 /dev/zero | tr '\\0' x\necho\necho after\n")
     setup.start([["run-script", "-script=big.sh"]])
-    measure = (
-        "import resource, subprocess, sys\n"
-        "result = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)\n"
-        "lines = result.stderr.decode().splitlines()\n"
-        "print(result.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
-        "print('\\n'.join(line[:40] + ' ... ' + line[-60:] + f' ({len(line)})' for line in lines))\n"
-    )
     argv = [sys.executable, "-m", "cos_customizer", "finish-image-build", f"-output={setup.outdir / 'out.raw'}"]
-    result = subprocess.run([sys.executable, "-c", measure, *argv], env=setup.env, capture_output=True, text=True)
-    first, *lines = result.stdout.splitlines()
-    code, maxrss_kib = map(int, first.split())
-    assert code == 0, result.stdout
+    code, maxrss_kib, output_lines = peak_memory(argv, setup.env)
+    assert code == 0, [line[:200] for line in output_lines]
     assert maxrss_kib < 128 * 1024, maxrss_kib  # every process of the build, at its peak; the line is 256 MiB
+    lines = [line[:40] + " ... " + line[-60:] + f" ({len(line)})" for line in output_lines]
     mark = runner.CUT_MARK.format(limit=runner.LINE_LIMIT)
     prefix = "[run-script big.sh] "
     cut = f"{prefix}xxxxxxxxxxxxxxxxxxxx ... {('x' * 60 + mark)[-60:]} ({len(prefix) + runner.LINE_LIMIT + len(mark)})"
