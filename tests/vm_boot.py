@@ -79,6 +79,8 @@ def main(spec_path: str) -> int:
     kept_tmp = work / "kept-tmp"
     kept_tmp.mkdir()
     with layout(stage) as root:
+        for name in ("dev", "sys"):  # a VM has its own; the local executor's stage gives scripts private ones
+            subprocess.run(["mount", "--rbind", f"/{name}", str(root / name)], check=True)
         target = Target(root=root, disk=image, partition_template="", root_partition=booted,
                         systemctl=(spec["systemctl"],), chroot=True, efi_access="mtools")  # fmt: skip
         target_file = work / "target.json"
