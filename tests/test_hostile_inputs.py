@@ -497,3 +497,13 @@ def test_scripts_named_like_options_run(host: Host, sample_raw: Path) -> None:
     assert debugfs_cat(output, state, "/var_overlay/lib/dash-version") == "ran --version\n"
     assert debugfs_cat(output, state, "/var_overlay/lib/dash-i") == "ran -i\n"
     assert host.state()[1:] == ([], [])
+
+
+def test_allow_host_loopback_is_for_local_builds(gce_build: CLI) -> None:
+    result = gce_build(
+        "finish-image-build", "-zone=z", "-project=p", "-image-name=n", "-allow-host-loopback", "-dry-run"
+    )
+    assert (result.code, result.err) == (
+        2,
+        "cos-customizer: error: -allow-host-loopback is for local builds (started with -image-file)\n",
+    )

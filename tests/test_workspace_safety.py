@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import data_digest, snapshot
+from tests.conftest import CLI, data_digest, snapshot
 
 pytestmark = [
     pytest.mark.root,
@@ -219,3 +219,28 @@ def test_two_commands_at_once_on_one_workspace_or_one_output(tmp_path: Path, sam
     result = cli(second, "finish-image-build", f"-output={tmp_path / 'second.raw'}")
     assert result.code == 0, result.err
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_step_while_another_command_holds_the_workspace_is_refused(local_build: CLI, workspace_root: Path) -> None:
+    """run-script, seal-oem and the other steps edit the config only while holding the workspace."""
+    from cos_customizer.workspace import Workspace
+
+    before = (workspace_root / "config/provisioner").read_text()
+    script = (
+        "import sys, time\nfrom pathlib import Path\nfrom cos_customizer.workspace import Workspace\n"
+        "with Workspace(Path(sys.argv[1])).lock():\n    print('held', flush=True)\n    time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script, str(workspace_root)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        result = local_build("seal-oem")
+        assert (result.code, result.err) == (1, (
+            f"cos-customizer: error: the workspace {workspace_root} is in use by another cos-customizer "
+            f"(pid {holder.pid}): wait for it to finish, or give this build its own -local-state-workdir\n"
+        ))  # fmt: skip
+        assert (workspace_root / "config/provisioner").read_text() == before
+        assert Workspace(workspace_root).root.is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert local_build("seal-oem").code == 0

@@ -329,6 +329,8 @@ def make_plan(context: Context, args: Parsed) -> FinishPlan:
         _check_gce_flags(args)
         if args["allow-backing-file"]:
             raise UsageError("-allow-backing-file is for local builds (started with a .qcow2 -image-file)")
+        if args["allow-host-loopback"]:
+            raise UsageError("-allow-host-loopback is for local builds (started with -image-file)")
         if context.compute_endpoint:
             workflow.compute_endpoint(context.compute_endpoint)  # one value for the client and daisy, or refused
     if args["timeout"] <= 0:

@@ -29,6 +29,7 @@ from cos_customizer.provisioner.config import (
     StepArgs,
     StepType,
 )
+from cos_customizer.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,13 @@ ANTHOS_INSTALLER_RELEASE_BUCKET = "cos-anthos-builds-us"
 
 
 def _add_step(context: Context, make: Callable[[ProvisionerConfig], ProvisionerConfig | None]) -> int:
-    """Load the provisioner config, let `make` change it, save it atomically."""
+    """Load the provisioner config, let `make` change it, save it atomically (holding the workspace)."""
     ws = context.workspace
+    with ws.lock():
+        return _edit_steps(ws, make)
+
+
+def _edit_steps(ws: Workspace, make: Callable[[ProvisionerConfig], ProvisionerConfig | None]) -> int:
     config = ws.provisioner()
     changed = make(config)
     if changed is not None:

@@ -108,6 +108,8 @@ def preflight(build: LocalBuild) -> None:
     tools = list(TOOLS)
     if images.detect(build.source) is ImageFormat.QCOW2 or build.format is ImageFormat.QCOW2:
         tools.append(("qemu-img", "qemu-utils"))
+    if _scripts(build.config):
+        tools.append(("slirp4netns", "slirp4netns"))  # the scripts' network (the sandbox's own namespace)
     for name, package in tools:
         require_tool(name, package)
     sweep(build.output.parent)
