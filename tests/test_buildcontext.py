@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cos_customizer import buildcontext
-from cos_customizer.errors import UsageError
+from cos_customizer.errors import ValidationError
 
 
 def members(archive: Path) -> dict[str, tarfile.TarInfo]:
@@ -70,7 +70,7 @@ def test_workspace_inside_the_context_is_left_out(tmp_path: Path, context_dir: P
 
 
 def test_missing_context(tmp_path: Path) -> None:
-    with pytest.raises(UsageError) as err:
+    with pytest.raises(ValidationError) as err:
         buildcontext.create_archive(tmp_path / "nope", tmp_path / "ctx.tar")
     assert str(err.value) == (
         f"build context {tmp_path / 'nope'} does not exist: pass -build-context=DIR, "
@@ -100,7 +100,7 @@ def test_normalize_member(path: str, member: str) -> None:
     ],
 )
 def test_normalize_member_refuses(path: str, message: str) -> None:
-    with pytest.raises(UsageError) as err:
+    with pytest.raises(ValidationError) as err:
         buildcontext.normalize_member(path, "-script")
     assert str(err.value) == message
 

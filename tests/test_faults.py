@@ -443,7 +443,7 @@ def test_workspace_full_during_a_step(setup: Setup) -> None:
         result = setup.cli("run-script", "-script=ok.sh")
         assert result.returncode == 1
         assert errors(result.stderr) == [
-            f"cos-customizer: error: cannot write the workspace file {ws}/config/provisioner: No space left on "
+            f"cos-customizer: error: cannot write the workspace file {ws}/.cos-customizer.lock: No space left on "
             "device; free some space there, or choose another -local-state-workdir, and run the step again"
         ]
         assert config_files(ws) == before  # no half-written config, no temporary file
@@ -459,7 +459,7 @@ def test_workspace_on_a_read_only_file_system(setup: Setup) -> None:
         result = setup.cli("seal-oem")
         assert result.returncode == 1
         assert errors(result.stderr) == [
-            f"cos-customizer: error: cannot write the workspace file {ws}/config/provisioner: Read-only file "
+            f"cos-customizer: error: cannot write the workspace file {ws}/.cos-customizer.lock: Read-only file "
             "system; make it writable, or choose another -local-state-workdir, and run the step again"
         ]
         assert config_files(ws) == before

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cos_customizer.cli.flags import Flag, HelpRequested, Kind, parse, parse_int, parse_map
-from cos_customizer.errors import UsageError
+from cos_customizer.errors import UsageError, ValidationError
 
 FLAGS = (
     Flag("name", Kind.STRING, "a string"),
@@ -122,7 +122,7 @@ def test_list_accumulates() -> None:
 
 def test_check_runs_on_string_values() -> None:
     assert p("-size=12")["size"] == "12"
-    with pytest.raises(UsageError, match=r'^invalid value "x" for flag -size: invalid literal'):
+    with pytest.raises(ValidationError, match=r'^invalid value "x" for flag -size: invalid literal'):
         p("-size=x")
 
 

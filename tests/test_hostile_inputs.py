@@ -380,7 +380,7 @@ def test_allow_backing_file_is_for_local_builds(gce_build: CLI) -> None:
         "finish-image-build", "-zone=z", "-project=p", "-image-name=n", "-allow-backing-file", "-dry-run"
     )
     assert (result.code, result.err) == (
-        2,
+        1,
         "cos-customizer: error: -allow-backing-file is for local builds (started with a .qcow2 -image-file)\n",
     )
 
@@ -444,7 +444,7 @@ def test_image_path_that_is_not_a_regular_file_is_refused_without_hanging(
     )
     result = host.cli("start-image-build", f"-build-context={host.tmp / 'context'}", f"-image-file={image}")
     assert (result.code, result.err) == (
-        2,
+        1,
         f"cos-customizer: error: -image-file={image}: {what}, not a file; give a raw, .qcow2 or .tar.gz COS disk "
         "image\n",
     )
@@ -504,6 +504,6 @@ def test_allow_host_loopback_is_for_local_builds(gce_build: CLI) -> None:
         "finish-image-build", "-zone=z", "-project=p", "-image-name=n", "-allow-host-loopback", "-dry-run"
     )
     assert (result.code, result.err) == (
-        2,
+        1,
         "cos-customizer: error: -allow-host-loopback is for local builds (started with -image-file)\n",
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cos_customizer.errors import UsageError, ValidationError
+from cos_customizer.errors import ValidationError
 from cos_customizer.plan import need_disk_resize, resolve_boot_disk
 from cos_customizer.provisioner.config import (
     BootDisk,
@@ -61,7 +61,7 @@ def test_no_oem_size_leaves_the_oem_alone() -> None:
 
 def test_minimum_oem_size() -> None:
     assert resolve_boot_disk(PLAIN, "16M", 11) == BootDisk("15M", 0, False)
-    with pytest.raises(UsageError) as err:
+    with pytest.raises(ValidationError) as err:
         resolve_boot_disk(PLAIN, "8M", 11)
     assert str(err.value) == (
         'invalid value "8M" for flag -oem-size: oem-size must be at least 16M (the size of the OEM partition in a COS image)'
@@ -89,7 +89,7 @@ def test_message_names_the_numbers() -> None:
 
 @pytest.mark.parametrize("size", [-1, 1, 9])
 def test_disk_size_below_the_image(size: int) -> None:
-    with pytest.raises(UsageError) as err:
+    with pytest.raises(ValidationError) as err:
         resolve_boot_disk(PLAIN, "", size)
     assert str(err.value) == f"-disk-size-gb={size}: give 0 (keep the image's 10 GB) or at least 10"
 

@@ -10,7 +10,7 @@ import pytest
 
 from cos_customizer import sample_image
 from cos_customizer.disk import ext, gpt, grub, loop
-from cos_customizer.errors import UsageError
+from cos_customizer.errors import ValidationError
 from tests.conftest import CLI, SAMPLE_FIXTURES
 from tests.test_gpt import COS_LAYOUT
 
@@ -161,11 +161,11 @@ def test_cli_grub_format(cli: CLI, tmp_path: Path) -> None:
     assert [[(t.name, t.form) for t in line] for line in grub.read_dm(cfg)] == [[("vroot", "dm-mod")]] * 2
     bad = cli("sample-image", str(tmp_path / "t.raw"), "-grub-format=dm-verity")
     assert (bad.code, bad.err) == (
-        2,
+        1,
         'cos-customizer: error: invalid value "dm-verity" for flag -grub-format: use one of dm, dm-mod\n',
     )
     assert not (tmp_path / "t.raw").exists()
-    with pytest.raises(UsageError, match="-grub-format=dmmod: use one of dm, dm-mod"):
+    with pytest.raises(ValidationError, match="-grub-format=dmmod: use one of dm, dm-mod"):
         sample_image.build(tmp_path / "u.raw", grub_format="dmmod")
 
 

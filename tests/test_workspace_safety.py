@@ -105,7 +105,7 @@ def test_image_file_inside_the_workspace_is_refused(tmp_path: Path, sample_raw: 
     before = workspace_files(workspace)
     result = cli(env, "start-image-build", f"-build-context={tmp_path / 'context-ws'}", f"-image-file={given}")
     assert (result.code, result.out, result.err) == (
-        2,
+        1,
         "",
         f"cos-customizer: error: -image-file={given} is inside the workspace {workspace}, which start-image-build "
         "replaces and finish-image-build removes: move the image out of it, or choose another -local-state-workdir\n",
@@ -126,7 +126,7 @@ def test_output_inside_the_workspace_is_refused(tmp_path: Path, sample_raw: Path
     for dry in (["-dry-run"], []):
         result = cli(env, "finish-image-build", f"-output={output}", *dry)
         assert (result.code, result.out, result.err) == (
-            2,
+            1,
             "",
             f"cos-customizer: error: -output={output} is inside the workspace {workspace}, which "
             "finish-image-build removes when it ends: write the image outside the workspace\n",

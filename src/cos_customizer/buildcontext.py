@@ -13,7 +13,7 @@ import tarfile
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
-from cos_customizer.errors import CustomizerError, UsageError
+from cos_customizer.errors import CustomizerError, ValidationError
 
 
 def create_archive(source: Path, destination: Path, exclude: Collection[Path] = ()) -> int:
@@ -23,12 +23,12 @@ def create_archive(source: Path, destination: Path, exclude: Collection[Path] = 
     context. Returns the number of members written.
     """
     if not source.exists() and not source.is_symlink():
-        raise UsageError(
+        raise ValidationError(
             f"build context {source} does not exist: pass -build-context=DIR, "
             "the directory holding your scripts and files"
         )
     if not (source.is_dir() or source.is_file()):
-        raise UsageError(f"build context {source} is neither a directory nor a regular file")
+        raise ValidationError(f"build context {source} is neither a directory nor a regular file")
     excluded = {path.resolve() for path in exclude}
     count = 0
     try:
@@ -64,12 +64,12 @@ def _walk(root: Path, excluded: set[Path]) -> Iterator[Path]:
 def normalize_member(path: str, flag: str) -> str:
     """The archive member name for a user-given path inside the context."""
     if not path:
-        raise UsageError(f"{flag} must be set")
+        raise ValidationError(f"{flag} must be set")
     if path.startswith("/"):
-        raise UsageError(f"{flag}={path}: give a path relative to the build context, not an absolute path")
+        raise ValidationError(f"{flag}={path}: give a path relative to the build context, not an absolute path")
     normal = posixpath.normpath(path)
     if normal == ".." or normal.startswith("../"):
-        raise UsageError(f"{flag}={path}: the path leaves the build context")
+        raise ValidationError(f"{flag}={path}: the path leaves the build context")
     return normal
 
 

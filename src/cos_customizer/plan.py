@@ -7,7 +7,7 @@ the same resulting `BootDisk`.
 
 from __future__ import annotations
 
-from cos_customizer.errors import UsageError, ValidationError
+from cos_customizer.errors import ValidationError
 from cos_customizer.provisioner.config import BootDisk, ProvisionerConfig, StepType
 from cos_customizer.units import MiB, format_size, gib_round_up, parse_size
 
@@ -33,7 +33,7 @@ def check_oem_size(text: str) -> int:
 
 def check_disk_size_gb(disk_size_gb: int) -> None:
     if disk_size_gb < 0 or 0 < disk_size_gb < IMAGE_SIZE_GB:
-        raise UsageError(
+        raise ValidationError(
             f"-disk-size-gb={disk_size_gb}: give 0 (keep the image's {IMAGE_SIZE_GB} GB) or at least {IMAGE_SIZE_GB}"
         )
 
@@ -53,7 +53,7 @@ def resolve_boot_disk(config: ProvisionerConfig, oem_size: str, disk_size_gb: in
     try:
         requested = check_oem_size(oem_size)
     except ValueError as err:
-        raise UsageError(f'invalid value "{oem_size}" for flag -oem-size: {err}') from None
+        raise ValidationError(f'invalid value "{oem_size}" for flag -oem-size: {err}') from None
     fs_size_4k = boot_disk.oem_fs_size_4k
     partition = requested
     if sealed:

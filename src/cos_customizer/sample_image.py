@@ -36,7 +36,7 @@ from cos_customizer.disk.gpt import (
     write_table,
 )
 from cos_customizer.disk.verity import format_verity, random_salt
-from cos_customizer.errors import UsageError
+from cos_customizer.errors import ValidationError
 from cos_customizer.runner import require_tool, run
 
 GiB = 1 << 30
@@ -155,7 +155,9 @@ def root_tree(root: Path) -> None:
     for name in TOOLS:
         path = shutil.which(name, path="/usr/bin:/bin")
         if path is None:
-            raise UsageError(f"{name} is not on this machine; sample-image copies it from here (apt-get install it)")
+            raise ValidationError(
+                f"{name} is not on this machine; sample-image copies it from here (apt-get install it)"
+            )
         binaries.append(Path(path))
         shutil.copy2(Path(path).resolve(), root / "usr/bin" / name)
     for library in _libraries(binaries):
@@ -221,7 +223,7 @@ def _atomic_output(output: Path) -> Iterator[Path]:
 
 def _check_grub_format(grub_format: str) -> None:
     if grub_format not in GRUB_FORMATS:
-        raise UsageError(f"-grub-format={grub_format}: use one of {', '.join(GRUB_FORMATS)}")
+        raise ValidationError(f"-grub-format={grub_format}: use one of {', '.join(GRUB_FORMATS)}")
 
 
 def build(output: Path, size_gb: int = 10, *, grub_format: str = "dm") -> Sample:
@@ -231,7 +233,7 @@ def build(output: Path, size_gb: int = 10, *, grub_format: str = "dm") -> Sample
     """
     _check_grub_format(grub_format)
     if size_gb < 10:
-        raise UsageError(f"-size-gb={size_gb}: a sample COS image needs at least 10 GB")
+        raise ValidationError(f"-size-gb={size_gb}: a sample COS image needs at least 10 GB")
     disk_sectors = size_gb * GiB // SECTOR
     table = new_table(disk_sectors, partitions(disk_sectors))
     parts = {p.name: p for p in table.partitions if p.name != "reserved"}

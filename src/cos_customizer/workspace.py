@@ -85,6 +85,9 @@ def hold_lock(path: Path, busy: Callable[[str], str]) -> Iterator[None]:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as err:
+            mapped = _write_error(path, err)
+            if mapped is not err:
+                raise mapped from err
             raise CustomizerError(f"cannot make the lock file {path}: {err.strerror}") from err
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -98,8 +101,11 @@ def hold_lock(path: Path, busy: Callable[[str], str]) -> Iterator[None]:
             break
         os.close(fd)  # the previous holder removed it between our open and our lock
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as err:
+            raise _write_error(path, err) from err
         yield
     finally:
         if _same_file(path, fd):
@@ -135,19 +141,24 @@ def write_json_atomic(path: Path, data: Any) -> None:
     try:
         _write_json_atomic(path, data)
     except OSError as err:
-        why = {
-            errno.ENOSPC: "free some space there",
-            errno.EDQUOT: "free some space there",
-            errno.EROFS: "make it writable",
-            errno.ENOTDIR: "a part of its path is a regular file, not a directory",
-            errno.EEXIST: "a part of its path is a regular file, not a directory",
-        }.get(err.errno or 0)
-        if why is None:
-            raise
-        raise WorkspaceError(
-            f"cannot write the workspace file {path}: {os.strerror(err.errno or 0)}; {why}, "
-            "or choose another -local-state-workdir, and run the step again"
-        ) from err
+        raise _write_error(path, err) from err
+
+
+def _write_error(path: Path, err: OSError) -> Exception:
+    """One clear line for a workspace file the file system refuses (full, read-only, a file in the path)."""
+    why = {
+        errno.ENOSPC: "free some space there",
+        errno.EDQUOT: "free some space there",
+        errno.EROFS: "make it writable",
+        errno.ENOTDIR: "a part of its path is a regular file, not a directory",
+        errno.EEXIST: "a part of its path is a regular file, not a directory",
+    }.get(err.errno or 0)
+    if why is None:
+        return err
+    return WorkspaceError(
+        f"cannot write the workspace file {path}: {os.strerror(err.errno or 0)}; {why}, "
+        "or choose another -local-state-workdir, and run the step again"
+    )
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from cos_customizer import provisioner_build, sample_image
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import Flag, Kind, Parsed
-from cos_customizer.errors import UsageError, ValidationError
+from cos_customizer.errors import ValidationError
 from cos_customizer.units import human_size
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ def _check_grub_format(value: str) -> None:
 
 def handle_sample_image(_context: Context, args: Parsed) -> int:
     if args["size-gb"] < 10:
-        raise UsageError(f"-size-gb={args['size-gb']}: a sample COS image needs at least 10 GB")
+        raise ValidationError(f"-size-gb={args['size-gb']}: a sample COS image needs at least 10 GB")
     output = Path(args.positional[0]).absolute()
     if output.exists() or output.is_symlink():
         raise ValidationError(f"{output} already exists: remove it or choose another name")
@@ -68,7 +68,7 @@ SAMPLE_IMAGE = Command(
 
 def handle_build_provisioner(context: Context, args: Parsed) -> int:
     if not args["output"]:
-        raise UsageError("-output=PATH must be set: where to write the provisioner executable")
+        raise ValidationError("-output=PATH must be set: where to write the provisioner executable")
     output = Path(args["output"]).absolute()
     if not output.parent.is_dir():
         raise ValidationError(f"{output}: the directory {output.parent} does not exist")

@@ -20,7 +20,7 @@ from cos_customizer.config import BuildConfig, SourceImage
 from cos_customizer.disk import planner
 from cos_customizer.disk.gpt import SECTOR
 from cos_customizer.disk.planner import DiskPlan
-from cos_customizer.errors import UsageError, ValidationError
+from cos_customizer.errors import ValidationError
 from cos_customizer.executors import (
     STEP_COMMANDS,
     Executor,
@@ -247,44 +247,44 @@ def describe_binary(binary: Path | None) -> str:
 
 def _check_gce_flags(args: Parsed) -> None:
     if "output" in args.given:
-        raise UsageError("-output is for local builds (started with -image-file); a GCE build makes a GCE image")
+        raise ValidationError("-output is for local builds (started with -image-file); a GCE build makes a GCE image")
     if not args["image-name"] and not args["image-suffix"]:
-        raise UsageError("one of -image-name or -image-suffix must be set")
+        raise ValidationError("one of -image-name or -image-suffix must be set")
     if args["image-name"] and args["image-suffix"]:
-        raise UsageError("-image-name and -image-suffix are mutually exclusive")
+        raise ValidationError("-image-name and -image-suffix are mutually exclusive")
     if args["deprecate-old-images"] and not args["image-family"]:
-        raise UsageError("-deprecate-old-images can only be used if -image-family is set")
+        raise ValidationError("-deprecate-old-images can only be used if -image-family is set")
     if args["old-image-ttl"] and not args["deprecate-old-images"]:
-        raise UsageError("-old-image-ttl can only be used if -deprecate-old-images is set")
+        raise ValidationError("-old-image-ttl can only be used if -deprecate-old-images is set")
     if args["old-image-ttl"] < 0:
-        raise UsageError("-old-image-ttl must be a number of seconds >= 0")
+        raise ValidationError("-old-image-ttl must be a number of seconds >= 0")
     for name in ("zone", "project"):
         if not args[name]:
-            raise UsageError(f"-{name} must be set for a GCE build")
+            raise ValidationError(f"-{name} must be set for a GCE build")
     if bool(args["sbom-input-path"]) != bool(args["sbom-output-path"]):
-        raise UsageError("-sbom-input-path and -sbom-output-path must be set together")
+        raise ValidationError("-sbom-input-path and -sbom-output-path must be set together")
     if args["sbom-output-path"]:
         sbom.check_output_path(args["sbom-output-path"])
     if args["provisioner-binary"] and not Path(args["provisioner-binary"]).is_file():
-        raise UsageError(f"-provisioner-binary={args['provisioner-binary']}: no such file")
+        raise ValidationError(f"-provisioner-binary={args['provisioner-binary']}: no such file")
 
 
 def _check_local_flags(args: Parsed, source: SourceImage, workspace_root: Path) -> Output:
     for name in GCE_ONLY:
         if name in args.given:
-            raise UsageError(
+            raise ValidationError(
                 f"-{name} applies to GCE builds only; this build was started with -image-file, "
                 "so it runs with the local executor"
             )
     if not args["output"]:
-        raise UsageError("-output=PATH must be set for a local build: where to write the customized image")
+        raise ValidationError("-output=PATH must be set for a local build: where to write the customized image")
     output = Output.from_flag(args["output"])
     if output.path.resolve() == Path(source.ImageFile).resolve():
-        raise UsageError(
+        raise ValidationError(
             f"-output={args['output']} is the source image; the source is never written, choose another name"
         )
     if workspace.contains(workspace_root, output.path):
-        raise UsageError(
+        raise ValidationError(
             f"-output={args['output']} is inside the workspace {workspace_root}, which finish-image-build removes "
             "when it ends: write the image outside the workspace"
         )
@@ -328,13 +328,13 @@ def make_plan(context: Context, args: Parsed) -> FinishPlan:
     if executor is Executor.GCE:
         _check_gce_flags(args)
         if args["allow-backing-file"]:
-            raise UsageError("-allow-backing-file is for local builds (started with a .qcow2 -image-file)")
+            raise ValidationError("-allow-backing-file is for local builds (started with a .qcow2 -image-file)")
         if args["allow-host-loopback"]:
-            raise UsageError("-allow-host-loopback is for local builds (started with -image-file)")
+            raise ValidationError("-allow-host-loopback is for local builds (started with -image-file)")
         if context.compute_endpoint:
             workflow.compute_endpoint(context.compute_endpoint)  # one value for the client and daisy, or refused
     if args["timeout"] <= 0:
-        raise UsageError(f"-timeout={format_duration(args['timeout'])}: give a positive duration such as 1h0m0s")
+        raise ValidationError(f"-timeout={format_duration(args['timeout'])}: give a positive duration such as 1h0m0s")
     boot_disk = plan.resolve_boot_disk(config, args["oem-size"], args["disk-size-gb"])
     config = dataclasses.replace(config, boot_disk=boot_disk)
     check_supported(executor, config)

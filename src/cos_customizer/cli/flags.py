@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cos_customizer.errors import UsageError
+from cos_customizer.errors import UsageError, ValidationError
 from cos_customizer.units import parse_duration
 
 
@@ -127,7 +127,10 @@ def _set(flag: Flag, raw: str, parsed: Parsed) -> None:
             value = raw
     except ValueError as err:
         what = "boolean value" if flag.kind is Kind.BOOL else "value"
-        raise UsageError(f'invalid {what} "{raw}" for flag -{flag.name}: {err}') from None
+        message = f'invalid {what} "{raw}" for flag -{flag.name}: {err}'
+        if flag.kind is Kind.STRING:  # Go's parser takes any string; the original refuses it later (exit 1)
+            raise ValidationError(message) from None
+        raise UsageError(message) from None
     parsed.values[flag.name] = value
     parsed.given.add(flag.name)
 

@@ -10,7 +10,7 @@ from cos_customizer import buildcontext, images, workspace
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import Flag, Kind, Parsed
 from cos_customizer.config import BuildConfig, SourceImage
-from cos_customizer.errors import UsageError
+from cos_customizer.errors import ValidationError
 from cos_customizer.executors import gce
 from cos_customizer.provisioner.config import ProvisionerConfig
 
@@ -53,28 +53,28 @@ def _requested_source(args: Parsed, root: Path) -> SourceImage:
     if args["image-file"]:
         for name in GCE_SOURCE_FLAGS:
             if name in args.given:
-                raise UsageError(
+                raise ValidationError(
                     f"-image-file and -{name} are mutually exclusive: a build starts either from a local "
                     "image file (local executor) or from a Compute Engine image (gce executor)"
                 )
         return SourceImage(ImageFile=str(_check_image_file(Path(args["image-file"]), root)))
     chosen = [name for name in ("image-name", "image-milestone", "image-family") if args[name]]
     if len(chosen) != 1:
-        raise UsageError(
+        raise ValidationError(
             "exactly one of -image-name, -image-milestone, -image-family must be set "
             "(or -image-file=PATH for a local build)"
         )
     milestone = args["image-milestone"]
     if milestone < 0:
-        raise UsageError(f"-image-milestone must be a positive milestone number such as 113, not {milestone}")
+        raise ValidationError(f"-image-milestone must be a positive milestone number such as 113, not {milestone}")
     if milestone and args["image-project"] != "cos-cloud":
-        raise UsageError(
+        raise ValidationError(
             "-image-milestone can only be used if -image-project is set to cos-cloud "
             f'(image-milestone: {milestone}, image-project: "{args["image-project"]}")'
         )
     for name in ("gcs-bucket", "gcs-workdir", "image-project"):
         if not args[name]:
-            raise UsageError(f"-{name} must be set for a GCE build (or use -image-file=PATH for a local build)")
+            raise ValidationError(f"-{name} must be set for a GCE build (or use -image-file=PATH for a local build)")
     return SourceImage(
         Name=args["image-name"], Project=args["image-project"], Family=args["image-family"], Milestone=milestone
     )
@@ -84,13 +84,13 @@ def _check_image_file(path: Path, root: Path) -> Path:
     """A regular file outside the workspace; found with stat alone (a FIFO or a device is never opened)."""
     what = images.kind(path)
     if what == images.MISSING:
-        raise UsageError(f"-image-file={path}: no such file; give a raw, .qcow2 or .tar.gz COS disk image")
+        raise ValidationError(f"-image-file={path}: no such file; give a raw, .qcow2 or .tar.gz COS disk image")
     if what != images.REGULAR:
-        raise UsageError(f"-image-file={path}: {what}, not a file; give a raw, .qcow2 or .tar.gz COS disk image")
+        raise ValidationError(f"-image-file={path}: {what}, not a file; give a raw, .qcow2 or .tar.gz COS disk image")
     if not os.access(path, os.R_OK):
-        raise UsageError(f"-image-file={path}: not readable by this user")
+        raise ValidationError(f"-image-file={path}: not readable by this user")
     if workspace.contains(root, path):
-        raise UsageError(
+        raise ValidationError(
             f"-image-file={path} is inside the workspace {root}, which start-image-build replaces and "
             "finish-image-build removes: move the image out of it, or choose another -local-state-workdir"
         )

@@ -16,7 +16,7 @@ from pathlib import Path
 from cos_customizer import buildcontext
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import Flag, Kind, Parsed
-from cos_customizer.errors import UsageError, ValidationError
+from cos_customizer.errors import ValidationError
 from cos_customizer.executors import STEP_COMMANDS, gce
 from cos_customizer.provisioner import gpu
 from cos_customizer.provisioner.config import (
@@ -78,7 +78,7 @@ def _script_member(context: Context, path: str, flag: str, *, kinds: tuple[bytes
 
 def handle_run_script(context: Context, args: Parsed) -> int:
     if not args["script"]:
-        raise UsageError("script not provided for run-script step; -script is required")
+        raise ValidationError("script not provided for run-script step; -script is required")
     context.workspace.require()
     path = _script_member(context, args["script"], "-script", kinds=(tarfile.REGTYPE, tarfile.SYMTYPE))
     env = tuple(f"{key}={value}" for key, value in sorted(args["env"].items()))
@@ -113,22 +113,22 @@ _MD5 = re.compile(r"^[0-9a-fA-F]{32}$")
 
 def _check_gpu_version(version: str, deps_dir: str) -> None:
     if not version:
-        raise UsageError("-version must be set: a driver version such as 535.104.05, or an NVIDIA .run installer")
+        raise ValidationError("-version must be set: a driver version such as 535.104.05, or an NVIDIA .run installer")
     if version.endswith(".run"):
         if not deps_dir:
-            raise UsageError('"-deps-dir" must be set when the version is specified as an nvidia installer file')
+            raise ValidationError('"-deps-dir" must be set when the version is specified as an nvidia installer file')
         installer = Path(deps_dir) / version
         if not installer.exists():
             raise ValidationError(f'nvidia installer file at "{installer}" does not exist')
         if installer.is_dir():
             raise ValidationError(f'nvidia installer file at "{installer}" is a directory')
         if gpu.driver_version(version) is None:
-            raise UsageError(
+            raise ValidationError(
                 f"-version={version}: cannot read the driver version from the installer name; "
                 "expected a name like NVIDIA-Linux-x86_64-450.51.06.run"
             )
     elif not _DRIVER_VERSION.match(version):
-        raise UsageError(
+        raise ValidationError(
             f"driver version {version} is not valid: give a version such as 535.104.05, or the name of an "
             "NVIDIA installer file in -deps-dir such as NVIDIA-Linux-x86_64-450.51.06.run"
         )
@@ -164,9 +164,9 @@ def handle_install_gpu(context: Context, args: Parsed) -> int:
         )
     _check_gpu_version(version, deps_dir)
     if args["md5sum"] and not _MD5.match(args["md5sum"]):
-        raise UsageError(f"-md5sum={args['md5sum']}: expected 32 hexadecimal digits")
+        raise ValidationError(f"-md5sum={args['md5sum']}: expected 32 hexadecimal digits")
     if not args["install-dir"].startswith("/"):
-        raise UsageError(
+        raise ValidationError(
             f"-install-dir={args['install-dir']}: give an absolute path on the image, like /var/lib/nvidia"
         )
     build = ws.build()
@@ -276,11 +276,13 @@ _REMOTE = re.compile(r"^(gs|https?)://[^/]+")
 def handle_anthos(context: Context, args: Parsed) -> int:
     url = args["pkgspec-url"]
     if not url:
-        raise UsageError("Required package spec is not provided for anthos-installer-install step: set -pkgspec-url")
+        raise ValidationError(
+            "Required package spec is not provided for anthos-installer-install step: set -pkgspec-url"
+        )
     context.workspace.require()
     if "://" in url:
         if not _REMOTE.match(url):
-            raise UsageError(
+            raise ValidationError(
                 f"-pkgspec-url={url}: use a gs://, http:// or https:// address, or a path inside the build context"
             )
     else:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cos_customizer import buildcontext
-from cos_customizer.errors import UsageError, ValidationError
+from cos_customizer.errors import ValidationError
 
 NOASSERTION = "NOASSERTION"
 TOOL = "Tool: cos-customizer"
@@ -55,7 +55,7 @@ def load_input(archive: Path, path: str) -> dict[str, Any]:
 
 def check_output_path(path: str) -> None:
     if not path.startswith("gs://") or len(path) <= len("gs://"):
-        raise UsageError(f"-sbom-output-path={path}: give a GCS directory such as gs://bucket/sboms")
+        raise ValidationError(f"-sbom-output-path={path}: give a GCS directory such as gs://bucket/sboms")
 
 
 def generate(data: dict[str, Any], image_name: str, now: datetime.datetime) -> tuple[str, dict[str, Any]]:
