@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,11 @@ class Result:
 
 
 CLI = Callable[..., Result]
+
+
+def sh(*argv: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a stock tool (an oracle or a fixture step), text in and out."""
+    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=check)
 
 
 @pytest.fixture

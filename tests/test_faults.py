@@ -30,7 +30,7 @@ import pytest
 from cos_customizer import output, runner
 from cos_customizer.executors import local
 from cos_customizer.images import ImageFormat
-from tests.conftest import data_digest
+from tests.conftest import data_digest, sh
 
 pytestmark = [
     pytest.mark.root,
@@ -43,10 +43,6 @@ MARK = "COS_FAULTS_TEST"  # set in the tool's environment: every host-side proce
 NOTE = re.compile(r"note: removed (\S+), left behind by a killed build \(cos-customizer build, process \d+\)")
 STEPS_OK = [["run-script", "-script=ok.sh"], ["seal-oem"], ["disable-auto-update"]]
 FINISH_SIZES = ["-oem-size=1G", "-disk-size-gb=12"]
-
-
-def sh(*argv: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=check)
 
 
 # What a build may leave on the host, found by what it owns: its token (in every script's name and in

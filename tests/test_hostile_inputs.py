@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from cos_customizer import images
-from tests.conftest import CLI, data_digest
+from tests.conftest import CLI, Result, data_digest, sh
 
 pytestmark = [
     pytest.mark.root,
@@ -34,17 +34,6 @@ TIMEOUT = 120  # seconds; a command that hangs (a FIFO opened for reading) fails
 SECRET = b"HOST-SECRET-7f3a9c-not-for-any-image"
 SECRET_OFFSET = 34 * 512  # the sector after the primary GPT: no partition, so the table still reads
 GiB = 1 << 30
-
-
-def sh(*argv: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=check)
-
-
-@dataclass(frozen=True)
-class Run:
-    code: int
-    out: str
-    err: str
 
 
 @dataclass(frozen=True)
@@ -63,7 +52,7 @@ class Host:
             **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"},
         }
 
-    def cli(self, *argv: str) -> Run:
+    def cli(self, *argv: str) -> Result:
         try:
             result = subprocess.run(
                 [sys.executable, "-m", "cos_customizer", *argv],
@@ -75,7 +64,7 @@ class Host:
             )
         except subprocess.TimeoutExpired:
             pytest.fail(f"cos-customizer {' '.join(argv)} hung for {TIMEOUT} s")
-        return Run(result.returncode, result.stdout, result.stderr)
+        return Result(result.returncode, result.stdout, result.stderr)
 
     def state(self) -> tuple[list[tuple[str, int, int]], list[str], list[str]]:
         """Every entry under tmp (name, kind, size; not inside the workspace, whose snapshot is taken
@@ -115,6 +104,21 @@ def assert_refused_by_finish(host: Host, message: str, *extra: str) -> None:
         assert (result.code, result.out, result.err) == (1, "", f"cos-customizer: error: {message}\n"), dry
         assert host.state() == before, dry
     assert not output.exists()
+    assert list((host.tmp / "tmpdir").iterdir()) == []
+
+
+def assert_refused_by_the_build(host: Host, message: str) -> None:
+    """The real build (its dry run cannot see it) fails with one line ending in `message`, leaves no output,
+    and changes nothing on the host but the workspace it removes, as every finished build does."""
+    before = host.state()
+    output = host.tmp / "out.raw"
+    result = host.cli("finish-image-build", f"-output={output}")
+    assert result.code == 1
+    assert result.err.endswith(f"cos-customizer: error: {message}\n")
+    assert result.err.count("cos-customizer: error:") == 1 and "Traceback" not in result.err
+    assert not output.exists()
+    assert host.state()[0] == [e for e in before[0] if not e[0].startswith("ws")]
+    assert host.state()[1:] == before[1:]
     assert list((host.tmp / "tmpdir").iterdir()) == []
 
 
@@ -209,17 +213,11 @@ def test_tar_gz_with_a_second_member_is_refused_when_extracting(host: Host, samp
     sh("tar", "--sparse", "--format=oldgnu", "-czf", source, "-C", staging, "disk.raw", "extra")
     sh("rm", "-r", staging)
     start(host, source)
-    before = host.state()
-    output = host.tmp / "out.raw"
-    result = host.cli("finish-image-build", f"-output={output}")
-    assert result.code == 1
-    assert result.err.endswith(
-        f"cos-customizer: error: {source}: the archive's member extra is not a regular file named disk.raw "
-        "after disk.raw: a GCE image archive holds one regular file disk.raw\n"
+    assert_refused_by_the_build(
+        host,
+        f"{source}: the archive's member extra is not a regular file named disk.raw "
+        "after disk.raw: a GCE image archive holds one regular file disk.raw",
     )
-    assert result.err.count("cos-customizer: error:") == 1 and "Traceback" not in result.err
-    assert host.state()[0] == [e for e in before[0] if not e[0].startswith("ws")]  # the build removed the workspace
-    assert host.state()[1:] == before[1:]
 
 
 @pytest.mark.parametrize("fmt", ["oldgnu", "posix"])
@@ -265,19 +263,9 @@ def test_corrupt_or_truncated_gzip_is_one_line(host: Host, sample_raw: Path, dam
     source = host.tmp / "damaged.tar.gz"
     source.write_bytes(data)
     start(host, source)
-    before = host.state()
-    output = host.tmp / "out.raw"
-    result = host.cli("finish-image-build", f"-output={output}")
-    assert result.code == 1
-    assert result.err.endswith(
-        f"cos-customizer: error: {source} is a corrupt or truncated .tar.gz ({detail}): "
-        "export or download the image again\n"
+    assert_refused_by_the_build(
+        host, f"{source} is a corrupt or truncated .tar.gz ({detail}): export or download the image again"
     )
-    assert result.err.count("cos-customizer: error:") == 1 and "Traceback" not in result.err
-    assert not output.exists()
-    assert host.state()[0] == [e for e in before[0] if not e[0].startswith("ws")]
-    assert host.state()[1:] == before[1:]
-    assert list((host.tmp / "tmpdir").iterdir()) == []
 
 
 def test_gzip_that_is_not_a_tar_is_one_line(host: Host) -> None:

@@ -23,7 +23,7 @@ import pytest
 from cos_customizer import runner
 from cos_customizer.cli.main import main
 from cos_customizer.disk import ext, gpt, grub, loop
-from tests.conftest import SAMPLE_FIXTURES, data_digest, snapshot
+from tests.conftest import SAMPLE_FIXTURES, data_digest, sh, snapshot
 
 pytestmark = [
     pytest.mark.root,
@@ -48,10 +48,6 @@ mkdir -p /var/log/app && echo "noise" > /var/log/app/app.log
 } > /var/lib/checks
 echo "step done"
 """
-
-
-def sh(*argv: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=check)
 
 
 def leaks(path: Path) -> tuple[list[str], list[str]]:

@@ -11,12 +11,11 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import CLI, data_digest, snapshot
+from tests.conftest import CLI, Result, data_digest, sh, snapshot
 
 pytestmark = [
     pytest.mark.root,
@@ -24,17 +23,6 @@ pytestmark = [
 ]
 
 TIMEOUT = 120
-
-
-def sh(*argv: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=True)
-
-
-@dataclass(frozen=True)
-class Run:
-    code: int
-    out: str
-    err: str
 
 
 def env_for(tmp: Path, workspace: Path) -> dict[str, str]:
@@ -46,7 +34,7 @@ def env_for(tmp: Path, workspace: Path) -> dict[str, str]:
     }
 
 
-def cli(env: dict[str, str], *argv: str) -> Run:
+def cli(env: dict[str, str], *argv: str) -> Result:
     result = subprocess.run(
         [sys.executable, "-m", "cos_customizer", *argv],
         env=env,
@@ -55,7 +43,7 @@ def cli(env: dict[str, str], *argv: str) -> Run:
         timeout=TIMEOUT,
         check=False,
     )
-    return Run(result.returncode, result.stdout, result.stderr)
+    return Result(result.returncode, result.stdout, result.stderr)
 
 
 def started(tmp: Path, sample: Path, workspace: Path, scripts: dict[str, str] | None = None) -> dict[str, str]:
