@@ -1,0 +1,417 @@
+"""The Daisy steps that run a guest: `CreateInstances` (QEMU processes) and `WaitForInstancesSignal`.
+
+`QemuInstances(resources)` gives the two handlers (`handlers()`), for `daisy_local.run` next to
+`Resources.handlers()`.
+
+CreateInstances `[{Name, Disks: [{Source}], Metadata}]`: each instance is registered with
+`Resources.add_instance` (its metadata server gets the workflow's metadata items, `user-data`
+included) and booted as COS's GRUB would boot it (see `qemu_boot`): before *every* boot the boot
+disk's GPT and EFI-SYSTEM `grub.cfg` are read again, `choose_kernel` picks the entry, and its
+kernel (and initrd) are copied off the FAT with `mcopy` into the instance's private directory.
+QEMU runs with `-no-reboot`, so a guest reboot ends the process; a supervisor thread then tells a
+reboot from a power-off by QMP's `SHUTDOWN` event (QEMU 7.2: `reason` is `guest-reset` for a
+reboot, `guest-shutdown` for a power-off; `host-qmp-quit`, `host-signal` ... when we stopped it)
+and, for a reboot, plans again (the provisioner may have switched KERN-B's priority or edited
+grub.cfg) and starts a fresh QEMU, counting boots. The events come from a second QMP monitor of
+the supervisor's own, so the command connection (`Instance.qmp`, used by `ResizeDisks`) is never
+read by two threads. Serial port 3 (the guest's /dev/ttyS2) and port 1 (its console) are files
+opened in append mode, so their output accumulates across boots. QEMU gets
+`runner.die_with_us()`, so it dies with the tool; the step's cleanup quits it through QMP, kills it
+if it does not go, and removes the instance's directory.
+
+WaitForInstancesSignal `[{Name, SerialOutput: {Port, SuccessMatch, FailureMatch, StatusMatch}, Stopped}]`:
+`SerialOutput` watches the port file with `daisy_local.SerialWatcher` (status lines go to
+`context.status`, a failure match fails the step with the matched line, a success match ends the
+wait); an instance that powers off for good before a match fails the step. `Stopped: true` waits
+until the instance has powered off for good (not a reboot). Both honour the workflow's cancel and
+the step's time left.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import dataclasses
+import os
+import queue
+import shutil
+import subprocess
+import tempfile
+import threading
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cos_customizer import runner
+from cos_customizer.disk import gpt, grub
+from cos_customizer.errors import CustomizerError
+from cos_customizer.executors import daisy_local, qemu_boot
+from cos_customizer.executors.daisy_local import Handler, StepContext
+from cos_customizer.executors.qemu_boot import BootChoice, InstanceSpec, Qmp, QmpError
+from cos_customizer.executors.qemu_resources import Instance, Resources
+
+QUIT_GRACE = 5.0  # seconds QEMU gets to leave after QMP `quit` before it is killed
+POLL = 0.1  # seconds between looks at a serial port file
+RESET, POWEROFF = "guest-reset", "guest-shutdown"
+
+
+class InstanceError(CustomizerError):
+    """An instance cannot be booted, or stopped without the signal its wait asked for."""
+
+
+def _field(spec: Mapping[str, Any], name: str) -> Any:
+    return daisy_local._field(spec, name)
+
+
+def _entries(body: Any, step: str) -> list[Mapping[str, Any]]:
+    if not isinstance(body, list) or not all(isinstance(item, dict) for item in body):
+        raise InstanceError(f"{step}: expected a list of objects")
+    return body
+
+
+class _EventQmp(Qmp):
+    """A QMP connection only read for events (the supervisor's own monitor)."""
+
+    def next_event(self) -> dict[str, Any] | None:
+        """The next event, or None once QEMU has closed the connection (it exited)."""
+        self._sock.settimeout(None)
+        while True:
+            try:
+                message = self._read()
+            except (QmpError, OSError, ValueError):
+                return None
+            if "event" in message:
+                return message
+
+
+def plan_boot(boot_disk: Path, into: Path) -> tuple[BootChoice, Path, Path | None]:
+    """The entry GRUB would boot from `boot_disk` now, and its kernel (and initrd) copied off the FAT into `into`."""
+    table = gpt.read_table(boot_disk)
+    efi = next((p for p in table.partitions if p.type_guid == gpt.EFI_SYSTEM), None)
+    if efi is None:
+        raise InstanceError(f"{boot_disk.name}: the boot disk has no EFI system partition")
+    offset = efi.first * gpt.SECTOR
+    choice = qemu_boot.choose_kernel(table, grub.read_grub_cfg(boot_disk, offset))
+    mcopy = runner.require_tool("mcopy", "mtools")
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+
+    def copy(path: str, name: str) -> Path:
+        if path.startswith("("):
+            raise InstanceError(f"grub.cfg entry {choice.title!r}: {path} is not on the EFI system partition")
+        local = into / name
+        local.unlink(missing_ok=True)
+        result = runner.run([mcopy, "-n", "-i", f"{boot_disk}@@{offset}", f"::{path}", str(local)], env=env,
+                            check=False)  # fmt: skip
+        if result.returncode != 0:
+            detail = result.stderr.decode(errors="replace").strip().splitlines()
+            raise InstanceError(
+                f"grub.cfg entry {choice.title!r} boots {path}, which cannot be read from the EFI system "
+                f"partition: {detail[-1] if detail else 'mcopy failed'}"
+            )
+        return local
+
+    kernel = copy(choice.kernel, "kernel")
+    initrd = copy(choice.initrd, "initrd") if choice.initrd else None
+    return choice, kernel, initrd
+
+
+@dataclasses.dataclass
+class Machine:
+    """One instance's QEMU processes, one per boot; `stopped` is set once it is off for good."""
+
+    instance: Instance
+    disks: tuple[Path, ...]
+    directory: Path
+    accel: str
+    memory_mb: int
+    cpus: int
+    boots: int = 0
+    reasons: list[str] = dataclasses.field(default_factory=list)  # the SHUTDOWN reason of each boot that ended
+    error: str = ""
+    stopped: threading.Event = dataclasses.field(default_factory=threading.Event)
+    proc: subprocess.Popen[bytes] | None = None
+    pids: list[int] = dataclasses.field(default_factory=list)  # every QEMU process started, one per boot
+    _stopping: bool = False
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    _thread: threading.Thread | None = None
+
+    @property
+    def port3(self) -> Path:
+        return self.directory / "serial-port-3.log"
+
+    @property
+    def console(self) -> Path:
+        return self.directory / "serial-port-1.log"
+
+    def _argv(self, choice: BootChoice, kernel: Path, initrd: Path | None) -> list[str]:
+        spec = InstanceSpec(
+            disks=self.disks,
+            serial_port3=self.port3,
+            console=self.console,
+            qmp_socket=self.directory / "qmp.sock",
+            metadata_port=self.instance.metadata.port,
+            kernel=kernel,
+            initrd=initrd,
+            append=choice.append,
+            memory_mb=self.memory_mb,
+            cpus=self.cpus,
+            accel=self.accel,
+        )
+        argv = qemu_boot.qemu_argv(spec)
+        for port in (1, 3):  # the serial files accumulate across boots
+            at = next(i for i, arg in enumerate(argv) if arg.startswith(f"file,id=serial{port},"))
+            argv[at] += ",append=on"
+        events = str(self.directory / "events.sock").replace(",", ",,")
+        argv += [
+            "-chardev",
+            f"socket,id=events,path={events},server=on,wait=off",
+            "-mon",
+            "chardev=events,mode=control",
+        ]
+        return argv
+
+    def start(self) -> None:
+        """Start the instance: its first boot, in the thread that supervises every boot of it.
+
+        QEMU is forked by that long-lived thread because `die_with_us` (PR_SET_PDEATHSIG) kills a child
+        when the *thread* that forked it ends, not only the process.
+        """
+        first: queue.Queue[BaseException | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._life, args=(first,), daemon=True,
+                                        name=f"qemu-{self.instance.name}")  # fmt: skip
+        self._thread.start()
+        error = first.get()
+        if error is not None:
+            raise error
+
+    def _life(self, first: queue.Queue[BaseException | None]) -> None:
+        try:
+            booted = self._boot()
+        except BaseException as err:  # noqa: BLE001 - raised by start() in the step's thread
+            self.stopped.set()
+            first.put(err)
+            return
+        first.put(None)
+        while booted is not None:
+            proc, events = booted
+            reason = self._watch(proc, events)
+            with self._lock:
+                stopping = self._stopping
+            booted = None
+            if stopping:
+                break
+            if reason == RESET:
+                try:
+                    booted = self._boot()
+                except Exception as err:  # noqa: BLE001 - recorded for the wait that follows
+                    self.error = f"instance {self.instance.name}: cannot boot again after the guest rebooted: {err}"
+            elif reason != POWEROFF:
+                self.error = f"instance {self.instance.name}: QEMU ended without a guest power-off{self._qemu_log()}"
+        self.stopped.set()
+
+    def _boot(self) -> tuple[subprocess.Popen[bytes], _EventQmp] | None:
+        """Plan and start one boot and connect its QMP monitors; None when the instance is being stopped."""
+        choice, kernel, initrd = plan_boot(self.disks[0], self.directory)
+        for sock in ("qmp.sock", "events.sock"):
+            (self.directory / sock).unlink(missing_ok=True)
+        with self._lock:
+            if self._stopping:
+                return None
+            log = open(self.directory / "qemu.log", "ab")  # noqa: SIM115 - handed to the child
+            try:
+                proc = subprocess.Popen(self._argv(choice, kernel, initrd), stdin=subprocess.DEVNULL,
+                                        stdout=log, stderr=log, preexec_fn=runner.die_with_us())  # fmt: skip
+            finally:
+                log.close()
+            self.proc = proc
+            self.pids.append(proc.pid)
+            self.boots += 1
+
+        def alive() -> bool:
+            return proc.poll() is None
+
+        try:
+            events = typing.cast(_EventQmp, _EventQmp.connect(self.directory / "events.sock", alive=alive))
+            qmp = Qmp.connect(self.directory / "qmp.sock", alive=alive)
+        except QmpError as err:
+            self._kill(proc)
+            raise InstanceError(f"instance {self.instance.name}: QEMU did not start: {err}{self._qemu_log()}") from None
+        old = self.instance.qmp
+        with self.instance.lock:
+            self.instance.qmp, self.instance.running = qmp, alive
+        if old is not None:
+            old.close()
+        return proc, events
+
+    def _qemu_log(self) -> str:
+        try:
+            lines = (self.directory / "qemu.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return f" ({lines[-1]})" if lines else ""
+
+    def _watch(self, proc: subprocess.Popen[bytes], events: _EventQmp) -> str:
+        """Wait for this boot's QEMU to end; the reason of its SHUTDOWN event (recorded in `reasons`)."""
+        reason = ""
+        try:
+            while (event := events.next_event()) is not None:
+                if event.get("event") == "SHUTDOWN":
+                    reason = str(event.get("data", {}).get("reason", ""))
+            proc.wait()
+        finally:
+            events.close()
+        self.reasons.append(reason or f"exit status {proc.returncode}")
+        return reason
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+    def stop(self) -> None:
+        """Quit QEMU (kill it if it does not leave) and stop re-booting it."""
+        with self._lock:
+            self._stopping = True
+            proc = self.proc
+        if proc is not None and proc.poll() is None:
+            qmp = self.instance.qmp
+            if qmp is not None:
+                with self.instance.lock, contextlib.suppress(QmpError, OSError):
+                    qmp.execute("quit")
+            try:
+                proc.wait(QUIT_GRACE)
+            except subprocess.TimeoutExpired:
+                self._kill(proc)
+        if self._thread is not None:
+            self._thread.join(QUIT_GRACE)
+        self.stopped.set()
+
+
+class QemuInstances:
+    """CreateInstances and WaitForInstancesSignal on QEMU, with the disks and metadata servers of `resources`."""
+
+    def __init__(
+        self,
+        resources: Resources,
+        *,
+        accel: str | None = None,
+        memory_mb: int = 2048,
+        cpus: int = 2,
+        rundir: Path | None = None,
+    ) -> None:
+        self.resources = resources
+        self.accel = accel or qemu_boot.default_accel()
+        self.memory_mb, self.cpus = memory_mb, cpus
+        self.rundir = rundir  # parent of each instance's directory (short: it holds unix sockets)
+        self.machines: dict[str, Machine] = {}
+        self._lock = threading.Lock()
+
+    def handlers(self) -> dict[str, Handler]:
+        return {"CreateInstances": self.create_instances, "WaitForInstancesSignal": self.wait_for_instances_signal}
+
+    def create_instances(self, step: str, body: Any, context: StepContext) -> None:
+        runner.require_tool(qemu_boot.QEMU, "qemu-system-x86")
+        runner.require_tool("socat", "socat")
+        for spec in _entries(body, step):
+            if context.cancel.is_set():
+                return
+            name = str(_field(spec, "Name") or "")
+            disks = tuple(str(_field(disk, "Source") or "") for disk in _field(spec, "Disks") or [])
+            if not disks:
+                raise InstanceError(f"{step}: instance {name!r} has no disks")
+            metadata = _field(spec, "Metadata") or {}
+            if not isinstance(metadata, dict):
+                raise InstanceError(f"{step}: instance {name!r}: Metadata must be an object")
+            instance = self.resources.add_instance(name, disks, {str(k): str(v) for k, v in metadata.items()}, context)
+            directory = Path(tempfile.mkdtemp(prefix="cos-vm.", dir=self.rundir))
+            machine = Machine(instance, tuple(self.resources.disks[d] for d in disks), directory, self.accel,
+                              self.memory_mb, self.cpus)  # fmt: skip
+            with self._lock:
+                self.machines[name] = machine
+
+            def delete(machine: Machine = machine) -> None:
+                try:
+                    machine.stop()
+                finally:
+                    shutil.rmtree(machine.directory, ignore_errors=True)
+
+            context.add_cleanup(f"stop instance {name}", delete)
+            machine.start()
+
+    def _machine(self, name: str, step: str) -> Machine:
+        with self._lock:
+            found = self.machines.get(name)
+        if found is None:
+            raise InstanceError(f"{step}: instance {name!r} does not exist")
+        return found
+
+    def wait_for_instances_signal(self, step: str, body: Any, context: StepContext) -> None:
+        entries = _entries(body, step)
+        errors: list[str] = []
+        threads = []
+        for spec in entries:
+            machine = self._machine(str(_field(spec, "Name") or ""), step)
+            serial = _field(spec, "SerialOutput")
+            if serial:
+                port = int(str(_field(serial, "Port") or 1))
+                if port not in (1, 3):
+                    raise InstanceError(f"{step}: serial port {port}: the qemu executor records ports 1 and 3")
+                target = self._wait_serial
+            elif _field(spec, "Stopped"):
+                port, target = 0, self._wait_stopped
+            else:
+                raise InstanceError(f"{step}: instance {machine.instance.name}: give SerialOutput or Stopped")
+
+            def wait(target: Any = target, machine: Machine = machine, serial: Any = serial, port: int = port) -> None:
+                try:
+                    target(machine, serial, port, context)
+                except InstanceError as err:
+                    errors.append(str(err))
+
+            threads.append(threading.Thread(target=wait, daemon=True))
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise InstanceError(errors[0])
+
+    @staticmethod
+    def _wait_stopped(machine: Machine, serial: Any, port: int, context: StepContext) -> None:
+        while not machine.stopped.is_set():
+            if context.cancel.is_set() or context.remaining() <= 0:
+                return
+            machine.stopped.wait(min(POLL * 5, context.remaining()))
+        if machine.error:
+            raise InstanceError(machine.error)
+
+    @staticmethod
+    def _wait_serial(machine: Machine, serial: Mapping[str, Any], port: int, context: StepContext) -> None:
+        watcher = daisy_local.SerialWatcher(serial)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        path = machine.port3 if port == 3 else machine.console
+        position = 0
+        name = machine.instance.name
+        while True:
+            stopped = machine.stopped.is_set()  # looked at before the last read, so no output is missed
+            try:
+                with open(path, "rb") as file:
+                    file.seek(position)
+                    chunk = file.read()
+            except FileNotFoundError:
+                chunk = b""
+            position += len(chunk)
+            for kind, text in watcher.feed(decoder.decode(chunk)):
+                if kind == "status":
+                    context.status(text)
+                elif kind == "failure":
+                    raise InstanceError(f"instance {name}: FailureMatch found: {text}")
+                elif kind == "success":
+                    return
+            if stopped:
+                detail = machine.error or f"the guest powered off after {machine.boots} boot(s)"
+                raise InstanceError(f"instance {name} stopped before its serial port {port} matched: {detail}")
+            if context.sleep(POLL):
+                return
