@@ -3,7 +3,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,16 @@ class Result:
 
 
 CLI = Callable[..., Result]
+
+
+def read_until(stream: Iterable[str], marker: str, what: str) -> list[str]:
+    """Read lines from a running command's `stream` until one contains `marker`; fail with `what` if it ends first."""
+    seen: list[str] = []
+    for line in stream:
+        seen.append(line)
+        if marker in line:
+            return seen
+    pytest.fail(f"{what}: " + "".join(seen))
 
 
 def sh(*argv: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -23,7 +23,7 @@ import pytest
 from cos_customizer import runner
 from cos_customizer.cli.main import main
 from cos_customizer.disk import ext, gpt, grub, loop
-from tests.conftest import SAMPLE_FIXTURES, data_digest, sh, snapshot
+from tests.conftest import SAMPLE_FIXTURES, data_digest, read_until, sh, snapshot
 
 pytestmark = [
     pytest.mark.root,
@@ -468,13 +468,7 @@ def test_signal_during_the_build(tmp_path: Path, sample_raw: Path, sig: signal.S
         text=True,
     )
     assert proc.stderr is not None
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        if "[run-script slow.sh] started" in line:
-            break
-    else:
-        pytest.fail("the script never started: " + "".join(seen))
+    read_until(proc.stderr, "[run-script slow.sh] started", "the script never started")
     while not leaks(tmp_path)[1]:  # the stage's mounts are not visible here; loops are
         if leaks(tmp_path)[0]:
             break

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CLI, Result, data_digest, sh, snapshot
+from tests.conftest import CLI, Result, data_digest, read_until, sh, snapshot
 
 pytestmark = [
     pytest.mark.root,
@@ -146,13 +146,7 @@ def test_two_commands_at_once_on_one_workspace_or_one_output(tmp_path: Path, sam
     )
     try:
         assert proc.stderr is not None
-        seen = []
-        for line in proc.stderr:
-            seen.append(line)
-            if "[run-script slow.sh] started" in line:
-                break
-        else:
-            pytest.fail("the first build's script never started: " + "".join(seen))
+        read_until(proc.stderr, "[run-script slow.sh] started", "the first build's script never started")
         assert lock.read_text() == f"{proc.pid}\n"
         before = snapshot(first_ws), snapshot(second_ws)
         began = time.monotonic()
