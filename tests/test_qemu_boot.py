@@ -234,6 +234,15 @@ def test_qemu_argv_choices() -> None:
     assert "-kernel" not in argv and "-append" not in argv and "-cpu" not in argv
     assert argv[argv.index("-chardev") + 1] == "null,id=serial1"
     assert "-no-reboot" not in qemu_argv(dataclasses.replace(base, no_reboot=False))
+    # QEMU's chardev syntax (qemu-options: `-chardev file,...,append=on`; a second `-mon ...,mode=control`).
+    more = qemu_argv(dataclasses.replace(base, serial_append=True, events_socket=Path("e")))
+    assert "file,id=serial3,path=p3,append=on" in more
+    assert more[-5:-1] == [
+        "-chardev",
+        "socket,id=events,path=e,server=on,wait=off",
+        "-mon",
+        "chardev=events,mode=control",
+    ]
     kvm = qemu_argv(dataclasses.replace(base, accel="kvm"))
     assert kvm[:7] == ["qemu-system-x86_64", "-machine", "q35", "-accel", "kvm", "-cpu", "host"]
     bad: list[tuple[dict[str, Any], str]] = [

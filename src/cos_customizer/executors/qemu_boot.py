@@ -236,6 +236,10 @@ class InstanceSpec:
     cpus: int = 2
     accel: str = "tcg"
     no_reboot: bool = True
+    # Serial files grow across boots (a fresh QEMU per boot appends instead of truncating).
+    serial_append: bool = False
+    # A second QMP monitor, for a reader of events only (the first one stays free for commands).
+    events_socket: Path | None = None
     qemu: str = QEMU
     socat: str = "socat"
 
@@ -274,7 +278,8 @@ def qemu_argv(spec: InstanceSpec) -> list[str]:
     files = {1: spec.console, 3: spec.serial_port3}
     for port in range(1, SERIAL_PORTS + 1):
         path = files.get(port)
-        backend = f"file,id=serial{port},path={_opt(path)}" if path is not None else f"null,id=serial{port}"
+        append = ",append=on" if spec.serial_append else ""
+        backend = f"file,id=serial{port},path={_opt(path)}{append}" if path is not None else f"null,id=serial{port}"
         argv += ["-chardev", backend, "-serial", f"chardev:serial{port}"]
     guestfwd = f"tcp:{METADATA_IP}:80-cmd:{spec.socat} - TCP:127.0.0.1:{spec.metadata_port}"
     argv += ["-netdev", f"user,id=n0,net={GUEST_NET},guestfwd={_opt(guestfwd)}"]
@@ -282,6 +287,9 @@ def qemu_argv(spec: InstanceSpec) -> list[str]:
     argv += ["-smbios", "type=1,manufacturer=Google,product=Google Compute Engine"]
     argv += ["-chardev", f"socket,id=qmp,path={_opt(spec.qmp_socket)},server=on,wait=off"]
     argv += ["-mon", "chardev=qmp,mode=control"]
+    if spec.events_socket is not None:
+        argv += ["-chardev", f"socket,id=events,path={_opt(spec.events_socket)},server=on,wait=off"]
+        argv += ["-mon", "chardev=events,mode=control"]
     if spec.no_reboot:
         argv.append("-no-reboot")
     return argv
@@ -364,6 +372,18 @@ class Qmp:
                 raise QmpError(f"QMP {command} failed: {reply['error'].get('desc', reply['error'])}")
             elif "return" in reply:
                 return reply["return"]
+
+    def next_event(self) -> dict[str, Any] | None:
+        """Wait for QEMU's next event on this connection; None once QEMU has closed it (it exited).
+        For a monitor that only listens: commands on it would consume events meant for their reply loop."""
+        self._sock.settimeout(None)
+        while True:
+            try:
+                message = self._read()
+            except (QmpError, OSError, ValueError):
+                return None
+            if "event" in message:
+                return message
 
     def block_resize(self, device: str, size: int) -> None:
         """Grow the drive `device` (e.g. "d0") to `size` bytes; the guest sees the new capacity by itself."""

@@ -38,7 +38,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -68,21 +67,6 @@ def _entries(body: Any, step: str) -> list[Mapping[str, Any]]:
     if not isinstance(body, list) or not all(isinstance(item, dict) for item in body):
         raise InstanceError(f"{step}: expected a list of objects")
     return body
-
-
-class _EventQmp(Qmp):
-    """A QMP connection only read for events (the supervisor's own monitor)."""
-
-    def next_event(self) -> dict[str, Any] | None:
-        """The next event, or None once QEMU has closed the connection (it exited)."""
-        self._sock.settimeout(None)
-        while True:
-            try:
-                message = self._read()
-            except (QmpError, OSError, ValueError):
-                return None
-            if "event" in message:
-                return message
 
 
 def plan_boot(boot_disk: Path, into: Path) -> tuple[BootChoice, Path, Path | None]:
@@ -157,19 +141,10 @@ class Machine:
             memory_mb=self.memory_mb,
             cpus=self.cpus,
             accel=self.accel,
+            serial_append=True,  # the serial files accumulate across boots
+            events_socket=self.directory / "events.sock",
         )
-        argv = qemu_boot.qemu_argv(spec)
-        for port in (1, 3):  # the serial files accumulate across boots
-            at = next(i for i, arg in enumerate(argv) if arg.startswith(f"file,id=serial{port},"))
-            argv[at] += ",append=on"
-        events = str(self.directory / "events.sock").replace(",", ",,")
-        argv += [
-            "-chardev",
-            f"socket,id=events,path={events},server=on,wait=off",
-            "-mon",
-            "chardev=events,mode=control",
-        ]
-        return argv
+        return qemu_boot.qemu_argv(spec)
 
     def start(self) -> None:
         """Start the instance: its first boot, in the thread that supervises every boot of it.
@@ -210,7 +185,7 @@ class Machine:
                 self.error = f"instance {self.instance.name}: QEMU ended without a guest power-off{self._qemu_log()}"
         self.stopped.set()
 
-    def _boot(self) -> tuple[subprocess.Popen[bytes], _EventQmp] | None:
+    def _boot(self) -> tuple[subprocess.Popen[bytes], Qmp] | None:
         """Plan and start one boot and connect its QMP monitors; None when the instance is being stopped."""
         choice, kernel, initrd = plan_boot(self.disks[0], self.directory)
         for sock in ("qmp.sock", "events.sock"):
@@ -232,7 +207,7 @@ class Machine:
             return proc.poll() is None
 
         try:
-            events = typing.cast(_EventQmp, _EventQmp.connect(self.directory / "events.sock", alive=alive))
+            events = Qmp.connect(self.directory / "events.sock", alive=alive)
             qmp = Qmp.connect(self.directory / "qmp.sock", alive=alive)
         except QmpError as err:
             self._kill(proc)
@@ -251,7 +226,7 @@ class Machine:
             return ""
         return f" ({lines[-1]})" if lines else ""
 
-    def _watch(self, proc: subprocess.Popen[bytes], events: _EventQmp) -> str:
+    def _watch(self, proc: subprocess.Popen[bytes], events: Qmp) -> str:
         """Wait for this boot's QEMU to end; the reason of its SHUTDOWN event (recorded in `reasons`)."""
         reason = ""
         try:
