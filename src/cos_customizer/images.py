@@ -484,6 +484,21 @@ def working_copy(
             _copy_raw(source, opened, target, progress)
 
 
+def _copy_piece(src: int, dst: int, length: int, offset: int) -> int:
+    """Copy up to `length` bytes at `offset` between two files; plain reads and writes where the kernel
+    cannot copy_file_range (across file systems before Linux 5.19 and on some file systems)."""
+    try:
+        return os.copy_file_range(src, dst, length, offset, offset)
+    except OSError as err:
+        if err.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+    data = os.pread(src, min(length, 1 << 20), offset)
+    written = 0
+    while written < len(data):
+        written += os.pwrite(dst, data[written:], offset + written)
+    return len(data)
+
+
 def _copy_raw(source: Path, src: BinaryIO, target: Path, progress: Progress | None) -> None:
     with open(target, "wb") as dst:
         size = os.fstat(src.fileno()).st_size
@@ -499,7 +514,7 @@ def _copy_raw(source: Path, src: BinaryIO, target: Path, progress: Progress | No
         for offset, length in extents:
             copied = 0
             while copied < length:
-                n = os.copy_file_range(src.fileno(), dst.fileno(), length - copied, offset + copied, offset + copied)
+                n = _copy_piece(src.fileno(), dst.fileno(), length - copied, offset + copied)
                 if n == 0:
                     raise CustomizerError(f"{source} changed while it was being copied (short copy at byte {offset})")
                 copied += n

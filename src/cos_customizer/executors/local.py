@@ -27,7 +27,6 @@ removes every such directory whose lock is free (`sweep`), with a note.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import fcntl
 import json
 import logging
@@ -278,7 +277,7 @@ def run_build(build: LocalBuild, contexts: dict[str, str]) -> Summary:
             disk = work / "disk.raw"
             doing = f"copying {build.source.name}"
             with _phase(summary, f"copy {build.source.name} (sparse)"), report.progress_bar("copy") as progress:
-                _working_copy(build.source, disk, progress)
+                images.working_copy(build.source, disk, progress)
             doing = "applying the disk plan"
             with _phase(summary, "apply the disk plan"), report.progress_bar("move") as progress:
                 apply.apply(disk, build.plan, report=lambda message: log.info("    %s", message), progress=progress)
@@ -313,19 +312,6 @@ def run_build(build: LocalBuild, contexts: dict[str, str]) -> Summary:
             raise BuildFailed(f"{err.strerror or err} while {doing}: {err.filename or build.output.parent}") from err
         raise BuildFailed(str(explained)) from err
     return summary
-
-
-def _working_copy(source: Path, disk: Path, progress: Callable[[int, int], None]) -> None:
-    """`images.working_copy`; a raw source on another file system than the output (copy_file_range says EXDEV)
-    is copied with plain reads and writes of its data extents."""
-    try:
-        images.working_copy(source, disk, progress)
-    except OSError as err:
-        if err.errno != errno.EXDEV or images.detect(source) is not ImageFormat.RAW:
-            raise
-        log.debug("copy_file_range across file systems: copying %s by reads and writes", source)
-        with open(source, "rb") as src, open(disk, "wb") as dst:
-            output.sparse_copy(src.fileno(), dst.fileno())
 
 
 def _make_work(output_path: Path) -> tuple[Path, int]:
