@@ -33,6 +33,7 @@ class Summary:
     steps: list[tuple[str, float]] = dataclasses.field(default_factory=list)
     cleanup: list[str] = dataclasses.field(default_factory=list)
     oem_verity: VerityParams | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)  # executor-specific lines, printed last
 
 
 class Built(Protocol):
@@ -111,4 +112,6 @@ def summary(build: Built, result: Summary) -> str:
     console.print(f"Output: {build.output} ({build.format.value}), size {size}, allocated {allocated}")
     if result.cleanup:
         console.print("Cleanup: " + "; ".join(result.cleanup))
+    for note in result.notes:
+        console.print(note)
     return buffer.getvalue()

@@ -25,16 +25,26 @@ STEP_COMMANDS = {
 class Executor(enum.StrEnum):
     LOCAL = "local"
     GCE = "gce"
+    QEMU = "qemu"  # a local source, built by the GCE workflow and provisioner in a QEMU VM (a rehearsal)
 
 
 SUPPORTED_STEPS = {
     Executor.LOCAL: frozenset({StepType.RUN_SCRIPT, StepType.DISABLE_AUTO_UPDATE, StepType.SEAL_OEM}),
     Executor.GCE: frozenset(StepType),
+    Executor.QEMU: frozenset({StepType.RUN_SCRIPT, StepType.DISABLE_AUTO_UPDATE, StepType.SEAL_OEM}),
 }
 
-WHY_NOT_LOCAL = {
-    StepType.INSTALL_GPU: "it runs the COS GPU installer container, which needs Docker and a GPU on a running COS VM",
-    StepType.INSTALL_PACKAGES: "the Anthos installer needs a running COS VM",
+WHY_NOT = {
+    Executor.LOCAL: {
+        StepType.INSTALL_GPU: "it runs the COS GPU installer container, which needs Docker and a GPU on a "
+        "running COS VM",
+        StepType.INSTALL_PACKAGES: "the Anthos installer needs a running COS VM",
+    },
+    Executor.QEMU: {
+        StepType.INSTALL_GPU: "the QEMU VM has no GPU",
+        StepType.INSTALL_PACKAGES: "the Anthos installer downloads its packages from the internet, which a "
+        "rehearsal does not reach",
+    },
 }
 
 
@@ -49,6 +59,6 @@ def check_supported(executor: Executor, config: ProvisionerConfig) -> None:
             continue
         raise ValidationError(
             f"step {index + 1} ({STEP_COMMANDS[step.type]}) cannot run on the {executor.value} executor: "
-            f"{WHY_NOT_LOCAL.get(step.type, 'not supported')}; use the gce executor "
+            f"{WHY_NOT.get(executor, {}).get(step.type, 'not supported')}; use the gce executor "
             "(start-image-build with -image-project and -image-name, -image-family or -image-milestone)"
         )

@@ -95,6 +95,10 @@ class WorkflowError(CustomizerError):
     """The workflow cannot be loaded or did not complete."""
 
 
+class DeadlineExceeded(WorkflowError):
+    """The whole run outlived its deadline (the build's -timeout)."""
+
+
 class StepFailed(WorkflowError):
     """One step failed (or timed out); the run stopped there."""
 
@@ -415,7 +419,7 @@ def run(
     try:
         while waiting or running:
             if deadline is not None and time.monotonic() >= deadline:
-                raise WorkflowError(
+                raise DeadlineExceeded(
                     f"workflow {workflow.name} did not complete before its deadline "
                     f"(still running: {', '.join(sorted(running)) or 'nothing'})"
                 )

@@ -38,7 +38,8 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -110,13 +111,18 @@ class Machine:
     accel: str
     memory_mb: int
     cpus: int
+    extra_append: str = ""  # added to every boot's kernel command line (after the grub.cfg entry's)
+    forwards: tuple[tuple[str, int, int], ...] = ()  # more guestfwd services, as InstanceSpec.forwards
+    on_boot: Callable[[Machine, BootChoice], None] = lambda _machine, _choice: None
     boots: int = 0
+    guest_seconds: float = 0.0  # how long QEMU ran, summed over the boots that ended
     reasons: list[str] = dataclasses.field(default_factory=list)  # the SHUTDOWN reason of each boot that ended
     error: str = ""
     stopped: threading.Event = dataclasses.field(default_factory=threading.Event)
     proc: subprocess.Popen[bytes] | None = None
     pids: list[int] = dataclasses.field(default_factory=list)  # every QEMU process started, one per boot
     _stopping: bool = False
+    _started: float = 0.0
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     _thread: threading.Thread | None = None
 
@@ -137,12 +143,13 @@ class Machine:
             metadata_port=self.instance.metadata.port,
             kernel=kernel,
             initrd=initrd,
-            append=choice.append,
+            append=f"{choice.append} {self.extra_append}".rstrip(),
             memory_mb=self.memory_mb,
             cpus=self.cpus,
             accel=self.accel,
             serial_append=True,  # the serial files accumulate across boots
             events_socket=self.directory / "events.sock",
+            forwards=self.forwards,
         )
         return qemu_boot.qemu_argv(spec)
 
@@ -202,6 +209,9 @@ class Machine:
             self.proc = proc
             self.pids.append(proc.pid)
             self.boots += 1
+            self._started = time.monotonic()
+        with contextlib.suppress(Exception):  # a progress report never stops a boot
+            self.on_boot(self, choice)
 
         def alive() -> bool:
             return proc.poll() is None
@@ -236,6 +246,7 @@ class Machine:
             proc.wait()
         finally:
             events.close()
+        self.guest_seconds += time.monotonic() - self._started
         self.reasons.append(reason or f"exit status {proc.returncode}")
         return reason
 
@@ -275,9 +286,14 @@ class QemuInstances:
         memory_mb: int = 2048,
         cpus: int = 2,
         rundir: Path | None = None,
+        extra_append: str = "",
+        forwards: tuple[tuple[str, int, int], ...] = (),
+        on_boot: Callable[[Machine, BootChoice], None] | None = None,
     ) -> None:
         self.resources = resources
-        self.accel = accel or qemu_boot.default_accel()
+        self.extra_append, self.forwards = extra_append, forwards
+        self.on_boot = on_boot
+        self.accel = accel or ""  # empty: decided at the first boot, with its kernel (`qemu_boot.kvm_runs`)
         self.memory_mb, self.cpus = memory_mb, cpus
         self.rundir = rundir  # parent of each instance's directory (short: it holds unix sockets)
         self.machines: dict[str, Machine] = {}
@@ -302,7 +318,9 @@ class QemuInstances:
             instance = self.resources.add_instance(name, disks, {str(k): str(v) for k, v in metadata.items()}, context)
             directory = Path(tempfile.mkdtemp(prefix="cos-vm.", dir=self.rundir))
             machine = Machine(instance, tuple(self.resources.disks[d] for d in disks), directory, self.accel,
-                              self.memory_mb, self.cpus)  # fmt: skip
+                              self.memory_mb, self.cpus, self.extra_append, self.forwards)  # fmt: skip
+            if self.on_boot is not None:
+                machine.on_boot = self.on_boot
             with self._lock:
                 self.machines[name] = machine
 
@@ -313,6 +331,10 @@ class QemuInstances:
                     shutil.rmtree(machine.directory, ignore_errors=True)
 
             context.add_cleanup(f"stop instance {name}", delete)
+            if not self.accel:
+                _, kernel, _ = plan_boot(machine.disks[0], directory)
+                self.accel = "kvm" if qemu_boot.kvm_runs(kernel, directory) else "tcg"
+            machine.accel = self.accel
             machine.start()
 
     def _machine(self, name: str, step: str) -> Machine:

@@ -122,7 +122,9 @@ class Resources:
         source_images: Mapping[str, Path] = {},  # read only
         project: str = "cos-customizer-local",
         zone: str = "local-zone-a",
+        token: str = "",
     ) -> None:
+        self.token = token or f"ya29.local-{uuid.uuid4().hex}"  # every instance's service-account token
         self.gcs_path = gcs_path.rstrip("/")
         bucket, _ = self._split(self.gcs_path)  # checked before anything is made
         self.workdir = Path(tempfile.mkdtemp(prefix="qemu-resources.", dir=parent))
@@ -207,6 +209,10 @@ class Resources:
             if path.is_file() and name.startswith(prefix):
                 yield name[len(prefix) :], path
 
+    def upload(self, source: Path, url: str) -> None:
+        """Put the local file `source` at the object `url` (what the GCE build uploads before daisy runs)."""
+        self._put(source, url, None)
+
     def _put(self, source: Path, url: str, context: StepContext | None) -> None:
         target = self.gcs_file(url)
         self._bucket_dir(self._split(url)[0])
@@ -247,7 +253,7 @@ class Resources:
         """Register an instance using `disks` and start its metadata server; both go at the end of the run."""
         for disk in disks:
             self._disk(disk, f"instance {name}")
-        server = MetadataServer(attributes, project_id=self.project, zone=self.zone, name=name)
+        server = MetadataServer(attributes, project_id=self.project, zone=self.zone, name=name, token=self.token)
         server.start()
         instance = Instance(name, disks, server)
         with self._lock:
