@@ -28,6 +28,7 @@ from cos_customizer.executors import (
     executor_for,
     local,
     preload,
+    rehearsal,
     sbom,
     workflow,
 )
@@ -135,6 +136,13 @@ FLAGS = (
         ours=True,
     ),
     Flag(
+        "executor",
+        Kind.STRING,
+        "Builds started with -image-file: 'local' (the default: offline, on the image file) or 'qemu' (rehearse "
+        "the GCE build: its Daisy workflow and provisioner, run in a local QEMU VM that boots the image).",
+        ours=True,
+    ),
+    Flag(
         "dry-run",
         Kind.BOOL,
         "Validate everything and print the plan (text on stderr, JSON on stdout); change nothing.",
@@ -156,12 +164,13 @@ FLAGS = (
     ),
 )
 
-GCE_ONLY = tuple(
-    flag.name
-    for flag in FLAGS
-    if flag.name
-    not in {"oem-size", "disk-size-gb", "timeout", "output", "dry-run", "allow-backing-file", "allow-host-loopback"}
-)
+LOCAL_FLAGS = {"oem-size", "disk-size-gb", "timeout", "output", "dry-run", "allow-backing-file", "executor"}
+GCE_ONLY = tuple(flag.name for flag in FLAGS if flag.name not in LOCAL_FLAGS | {"allow-host-loopback"})
+# The GCE flags a rehearsal takes: they only shape the workflow it renders (or, -provisioner-binary, CIDATA).
+QEMU_TAKES = frozenset({
+    "image-project", "image-name", "image-suffix", "image-family", "labels", "licenses", "zone", "project",
+    "machine-type", "service-account", "disk-type", "network", "subnet", "provisioner-binary",
+})  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +199,14 @@ class FinishPlan:
     disk_plan: DiskPlan | None = None
     provisioner_binary: Path | None = None  # GCE: -provisioner-binary; None: build-provisioner's
 
+    def workflow_image(self) -> workflow.OutputImage:
+        """The output image as the workflow names it (GCE builds and rehearsals)."""
+        assert self.output_image is not None
+        image = self.output_image
+        return workflow.OutputImage(
+            image["Name"], image["Project"], image["Family"], tuple(image["Labels"].items()), tuple(image["Licenses"])
+        )
+
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
             "executor": self.executor.value,
@@ -204,27 +221,19 @@ class FinishPlan:
                 "planned_on": "the preload VM: the provisioner plans the partitions against the resized boot disk",
             },
         }
-        if self.executor is Executor.LOCAL:
-            assert self.output is not None
+        if self.output is not None:
             doc["output"] = {"path": str(self.output.path), "format": self.output.format}
-        else:
-            assert self.output_image is not None
+        if self.output_image is not None:
             doc["output_image"] = self.output_image
             if self.output_image["InheritLabels"]:
                 doc["inherited_labels"] = INHERITED_LABELS
-            image = workflow.OutputImage(
-                name=self.output_image["Name"],
-                project=self.output_image["Project"],
-                family=self.output_image["Family"],
-                labels=tuple(self.output_image["Labels"].items()),
-                licenses=tuple(self.output_image["Licenses"]),
-            )
+            image = self.workflow_image()
             files = {name: f"{BUILD_DIR}/{name}" for name in ("startup.yaml", "cidata.tar.gz", "scratch.tar.gz")}
             doc["workflow"] = workflow.workflow(self.build, self.provisioner, image, files["startup.yaml"])
             doc["daisy_args"] = workflow.daisy_args(
                 self.build,
                 self.provisioner,
-                self.source,
+                rehearsal.workflow_source(self.source) if self.source.is_local else self.source,
                 image,
                 cidata=files["cidata.tar.gz"],
                 scratch=files["scratch.tar.gz"],
@@ -269,13 +278,36 @@ def _check_gce_flags(args: Parsed) -> None:
         raise ValidationError(f"-provisioner-binary={args['provisioner-binary']}: no such file")
 
 
-def _check_local_flags(args: Parsed, source: SourceImage, workspace_root: Path) -> Output:
+def choose_executor(source: SourceImage, value: str) -> Executor:
+    """The executor: the source's (local or gce), or -executor=qemu for a local source."""
+    executor = executor_for(source)
+    if not value or value == executor.value:
+        return executor
+    if value not in {e.value for e in Executor}:
+        raise ValidationError(f"-executor={value}: use local or qemu (gce is chosen by starting from a GCE image)")
+    if executor is Executor.LOCAL and value == Executor.QEMU.value:
+        return Executor.QEMU
+    if executor is Executor.GCE:
+        raise ValidationError(
+            f"-executor={value}: this build starts from a Compute Engine image, so it runs on GCE; "
+            "-executor is for builds started with -image-file"
+        )
+    raise ValidationError(f"-executor={value}: a build started with -image-file runs with local or qemu")
+
+
+def _check_local_flags(args: Parsed, source: SourceImage, workspace_root: Path, executor: Executor) -> Output:
+    takes = QEMU_TAKES if executor is Executor.QEMU else frozenset()
     for name in GCE_ONLY:
-        if name in args.given:
+        if name in args.given and name not in takes:
             raise ValidationError(
                 f"-{name} applies to GCE builds only; this build was started with -image-file, "
-                "so it runs with the local executor"
+                f"so it runs with the {executor.value} executor"
             )
+    if executor is Executor.QEMU and args["allow-host-loopback"]:
+        raise ValidationError(
+            "-allow-host-loopback is for the local executor's script sandbox; the qemu executor's VM has a network "
+            "of its own"
+        )
     if not args["output"]:
         raise ValidationError("-output=PATH must be set for a local build: where to write the customized image")
     output = Output.from_flag(args["output"])
@@ -323,8 +355,10 @@ def make_plan(context: Context, args: Parsed) -> FinishPlan:
     """Everything finish-image-build will do, validated; nothing is touched."""
     ws = context.workspace
     source, build, config = ws.source_image(), ws.build(), ws.provisioner()
-    executor = executor_for(source)
-    output = _check_local_flags(args, source, context.workspace_root) if executor is Executor.LOCAL else None
+    executor = choose_executor(source, args["executor"])
+    output = _check_local_flags(args, source, context.workspace_root, executor) if source.is_local else None
+    if executor is Executor.QEMU and args["provisioner-binary"] and not Path(args["provisioner-binary"]).is_file():
+        raise ValidationError(f"-provisioner-binary={args['provisioner-binary']}: no such file")
     if executor is Executor.GCE:
         _check_gce_flags(args)
         if args["allow-backing-file"]:
@@ -345,6 +379,9 @@ def make_plan(context: Context, args: Parsed) -> FinishPlan:
         images.check_room(Path(source.ImageFile), output.path.parent)  # a gzip bomb, before any extraction
         disk_plan = local_disk_plan(source, config, args["disk-size-gb"], allow_backing_file=args["allow-backing-file"])
         return FinishPlan(executor, source, build, config, output=output, disk_plan=disk_plan)
+    binary = Path(args["provisioner-binary"]).absolute() if args["provisioner-binary"] else None
+    if executor is Executor.QEMU:
+        return _qemu_plan(source, build, config, args, output, binary)
     build = build.model_copy(
         update={
             "Project": args["project"],
@@ -367,12 +404,49 @@ def make_plan(context: Context, args: Parsed) -> FinishPlan:
         "Licenses": [item for item in args["licenses"] if item],
         "InheritLabels": args["inherit-labels"],
     }
-    binary = Path(args["provisioner-binary"]).absolute() if args["provisioner-binary"] else None
     if binary is None and source.Name:
         preload.check_architecture(source.Name, preload.architecture_from_name(source.Name))
     return FinishPlan(
         executor, source, build, _gce_provisioner(config, build), output_image=output_image, provisioner_binary=binary
     )
+
+
+def _qemu_plan(
+    source: SourceImage,
+    build: BuildConfig,
+    config: ProvisionerConfig,
+    args: Parsed,
+    output: Output | None,
+    binary: Path | None,
+) -> FinishPlan:
+    """A rehearsal: the GCE build's workflow and provisioner config, with local defaults for what GCE needs."""
+    assert output is not None
+    images.check_room(Path(source.ImageFile), output.path.parent)
+    disk_plan = local_disk_plan(source, config, args["disk-size-gb"], allow_backing_file=args["allow-backing-file"])
+    build = build.model_copy(
+        update={
+            "Project": args["project"] or rehearsal.LOCAL_PROJECT,
+            "Zone": args["zone"] or rehearsal.LOCAL_ZONE,
+            "MachineType": args["machine-type"],
+            "ServiceAccount": args["service-account"],
+            "DiskType": args["disk-type"],
+            "Network": args["network"],
+            "Subnet": args["subnet"],
+            "GCSBucket": build.GCSBucket or rehearsal.LOCAL_BUCKET,
+        }
+    )
+    output_image = {
+        "Name": args["image-name"] or rehearsal.workflow_source(source).Name + args["image-suffix"],
+        "Project": args["image-project"] or build.Project,
+        "Family": args["image-family"],
+        "Labels": dict(sorted(args["labels"].items())),
+        "Licenses": [item for item in args["licenses"] if item],
+        "InheritLabels": False,
+    }
+    return FinishPlan(
+        Executor.QEMU, source, build, _gce_provisioner(config, build), output=output, output_image=output_image,
+        disk_plan=disk_plan, provisioner_binary=binary,
+    )  # fmt: skip
 
 
 def local_disk_plan(
@@ -453,7 +527,7 @@ def handle(context: Context, args: Parsed) -> int:
         return 0
     with context.workspace.lock():  # held to the end: a second finish on this workspace fails at once
         finish = make_plan(context, args)
-        if finish.executor is not Executor.LOCAL:
+        if finish.executor is Executor.GCE:
             return _run_gce(context, finish, args)
         assert finish.output is not None
         output = finish.output
@@ -469,6 +543,8 @@ def handle(context: Context, args: Parsed) -> int:
             images.backing_files_allowed(args["allow-backing-file"]),
         ):
             _check_output_absent(output, args["output"])  # again, now that no other build can be writing it
+            if finish.executor is Executor.QEMU:
+                return _run_qemu(context, finish, args)
             return _run_local(context, finish, args)
 
 
@@ -479,9 +555,7 @@ def _run_gce(context: Context, finish: FinishPlan, args: Parsed) -> int:
         source=finish.source,
         build=finish.build,
         provisioner=finish.provisioner,
-        image=workflow.OutputImage(
-            image["Name"], image["Project"], image["Family"], tuple(image["Labels"].items()), tuple(image["Licenses"])
-        ),
+        image=finish.workflow_image(),
         inherit_labels=args["inherit-labels"],
         deprecate_old=args["deprecate-old-images"],
         old_image_ttl=args["old-image-ttl"],
@@ -521,6 +595,46 @@ def _run_local(context: Context, finish: FinishPlan, args: Parsed) -> int:
     finally:
         context.workspace.remove()  # as the original: the build is over, success or failure
     sys.stdout.write(report.summary(build, summary))
+    return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rehearsed:
+    """A rehearsal's output as the summary describes it."""
+
+    output: Path
+    format: ImageFormat
+    plan: DiskPlan
+
+
+def _run_qemu(context: Context, finish: FinishPlan, args: Parsed) -> int:
+    assert finish.output is not None and finish.disk_plan is not None
+    job = rehearsal.Rehearsal(
+        source=finish.source,
+        build=finish.build,
+        provisioner=finish.provisioner,
+        image=finish.workflow_image(),
+        output=finish.output.path,
+        format=ImageFormat(finish.output.format),
+        build_context=context.workspace.build_context_archive,
+        provisioner_binary=finish.provisioner_binary,
+        timeout=args["timeout"] / 1e9,
+        accel=context.environ.get(rehearsal.ACCEL_ENV, ""),
+    )
+    for warning in finish.disk_plan.warnings:
+        log.warning("warning: %s", warning)
+    try:
+        result = rehearsal.run(job, dict(context.environ), lambda line: log.info("%s", line))
+    finally:
+        context.workspace.remove()  # as the original: the build is over, success or failure
+    after = result.table or finish.disk_plan.after
+    built = _Rehearsed(finish.output.path, job.format, dataclasses.replace(finish.disk_plan, after=after))
+    notes = [
+        f"Guest: {result.boots} boot(s), {result.guest_seconds:.1f}s of guest time ({result.accel.upper()})",
+        *(f"Reboot {n}: {why}" for n, why in enumerate(result.reboot_reasons, 1)),
+    ]
+    summary = report.Summary(phases=[("guest (QEMU)", result.guest_seconds)], steps=result.steps, notes=notes)
+    sys.stdout.write(report.summary(built, summary))
     return 0
 
 
