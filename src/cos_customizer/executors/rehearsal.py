@@ -272,6 +272,10 @@ def run(job: Rehearsal, environ: Mapping[str, str], say: Callable[[str], None]) 
                 )
             except daisy_local.DeadlineExceeded as err:
                 raise RehearsalFailed(f"the build took longer than -timeout: {err}") from err
+            except daisy_local.StepFailed as err:
+                raise RehearsalFailed(
+                    f"the rehearsed build failed in workflow step {err.step.name} ({err.step.type}): {err.reason}"
+                ) from err
             except daisy_local.WorkflowError as err:
                 raise RehearsalFailed(f"the rehearsed build failed: {err}") from err
             finally:
