@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from cos_customizer.executors import daisy_local, rehearsal
+from cos_customizer.errors import ValidationError
+from cos_customizer.executors import Executor, check_supported, daisy_local, rehearsal
+from cos_customizer.provisioner.config import InstallGPUArgs, ProvisionerConfig, Step
 from tests.conftest import CLI
 
 
@@ -82,12 +84,8 @@ def test_refused_before_anything(local_build: CLI, tmp_path: Path, args: list[st
 
 
 def test_install_gpu_cannot_be_rehearsed(local_build: CLI, tmp_path: Path) -> None:
-    # install-gpu is refused by the local executor already when it is added, unless the build is a GCE one:
-    # add it to a GCE-shaped config by hand is not possible from the CLI, so check the message of the refusal.
-    from cos_customizer.executors import Executor, check_supported
-    from cos_customizer.errors import ValidationError
-    from cos_customizer.provisioner.config import InstallGPUArgs, ProvisionerConfig, Step
-
+    # The CLI refuses install-gpu on a build started with -image-file when the step is added; the executor
+    # check is the second line of defence (a workspace edited by hand).
     config = ProvisionerConfig(steps=(Step(InstallGPUArgs(nvidia_driver_version="535.104.05")),))
     with pytest.raises(ValidationError, match=r"step 1 \(install-gpu\) cannot run on the qemu executor: the QEMU VM "
                                               r"has no GPU"):  # fmt: skip
