@@ -1,7 +1,7 @@
 """CreateInstances and WaitForInstancesSignal on real QEMU, with a fake guest instead of COS.
 
-The guest is a Debian kernel (fetched once with `apt-get download`, cached under
-~/.cache/cos-customizer/test-kernel/) and a busybox initramfs made here, put on a sample image's
+The guest is a Debian kernel (fetched once with `apt-get download` by `sample_guest.fetch_kernel`,
+cached under ~/.cache/cos-customizer/debian-kernel/) and a busybox initramfs made here, put on a sample image's
 EFI FAT as `/syslinux/vmlinuz.A` and `/syslinux/initrd.A` with an `initrd` line in grub.cfg. Its
 /init loads virtio-scsi and vfat, prints `BuildStatus: booted N` (N from `fakeboot=N` on the kernel
 command line) to /dev/ttyS2; on boot 1 it edits grub.cfg on the EFI partition to say `fakeboot=2`
@@ -23,15 +23,14 @@ from pathlib import Path
 
 import pytest
 
-from cos_customizer import sample_image
+from cos_customizer import sample_guest, sample_image
 from cos_customizer.disk import gpt, grub
+from cos_customizer.errors import CustomizerError
 from cos_customizer.executors import daisy_local, qemu_boot
 from cos_customizer.executors.qemu_instances import QemuInstances
 from cos_customizer.executors.qemu_resources import Resources
 from cos_customizer.images import ImageFormat
 
-CACHE = Path.home() / ".cache" / "cos-customizer" / "test-kernel"
-KERNEL_PACKAGE = "linux-image-6.1*-amd64"
 MODULES = ("crct10dif_generic", "virtio_pci", "virtio_scsi", "sd_mod", "vfat", "nls_cp437", "nls_ascii")
 BUSYBOX = Path("/bin/busybox")
 
@@ -61,66 +60,21 @@ poweroff -f
 
 
 def _kernel() -> tuple[Path, Path]:
-    """(vmlinuz, /lib/modules/VERSION) of the cached Debian kernel, fetched on first use."""
-    tree = CACHE / "tree"
-    found = sorted(tree.glob("boot/vmlinuz-*"))
-    if not found:
-        CACHE.mkdir(parents=True, exist_ok=True)
-        if not list(CACHE.glob("linux-image-*.deb")):
-            fetched = subprocess.run(["apt-get", "download", KERNEL_PACKAGE], cwd=CACHE, capture_output=True,
-                                     timeout=300, check=False)  # fmt: skip
-            if fetched.returncode != 0:
-                pytest.skip(f"cannot fetch a Debian kernel ({KERNEL_PACKAGE}): {fetched.stderr.decode()[-300:]}")
-        partial = CACHE / "tree.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        subprocess.run(["dpkg-deb", "-x", str(sorted(CACHE.glob("linux-image-*.deb"))[-1]), str(partial)], check=True)
-        partial.rename(tree)
-        found = sorted(tree.glob("boot/vmlinuz-*"))
-    vmlinuz = found[-1]
-    return vmlinuz, tree / "lib" / "modules" / vmlinuz.name.removeprefix("vmlinuz-")
-
-
-def _module_order(modules: Path, wanted: tuple[str, ...]) -> list[Path]:
-    """The .ko files of `wanted` and their dependencies, each after what it needs (their `depends=` modinfo)."""
-    by_name = {ko.name.removesuffix(".ko").replace("-", "_"): ko for ko in modules.rglob("*.ko")}
-    order: list[Path] = []
-
-    def visit(name: str) -> None:
-        ko = by_name[name]
-        if ko in order:
-            return
-        found = re.search(rb"\0depends=([^\0]*)\0", ko.read_bytes())
-        for need in found.group(1).decode().split(",") if found and found.group(1) else []:
-            visit(need.replace("-", "_"))
-        order.append(ko)
-
-    for name in wanted:
-        if name in by_name:  # absent: built into this kernel
-            visit(name)
-    return order
-
-
-def _cpio(entries: list[tuple[str, int, bytes]]) -> bytes:
-    """A cpio "newc" archive of (path, mode, data) entries."""
-    out = bytearray()
-    for ino, (name, mode, data) in enumerate([*entries, ("TRAILER!!!", 0, b"")], start=1):
-        encoded = name.encode() + b"\0"
-        nlink = 2 if stat.S_ISDIR(mode) else 1
-        fields = [ino, mode, 0, 0, nlink, 0, len(data), 0, 0, 0, 0, len(encoded), 0]
-        out += b"070701" + b"".join(b"%08X" % f for f in fields) + encoded
-        out += b"\0" * (-len(out) % 4) + data
-        out += b"\0" * (-len(out) % 4)
-    return bytes(out)
+    """(vmlinuz, /lib/modules/VERSION) of the cached Debian kernel (sample_guest fetches it on first use)."""
+    try:
+        return sample_guest.fetch_kernel()
+    except CustomizerError as err:
+        pytest.skip(f"cannot fetch a Debian kernel: {err}")
 
 
 def _initramfs(modules: Path) -> bytes:
     directory, executable = stat.S_IFDIR | 0o755, stat.S_IFREG | 0o755
-    order = _module_order(modules, MODULES)
+    order = sample_guest.module_order(modules, MODULES)
     entries = [(d, directory, b"") for d in ("bin", "dev", "proc", "sys", "mnt", "modules")]
     entries += [("bin/busybox", executable, BUSYBOX.read_bytes()), ("init", executable, INIT.encode())]
     entries += [(f"modules/{ko.name}", stat.S_IFREG | 0o644, ko.read_bytes()) for ko in order]
     entries.append(("modules/order", stat.S_IFREG | 0o644, "\n".join(ko.name for ko in order).encode() + b"\n"))
-    return _cpio(entries)
+    return sample_guest.cpio(entries)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import logging
 import time
 from pathlib import Path
 
-from cos_customizer import provisioner_build, sample_image
+from cos_customizer import provisioner_build, sample_guest, sample_image
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import Flag, Kind, Parsed
 from cos_customizer.errors import ValidationError
@@ -29,7 +29,9 @@ def handle_sample_image(_context: Context, args: Parsed) -> int:
     if not output.parent.is_dir():
         raise ValidationError(f"{output}: the directory {output.parent} does not exist")
     started = time.monotonic()
-    sample = sample_image.build(output, args["size-gb"], grub_format=args["grub-format"])
+    if args["bootable"]:
+        sample_guest.check_host()
+    sample = sample_image.build(output, args["size-gb"], grub_format=args["grub-format"], bootable=args["bootable"])
     allocated = output.stat().st_blocks * 512
     log.info(
         "Wrote %s: a %d GB COS-layout disk image (%s allocated) in %.1f s; ROOT-A verity root hash %s",
@@ -47,7 +49,8 @@ SAMPLE_IMAGE = Command(
     synopsis="Write a small sample COS disk image to try the tool with.",
     description=(
         "Write a sparse disk image with the real COS partition layout and a small runnable ROOT-A, so the "
-        "tool can be tried with no COS image at hand."
+        "tool can be tried with no COS image at hand. With -bootable, ROOT-A is a Debian systemd root laid "
+        "out as COS and EFI-SYSTEM has a kernel and initramfs, so the image boots under QEMU (the qemu executor)."
     ),
     flags=(
         Flag("size-gb", Kind.INT, "Size of the disk image in GB.", default=10, ours=True),
@@ -58,6 +61,15 @@ SAMPLE_IMAGE = Command(
             'or "dm-mod" (dm-mod.create="vroot,,,ro,...", newer COS).',
             default="dm",
             check=_check_grub_format,
+            ours=True,
+        ),
+        Flag(
+            "bootable",
+            Kind.BOOL,
+            "Make an image that really boots (QEMU): a Debian systemd root with cloud-init, laid out as COS, "
+            "and a Debian kernel and initramfs on EFI-SYSTEM. Needs root, debootstrap and busybox-static; "
+            "the guest is built once (a few minutes) and cached in ~/.cache/cos-customizer/sample-guest.",
+            default=False,
             ours=True,
         ),
     ),
