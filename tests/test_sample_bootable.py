@@ -11,16 +11,20 @@ user-data again (cloud-init runs it on every boot, as on COS), find the marker, 
 and power off. A ROOT-A with one byte changed must not boot: the initramfs stops at the dm-verity
 check and says so on the console.
 
-Expectations under TCG on this machine (2 cores): first guest build a few minutes (debootstrap),
-later image builds seconds; a boot to the end of cloud-init's runcmd 20-30 s.
+Expectations under TCG on this machine (2 cores, nothing else running): the first guest build
+~1.5 min (debootstrap; plus the kernel's download once), later image builds ~1.5 s; a boot to the
+end of cloud-init's runcmd ~25 s (kernel 2.5 s, initramfs 2.5 s, systemd to STATE mounted ~13 s,
+cloud-init's Python start ~6 s), a reboot cycle ~27 s; the two-boot test ~60-70 s.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,12 +32,12 @@ from typing import Any
 import pytest
 
 from cos_customizer import sample_guest, sample_image
-from cos_customizer.disk import gpt
-from cos_customizer.errors import CustomizerError
+from cos_customizer.disk import gpt, grub
 from cos_customizer.executors import daisy_local, qemu_boot
 from cos_customizer.executors.qemu_instances import QemuInstances
 from cos_customizer.executors.qemu_resources import Resources
 from cos_customizer.images import ImageFormat
+from tests.conftest import CLI
 
 PROBE = r"""#!/bin/bash
 exec >/dev/ttyS2 2>&1
@@ -75,12 +79,7 @@ def _build(path: Path, grub_format: str) -> Path:
             pytest.skip(f"{tool} is not installed (scripts/setup installs it)")
     if os.geteuid() != 0:
         pytest.skip("the bootable sample is built as root (debootstrap, chroot)")
-    try:
-        return sample_image.build(path, grub_format=grub_format, bootable=True).path
-    except CustomizerError as err:
-        if "apt-get download" in str(err) or "debootstrap" in str(err):
-            pytest.skip(f"the guest cannot be built here: {err}")
-        raise
+    return sample_image.build(path, grub_format=grub_format, bootable=True).path
 
 
 @pytest.fixture(scope="module")
@@ -249,11 +248,49 @@ def test_a_changed_root_a_byte_stops_the_verified_boot(short_dir: Path, bootable
     with pytest.raises(daisy_local.StepFailed, match="FailureMatch found: cos-initrd: FATAL: dm-verity: vroot"):
         _boot(short_dir, image, console, port=1, timeout="120s")
     kept = (short_dir / "kept" / "console.log").read_text(errors="replace")
-    assert "device-mapper: verity" in kept and "is corrupted" in kept, kept[-4000:]
-    assert "Welcome to" not in kept and "systemd" not in kept.split("cos-initrd: FATAL")[0].split("switching")[-1]
+    assert re.search(r"device-mapper: verity: \S+: data block 0 is corrupted", kept), kept[-4000:]
+    assert "switching to" not in kept and "Welcome to" not in kept  # the initramfs never left for the root
 
 
-def test_bootable_is_refused_without_root_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bootable_is_refused_without_root_in_one_line(
+    cli: CLI, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    with pytest.raises(CustomizerError, match=r"^-bootable builds a Debian root .*: run it as root$"):
-        sample_guest.check_host()
+    result = cli("sample-image", "-bootable", str(tmp_path / "cos.raw"))
+    assert result.code == 1
+    assert result.err.strip().splitlines() == [
+        "cos-customizer: error: -bootable builds a Debian root with debootstrap and chroot: run it as root"
+    ]
+    assert not (tmp_path / "cos.raw").exists()
+
+
+@pytest.mark.parametrize("grub_format", sample_image.GRUB_FORMATS)
+def test_the_initramfs_reads_each_verity_form_with_an_oem_device(grub_format: str) -> None:
+    """The initramfs's awk programs (run by busybox awk, as in the guest) turn grub.cfg's verity argument,
+    with seal-oem's `oemroot` added, into the same dmsetup tables for both forms and both quotings."""
+    if not sample_guest.BUSYBOX.exists():
+        pytest.skip("busybox-static is not installed")
+    root_a = gpt.Partition(3, gpt.CHROMEOS_ROOT, uuid.UUID(int=3), 4509696, 8703999, 0, "ROOT-A")
+    root_b = gpt.Partition(5, gpt.CHROMEOS_ROOT, uuid.UUID(int=5), 315392, 4509695, 0, "ROOT-B")
+    cfg = sample_image.grub_cfg(root_a, root_b, "ab" * 32, "cd" * 32, grub_format, initrd=True)
+    cfg = grub.add_oem_verity(cfg, partuuid="OEM-UUID", fs_size_4k=4000, root_hexdigest="ef" * 32, salt="12" * 32)
+    linux = next(line for line in cfg.splitlines() if "vmlinuz.A" in line and "dm-0" in line).split(None, 2)[2]
+    key = "dm" if grub_format == "dm" else "dm-mod.create"
+    grub_quoted = re.sub(rf'(?<= ){re.escape(key)}="', f'"{key}=', linux)  # GRUB's re-quoting: "dm=1 vroot ..."
+    assert grub_quoted != linux
+
+    def awk(program: str, text: str) -> str:
+        return subprocess.run([str(sample_guest.BUSYBOX), "awk", program], input=text, capture_output=True,
+                              text=True, check=True).stdout  # fmt: skip
+
+    values = {line.split("=", 1)[1] for cmdline in (linux, grub_quoted)
+              for line in awk(sample_guest.CMDLINE_AWK, cmdline).splitlines() if line.startswith(key + "=")}  # fmt: skip
+    assert len(values) == 1
+    plan = awk(sample_guest.DM_AWK if grub_format == "dm" else sample_guest.DM_MOD_AWK, values.pop())
+    uid = str(root_a.guid).upper()
+    assert plan.splitlines() == [
+        "dev vroot ro",
+        f"table 0 4128768 verity 0 PARTUUID={uid} PARTUUID={uid} 4096 4096 516096 516096 sha256 {'ab' * 32} {'cd' * 32}",
+        "dev oemroot ro",
+        f"table 0 32000 verity 0 PARTUUID=OEM-UUID PARTUUID=OEM-UUID 4096 4096 4000 4000 sha256 {'ef' * 32} {'12' * 32}",
+    ]
