@@ -217,3 +217,30 @@ def test_resize_grows_a_16m_oem_to_any_size(tmp_path: Path, size: int, keeps_res
     assert read_file(image, 8 * MiB, "/README") == b"oem"
     assert image.stat().st_size == size + 64 * MiB
     assert_same_as_dumpe2fs(image, 8 * MiB)
+
+
+@pytest.mark.root
+@root_only
+def test_check_and_resize_work_on_a_whole_disk_that_is_in_use(tmp_path: Path) -> None:
+    """On the VM the shutdown handler grows OEM on /dev/sda while the root's dm-verity device holds a partition
+    of it: e2fsck and resize2fs open their device exclusively, and the busy whole disk refuses (seen on a real
+    shutdown: "/dev/sda is in use"). Here a block device held with O_EXCL stands for that disk."""
+    from cos_customizer.disk import loop
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "README").write_text("oem")
+    image = sparse(tmp_path / "disk.raw", 128 * MiB)
+    make_ext(image, 8 * MiB, 4096, tree=tree)
+    with loop.attach(image) as disk:
+        holder = os.open(disk, os.O_RDONLY | os.O_EXCL)  # what the dm device does to the disk under it
+        try:
+            stock = subprocess.run(["e2fsck", "-f", "-p", ext.device(disk, 8 * MiB)], capture_output=True, text=True)
+            assert stock.returncode == 8 and "is in use" in stock.stdout + stock.stderr  # the defect, reproduced
+            ext.check(disk, 8 * MiB)
+            ext.resize(disk, 8 * MiB, 64 * MiB)
+        finally:
+            os.close(holder)
+    assert dumpe2fs(image, 8 * MiB)["Block count"] == str(64 * MiB // 4096)
+    assert fsck_clean(image, 8 * MiB)
+    assert read_file(image, 8 * MiB, "/README") == b"oem"

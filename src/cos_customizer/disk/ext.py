@@ -1,22 +1,26 @@
 """ext2/3/4 file systems: the superblock read in pure Python; checks and growth with e2fsck and resize2fs.
 
 A file system is named by a path and a byte offset, so a partition inside
-a whole-disk image file needs no loop device: e2fsprogs accepts
-`IMAGE?offset=BYTES` as a device name.
+a whole-disk image file needs no loop device to be checked: e2fsprogs
+accepts `IMAGE?offset=BYTES` as a device name. On a block device (the
+provisioner's busy /dev/sda) and for growth, a loop device (`losetup`)
+covers the file system.
 
-Only e2fsck and resize2fs run here, the two tools the Go original relies
-on in the COS image itself (the provisioner uses this module on the VM):
-the superblock is read, and the resize inode dropped, in our own code.
+Only e2fsck and resize2fs run here (and losetup), the tools the Go original
+relies on in the COS image itself (the provisioner uses this module on the
+VM): the superblock is read, and the resize inode dropped, in our own code.
 Standard library only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import stat
 import struct
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from cos_customizer.disk import loop
@@ -142,11 +146,28 @@ def superblock_checksum(sb: bytes | bytearray) -> int:
     return crc
 
 
+@contextlib.contextmanager
+def _on_device(path: Path, offset: int, size: int) -> Iterator[str]:
+    """The device name e2fsprogs gets for the file system at `offset` of `path`.
+
+    A file: `PATH?offset=N`. A block device (the provisioner's /dev/sda): a loop device over
+    exactly `size` bytes at `offset`, because e2fsck and resize2fs open the device exclusively
+    (O_EXCL) and a whole disk whose partition is in use (the root's dm-verity device holds
+    /dev/sda3 or sda5) refuses that: "/dev/sda is in use", seen on a real shutdown. The loop
+    device holds /dev/sda shared, and is exclusively theirs."""
+    if stat.S_ISREG(os.stat(path).st_mode):
+        yield device(path, offset)
+        return
+    with loop.attach(path, offset=offset, size=size) as dev:
+        yield str(dev)
+
+
 def check(path: Path, offset: int = 0, *, repair: bool = False, fix_all: bool = False) -> None:
     """`e2fsck -f -n`, `-f -p` with `repair`, `-f -y` with `fix_all`; raises unless clean (or fixed)."""
     tool = require_tool("e2fsck", E2FSPROGS)
     mode = "-y" if fix_all else "-p" if repair else "-n"
-    result = run([tool, "-f", mode, device(path, offset)], check=False)
+    with _on_device(path, offset, info(path, offset).size) as name:
+        result = run([tool, "-f", mode, name], check=False)
     # e2fsck: 0 clean, 1 errors corrected; anything else is trouble.
     if result.returncode not in ((0, 1) if repair or fix_all else (0,)):
         raise CommandError(result.args, result.returncode, (result.stdout + result.stderr).decode(errors="replace"))
@@ -204,9 +225,9 @@ def resize(path: Path, offset: int, size_bytes: int) -> None:
     resize inode reserved, the resize inode is dropped first (see
     `drop_resize_inode`). On a regular file resize2fs sets the file's size
     to the new file-system size, ignoring the offset: it would cut a disk
-    image short. So there the file system is resized through a loop device
-    that covers exactly its new extent (root, as the local executor is); a
-    block device (the provisioner's disk) is resized in place.
+    image short. So the file system is resized through a loop device that
+    covers exactly its new extent (root, as the local executor and the
+    provisioner are), on a file as on a block device (see `_on_device`).
     """
     if size_bytes % 512:
         raise ValueError(f"resize2fs size {size_bytes} is not a whole number of sectors")
@@ -215,8 +236,7 @@ def resize(path: Path, offset: int, size_bytes: int) -> None:
     if "resize_inode" in current.features and size_bytes > max_growth_with_resize_inode(current):
         drop_resize_inode(path, offset)
     tool = require_tool("resize2fs", E2FSPROGS)
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        run([tool, device(path, offset), f"{size_bytes // 512}s"])
-        return
+    # A loop device over the new extent, on a file (resize2fs would set a file's size, cutting a disk image
+    # short) as on a block device (see `_on_device`).
     with loop.attach(path, offset=offset, size=size_bytes) as dev:
         run([tool, str(dev), f"{size_bytes // 512}s"])

@@ -223,6 +223,12 @@ class InstanceSpec:
     /dev/sda, /dev/sdb, ... on virtio-scsi. `serial_port3` receives the guest's /dev/ttyS2 (GCE's
     serial port 3); `console` its /dev/ttyS0 (port 1), discarded when None. The metadata server
     listens on the host's 127.0.0.1:`metadata_port` and is reached as 169.254.169.254:80.
+
+    The boot disk is the only SCSI disk (virtio-scsi, `scsi-hd`), the others are virtio-blk
+    (/dev/vdX in the guest): Linux names SCSI disks in the order their asynchronous probes run,
+    which is not the order of the targets, and with three SCSI disks the CIDATA disk was /dev/sda on
+    one boot in a few (seen under TCG). The provisioner needs the boot disk at /dev/sda, as on GCE;
+    the startup script finds CIDATA and SCRATCH by label, so their names do not matter.
     """
 
     disks: tuple[Path, ...]
@@ -272,7 +278,10 @@ def qemu_argv(spec: InstanceSpec) -> list[str]:
     argv += ["-device", "virtio-scsi-pci,id=scsi0"]
     for index, disk in enumerate(spec.disks):
         argv += ["-drive", f"if=none,id=d{index},file={_opt(disk)},format=raw"]
-        argv += ["-device", f"scsi-hd,drive=d{index},bus=scsi0.0,scsi-id={index},lun=0"]
+        if index == 0:
+            argv += ["-device", "scsi-hd,drive=d0,bus=scsi0.0,scsi-id=0,lun=0"]
+        else:  # see InstanceSpec: only the boot disk is SCSI, so it is /dev/sda on every boot
+            argv += ["-device", f"virtio-blk-pci,drive=d{index}"]
     if spec.kernel is not None:
         argv += ["-kernel", os.fspath(spec.kernel)]
         if spec.initrd is not None:

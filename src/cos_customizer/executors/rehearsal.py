@@ -54,6 +54,7 @@ LOCAL_PROJECT = "cos-customizer-local"
 LOCAL_ZONE = "local-zone-a"
 LOCAL_BUCKET = "cos-customizer-local"
 ACCEL_ENV = "COS_CUSTOMIZER_QEMU_ACCEL"  # "kvm" or "tcg" to force one; unset: KVM when a kernel runs under it
+REBOOT_REASON = "Reboot required:"  # the provisioner's line before it exits 3 (provisioner.main)
 INSTANCE_MEMORY_MB = 2048
 INSTANCE_CPUS = 2
 # The daisy flags `workflow.daisy_args` writes: with a value, and without.
@@ -162,7 +163,8 @@ class _Progress:
             self.say(f"workflow step {event.step} ({event.type}) finished in {seconds:.1f}s")
         elif event.kind == "status":
             self.result.status_lines += 1
-            self.last_status = event.detail
+            if REBOOT_REASON in event.detail:  # the provisioner's own words for why it asks for a reboot
+                self.last_status = event.detail.split(REBOOT_REASON, 1)[1].strip()
             self.say(f"  {event.detail}")
         elif event.kind in ("failed", "cancelled"):
             self.say(
@@ -177,9 +179,10 @@ class _Progress:
             self.say(f"{name}: boot 1 ({machine.accel.upper()}): {choice.title} ({choice.kernel})")
             return
         why = machine.reasons[-1] if machine.reasons else "?"
-        after = f"; the last status line was: {self.last_status}" if self.last_status else ""
-        self.result.reboot_reasons.append(self.last_status or why)
-        self.say(f"{name}: the guest rebooted (QEMU: {why}){after}")
+        reason = self.last_status or "the provisioner gave no reason"
+        self.last_status = ""
+        self.result.reboot_reasons.append(reason)
+        self.say(f"{name}: the guest rebooted (QEMU: {why}): {reason}")
         self.say(f"{name}: boot {machine.boots}: {choice.title} ({choice.kernel})")
 
 

@@ -19,8 +19,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cos_customizer.disk import apply, gpt, mover, planner
+from cos_customizer.disk import apply, ext, gpt, mover, planner
 from cos_customizer.disk.gpt import SECTOR
+from cos_customizer.disk.planner import OEM, STATE
 from cos_customizer.errors import CustomizerError
 from cos_customizer.provisioner import cleanup, download, steps, vmsetup
 from cos_customizer.provisioner.config import ProvisionerConfig
@@ -134,14 +135,18 @@ def relocate(target: Target, state: State, say: Say) -> None:
     table = gpt.read_table(target.disk)
     if state.layout is not None:
         done = {str(p.number): [p.first, p.last] for p in table.partitions} == state.layout["after"]
-        if done:
-            return
-        raise CustomizerError("the partition layout was scheduled but is not in place after the reboot")
+        if not done:
+            raise CustomizerError("the partition layout was scheduled but is not in place after the reboot")
+        _check_grown(target, table, state.layout.get("fs", {}))
+        return
     inputs = layout_inputs(target, state.config)
     plan = plan_from(inputs)
     for warning in plan.warnings:
         say(f"warning: {warning}")
-    state.layout = {"after": {str(p.number): [p.first, p.last] for p in plan.after.partitions}}
+    state.layout = {
+        "after": {str(p.number): [p.first, p.last] for p in plan.after.partitions},
+        "fs": {str(n): size for n, size in ((OEM, plan.oem_fs_bytes), (STATE, plan.state_fs_bytes)) if size},
+    }
     if not plan.changed:
         state.save()
         return
@@ -165,6 +170,19 @@ def relocate(target: Target, state: State, say: Say) -> None:
     vmsetup.stop_journald(target, say)
     say("Partitions will be relocated at shutdown")
     raise RebootRequired("partitions are relocated at shutdown")
+
+
+def _check_grown(target: Target, table: gpt.Table, sizes: dict[str, int]) -> None:
+    """After the relocation reboot: the shutdown handler also grew the file systems (the table alone is not
+    proof: a handler that failed after writing it leaves the old file-system sizes, found only at sealing)."""
+    for number, size in sizes.items():
+        part = table.partition(int(number))
+        found = ext.info(target.disk, part.first * SECTOR).size
+        if found != size:
+            raise CustomizerError(
+                f"the partitions were relocated at shutdown but the {part.name} file system is {found} bytes, not "
+                f"{size}: the shutdown handler did not finish (its lines precede this boot on serial port 3)"
+            )
 
 
 def handle_disk_layout(plan_file: Path, say: Say) -> None:

@@ -60,6 +60,10 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _say_now(line: str) -> None:
+    print(line, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -74,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "resume":
             return agent.finish(target, lambda: agent.resume_state(target))
         if args.command == "handle-disk-layout":
-            agent.handle_disk_layout(args.plan.resolve() if args.target is None else args.plan, print)
+            # Flushed line by line: at shutdown its output goes through a pipe, and a kill must not lose it.
+            agent.handle_disk_layout(args.plan.resolve() if args.target is None else args.plan, _say_now)
             return 0
         return wait_metadata(args.key, args.timeout)
     except CustomizerError as err:
