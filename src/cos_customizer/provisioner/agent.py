@@ -177,10 +177,10 @@ def _check_grown(target: Target, table: gpt.Table, sizes: dict[str, int]) -> Non
     proof: a handler that failed after writing it leaves the old file-system sizes, found only at sealing)."""
     for number, size in sizes.items():
         part = table.partition(int(number))
-        found = ext.info(target.disk, part.first * SECTOR).size
-        if found != size:
+        fs = ext.info(target.disk, part.first * SECTOR)
+        if fs.size != size - size % fs.block_size:  # resize2fs makes whole blocks
             raise CustomizerError(
-                f"the partitions were relocated at shutdown but the {part.name} file system is {found} bytes, not "
+                f"the partitions were relocated at shutdown but the {part.name} file system is {fs.size} bytes, not "
                 f"{size}: the shutdown handler did not finish (its lines precede this boot on serial port 3)"
             )
 
