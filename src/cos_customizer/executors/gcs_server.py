@@ -48,7 +48,8 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
+
+from cos_customizer.executors.loopback_http import LoopbackServer
 
 # As qemu_resources.BUCKET (not imported: qemu_resources may well come to import this module).
 BUCKET = re.compile(r"[a-z0-9][-a-z0-9_.]{1,220}[a-z0-9]")
@@ -124,7 +125,9 @@ def _range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-class GcsServer:
+class GcsServer(LoopbackServer):
+    name = "GCS server"
+
     """A read-only GCS JSON API over `root/BUCKET/OBJECT`; a context manager (start on enter, close on exit)."""
 
     def __init__(self, root: Path, token: str) -> None:
@@ -136,52 +139,30 @@ class GcsServer:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._connections: set[socket.socket] = set()
-        self._httpd: http.server.ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__()
 
-    # -- life cycle
+    # -- life cycle (LoopbackServer's, with these hooks)
+
+    def handler_class(self) -> type[http.server.BaseHTTPRequestHandler]:
+        return _handler(self)
 
     def __enter__(self) -> GcsServer:
         self.start()
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.close()
-
     def start(self) -> None:
         self._closed.clear()
-        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        httpd.daemon_threads = False  # server_close() joins the request threads
-        self._httpd = httpd
-        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
+        super().start()
 
-    def close(self) -> None:
-        """Stop serving, cut the connections still open (a stalled client too), wait for every request thread."""
+    def closing(self) -> None:
         self._closed.set()
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            with self._lock:
-                for connection in self._connections:
-                    with contextlib.suppress(OSError):
-                        connection.shutdown(socket.SHUT_RDWR)
-            self._httpd.server_close()
-        if self._thread is not None:
-            self._thread.join()
-        self._httpd = self._thread = None
 
-    @property
-    def port(self) -> int:
-        if self._httpd is None:
-            raise RuntimeError("the GCS server is not running")
-        return int(self._httpd.server_address[1])
-
-    @property
-    def host(self) -> str:
-        """host:port, as STORAGE_EMULATOR_HOST takes it."""
-        return f"127.0.0.1:{self.port}"
+    def stopped_serving(self) -> None:
+        """Cut the connections still open (a stalled client too)."""
+        with self._lock:
+            for connection in self._connections:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
 
     @property
     def endpoint(self) -> str:

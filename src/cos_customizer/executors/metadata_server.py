@@ -39,7 +39,8 @@ import time
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import TracebackType
+
+from cos_customizer.executors.loopback_http import LoopbackServer
 
 PREFIX = "/computeMetadata/v1/"
 FLAVOR = ("Metadata-Flavor", "Google")
@@ -89,7 +90,9 @@ def _json(node: Tree, literal: bool) -> object:
     return out
 
 
-class MetadataServer:
+class MetadataServer(LoopbackServer):
+    name = "metadata server"
+
     """A GCE metadata server for one instance; a context manager (start on enter, close on exit)."""
 
     def __init__(
@@ -129,49 +132,22 @@ class MetadataServer:
         self._fixed_project: Tree = {"project-id": project_id, "numeric-project-id": project_number}
         self._changed = threading.Condition()
         self._closed = False
-        self._httpd: http.server.ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__()
 
-    # -- life cycle
+    # -- life cycle (LoopbackServer's, with this hook)
+
+    def handler_class(self) -> type[http.server.BaseHTTPRequestHandler]:
+        return _handler(self)
 
     def __enter__(self) -> MetadataServer:
         self.start()
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def start(self) -> None:
-        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        httpd.daemon_threads = False  # server_close() joins the request threads
-        self._httpd = httpd
-        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        """Release held requests (503), stop serving, and wait for every request thread."""
+    def closing(self) -> None:
+        """Release the requests held by wait_for_change (503)."""
         with self._changed:
             self._closed = True
             self._changed.notify_all()
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-        if self._thread is not None:
-            self._thread.join()
-        self._httpd = self._thread = None
-
-    @property
-    def port(self) -> int:
-        if self._httpd is None:
-            raise RuntimeError("the metadata server is not running")
-        return int(self._httpd.server_address[1])
-
-    @property
-    def host(self) -> str:
-        """host:port, as GCE_METADATA_HOST takes it."""
-        return f"127.0.0.1:{self.port}"
 
     # -- state
 
