@@ -406,6 +406,7 @@ class QemuInstances:
                 elif kind == "failure":
                     raise InstanceError(f"instance {name}: FailureMatch found: {text}")
                 elif kind == "success":
+                    context.status(text)  # the line the wait ends on is part of the guest's story too
                     return
             if stopped:
                 detail = machine.error or f"the guest powered off after {machine.boots} boot(s)"

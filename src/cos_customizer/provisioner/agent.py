@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cos_customizer.disk import apply, ext, gpt, mover, planner
+from cos_customizer.disk import apply, blockdev, ext, gpt, mover, planner
 from cos_customizer.disk.gpt import SECTOR
 from cos_customizer.disk.planner import OEM, STATE
 from cos_customizer.errors import CustomizerError
@@ -190,6 +190,7 @@ def handle_disk_layout(plan_file: Path, say: Say) -> None:
     and grow OEM and STATE offline (online growth needs CAP_SYS_RESOURCE and a reread table).
     Only e2fsck and resize2fs run, as in the Go original: a COS image may lack e2image."""
     inputs = json.loads(plan_file.read_text())
+    blockdev.drop_cache(Path(str(inputs["disk"])))  # STATE and OEM were written through their own devices
     plan = plan_from(inputs)
     apply.apply(Path(inputs["disk"]), plan, report=say, e2image=False)
     say("Partitions relocated")

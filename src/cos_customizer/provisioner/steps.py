@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cos_customizer.disk import ext, grub
+from cos_customizer.disk import blockdev, ext, grub
 from cos_customizer.disk.gpt import read_table
 from cos_customizer.disk.planner import OEM
 from cos_customizer.disk.verity import format_verity, random_salt
@@ -134,6 +134,7 @@ def seal_oem(ctx: Context, _args: StepArgs) -> None:
     ctx.say("Sealing the OEM partition with dm-verity")
     ctx.target.systemctl_run("stop", "usr-share-oem.mount")
     ctx.target.unmount(ctx.target.path("/usr/share/oem"))
+    blockdev.drop_cache(ctx.target.disk)  # what the OEM's own device wrote, not /dev/sda's stale pages
     oem = read_table(ctx.target.disk).partition(OEM)
     offset = oem.first * 512
     ext.check(ctx.target.disk, offset)

@@ -1,0 +1,209 @@
+"""`finish-image-build -executor=qemu` end to end: the GCE workflow, the shipped provisioner under systemd.
+
+The source is `sample-image -bootable` (a Debian systemd root in COS's layout, booted as COS's GRUB
+boots it); QEMU runs under TCG here. The oracles are independent of the code under test: sgdisk,
+veritysetup with grub.cfg's parameters, debugfs, e2fsck, and the local executor's build of the same
+inputs (a different path to the same result: no VM, no reboots, no shutdown unit).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cos_customizer import sample_image
+from cos_customizer.disk import ext, gpt, grub
+from tests.conftest import sh
+from tests.shipped import shipped_provisioner
+from tests.test_local_build import cat, cli, copy_of, exists, leaks, start, verity_verify
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (debootstrap, loop devices for the checks)"),
+]
+
+SCRIPT = """set -e
+echo "hello from the build" > /var/lib/hello
+echo "kept on STATE" > /mnt/stateful_partition/hello
+echo "in the OEM" > /usr/share/oem/hello
+echo "$GREETING [$LIST] from $(pwd)" > /var/lib/greeting
+echo "home: $HOME $(touch "$HOME/.w" && rm "$HOME/.w" && echo writable)"
+cp /bin/true /tmp/true-copy
+if /tmp/true-copy 2>/dev/null; then echo "tmp: exec"; else echo "tmp: noexec"; fi
+env | sort | sed 's/^/env: /'
+sed 's/^/mountinfo: /' /proc/self/mountinfo
+if [ -n "${STORAGE_EMULATOR_HOST:-}" ]; then
+  python3 - "$STORAGE_EMULATOR_HOST" <<'EOF' || true
+import sys, urllib.error, urllib.request
+url = sys.argv[1] + "/storage/v1/b/cos-customizer-local/o/cos-customizer%2Fuser_build_context.tar?alt=media"
+try:
+    urllib.request.urlopen(url, timeout=10)
+    print("anonymous GCS read: allowed")
+except urllib.error.HTTPError as err:
+    print(f"anonymous GCS read: HTTP {err.code}")
+EOF
+fi
+echo "step done"
+"""
+STEPS = [["run-script", "-script=preload.sh", "-env=GREETING=hi,LIST=a,b"], ["seal-oem"], ["disable-auto-update"]]
+FINISH = ["-oem-size=1G", "-disk-size-gb=12", "-timeout=25m"]
+
+
+def _bootable(tmp_path_factory: pytest.TempPathFactory, grub_format: str) -> Path:
+    for tool in ("qemu-system-x86_64", "socat", "debootstrap"):
+        if not sh("which", tool, check=False).stdout.strip():
+            pytest.skip(f"{tool} is not installed (scripts/setup installs it)")
+    path = tmp_path_factory.mktemp("bootable") / "cos.raw"
+    sample_image.build(path, bootable=True, grub_format=grub_format)
+    return path
+
+
+@pytest.fixture(scope="session")
+def bootable_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One bootable sample (`dm="..."`) for the session (its guest root is cached); tests must not write it."""
+    return _bootable(tmp_path_factory, "dm")
+
+
+@pytest.fixture(scope="session")
+def bootable_raw_dm_mod(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same with `dm-mod.create="..."`, so both forms of grub.cfg boot through a rehearsal."""
+    return _bootable(tmp_path_factory, "dm-mod")
+
+
+def _qemu_processes(mark: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"qemu-system" in argv and mark.encode() in argv:
+                found.append(int(entry.name))
+    return found
+
+
+def _rehearse(tmp: Path, source: Path, steps: list[list[str]], finish: list[str]) -> tuple[int, str, str, Path]:
+    started = start(tmp, copy_of(source, tmp), {"preload.sh": SCRIPT, "fail.sh": "echo about to fail\nexit 7\n"},
+                    steps)  # fmt: skip
+    (tmp / "t").mkdir()
+    env = {**started.env, "TMPDIR": str(tmp / "t"), "COS_CUSTOMIZER_QEMU_ACCEL": "tcg"}
+    output = tmp / "out.raw"
+    code, out, err = cli(env, "finish-image-build", "-executor=qemu", f"-output={output}",
+                         f"-provisioner-binary={shipped_provisioner()}", *finish)  # fmt: skip
+    (tmp / "tool-output.txt").write_text(err)  # for whoever reads a failure
+    return code, out, err, output
+
+
+@pytest.fixture(scope="module")
+def rehearsed(tmp_path_factory: pytest.TempPathFactory, bootable_raw: Path) -> Iterator[tuple[int, str, str, Path]]:
+    tmp = tmp_path_factory.mktemp("rehearsed")
+    result = _rehearse(tmp, bootable_raw, STEPS, FINISH)
+    yield result
+    assert _qemu_processes(str(tmp)) == []
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory: pytest.TempPathFactory, bootable_raw: Path) -> Path:
+    """The same build through the local executor."""
+    tmp = tmp_path_factory.mktemp("local")
+    started = start(tmp, copy_of(bootable_raw, tmp), {"preload.sh": SCRIPT}, STEPS)
+    code, _, err = cli(started.env, "finish-image-build", f"-output={tmp / 'out.raw'}", *FINISH)
+    assert code == 0, err
+    return tmp / "out.raw"
+
+
+def _layout(table: gpt.Table) -> list[tuple[object, ...]]:
+    return [(p.number, p.name, p.first, p.last, p.type_guid, p.guid, p.attributes) for p in table.partitions]
+
+
+def _hexless(cfg: str) -> str:
+    return re.sub(r"\b[0-9a-f]{64}\b", "<hex>", cfg)
+
+
+def test_the_rehearsal_builds_what_the_local_executor_builds(
+    rehearsed: tuple[int, str, str, Path], local: Path
+) -> None:
+    code, out, err, raw = rehearsed
+    assert code == 0, err[-3000:]
+    assert "Build succeeded" in out
+    # The workflow ran every step; the guest rebooted as the original's provisioner does.
+    for step in ("copy-gcs", "create-images", "setup", "run", "wait-for-resize", "resize-disk",
+                 "wait-preload-finished", "send-logging-end-msg", "wait-vm-shutdown", "image"):  # fmt: skip
+        assert f"workflow step {step} (" in err and re.search(rf"workflow step {step} \(\w+\) finished", err), step
+    reboots = re.findall(r"preload-vm: the guest rebooted \(QEMU: guest-reset\)", err)
+    assert len(reboots) == 3, err[-3000:]  # switch root, shrink ROOT-A, relocate at shutdown
+    assert "Guest: 4 boot(s)" in out
+    assert "BuildStatus: waiting for the boot disk size to change" in err
+    assert "BuildStatus: Partitions relocated" in err  # the shutdown unit's ExecStop, at a real shutdown
+    assert "BuildSucceeded:" in err
+    # Independent checks of the output, as for the local executor.
+    assert "No problems found" in sh("sgdisk", "-v", raw).stdout
+    table = gpt.read_table(raw)
+    assert table.disk_sectors == 12 * 2097152
+    state, oem = table.partition(1), table.partition(8)
+    cfg = grub.read_grub_cfg(raw, table.partition(12).first * 512)
+    entries = grub.read_dm(cfg)
+    vroot_b, oemroot = entries[1][0], entries[0][1]
+    assert verity_verify(raw, table.partition(5), vroot_b).returncode == 0
+    verified = verity_verify(raw, oem, oemroot)
+    assert verified.returncode == 0, verified.stderr
+    s, o = state.first * 512, oem.first * 512
+    assert cat(raw, s, "/var_overlay/lib/hello") == "hello from the build\n"
+    assert cat(raw, s, "/hello") == "kept on STATE\n"
+    assert cat(raw, o, "/hello") == "in the OEM\n"
+    assert cat(raw, s, "/var_overlay/lib/greeting") == "hi [a,b] from /var/lib/.cos-customizer/user\n"
+    assert not exists(raw, s, "/var_overlay/lib/.cos-customizer")
+    ext.check(raw, s)
+    ext.check(raw, o)
+    # The local executor's build of the same inputs: same table, same files, same grub.cfg but for hashes.
+    local_table = gpt.read_table(local)
+    assert _layout(table) == _layout(local_table)
+    local_cfg = grub.read_grub_cfg(local, local_table.partition(12).first * 512)
+    assert _hexless(cfg) == _hexless(local_cfg)
+    ls, lo = local_table.partition(1).first * 512, local_table.partition(8).first * 512
+    for offset, local_offset, name in ((s, ls, "/var_overlay/lib/hello"), (s, ls, "/hello"), (o, lo, "/hello"),
+                                       (s, ls, "/var_overlay/lib/greeting")):  # fmt: skip
+        assert cat(raw, offset, name) == cat(local, local_offset, name), name
+
+
+def test_the_provisioners_view_from_inside(rehearsed: tuple[int, str, str, Path]) -> None:
+    code, _, err, _ = rehearsed
+    assert code == 0, err[-3000:]
+    env = [line.split("BuildStatus: env: ", 1)[1] for line in err.splitlines() if "BuildStatus: env: " in line]
+    names = {line.split("=", 1)[0] for line in env}
+    assert {"GREETING", "LIST", "HOME", "PATH"} <= names, env
+    assert not [n for n in names if n == "LD_LIBRARY_PATH" or n.startswith(("_PYI_", "STATICX_"))], env
+    assert "BuildStatus: tmp: noexec" in err
+    assert "BuildStatus: home: /root writable" in err
+    mounts = [line.split("BuildStatus: mountinfo: ", 1)[1] for line in err.splitlines() if "mountinfo: " in line]
+    tmp = [line for line in mounts if line.split()[4] == "/tmp"]
+    assert tmp and "noexec" in tmp[0].split()[5], mounts
+    root = [line for line in mounts if line.split()[4] == "/"]
+    assert root and root[0].split()[5].startswith("ro"), mounts
+    # The build context came from the GCS server with the metadata token; without it the server refuses.
+    assert "BuildStatus: Unpacking build context user from gs://cos-customizer-local/cos-customizer/" in err
+    assert "BuildStatus: anonymous GCS read: HTTP 401" in err
+    # Each reboot is reported with the reason the provisioner gave for it.
+    reasons = re.findall(r"preload-vm: the guest rebooted \(QEMU: guest-reset\): (.*)", err)
+    assert reasons == ["the root moves to ROOT-B", "ROOT-A was shrunk", "partitions are relocated at shutdown"], err
+
+
+def test_a_failing_script_fails_the_rehearsal_and_leaves_nothing(tmp_path: Path, bootable_raw_dm_mod: Path) -> None:
+    steps = [["run-script", "-script=fail.sh"]]
+    code, out, err, output = _rehearse(tmp_path, bootable_raw_dm_mod, steps, ["-timeout=15m"])
+    assert code == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("cos-customizer: error: the rehearsed build failed in workflow step wait-preload-finished")
+    assert "BuildFailed: step 0 (RunScript)" in last, last
+    assert "BuildStatus: about to fail" in err
+    assert out == ""
+    assert not output.exists()
+    assert _qemu_processes(str(tmp_path)) == []
+    assert list((tmp_path / "t").iterdir()) == []  # the working directory, disks, sockets: gone
+    assert leaks(tmp_path) == ([], [])
+    assert not (tmp_path / "ws").exists()
