@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 
 from cos_customizer import sample_image
 from cos_customizer.disk import ext, gpt, grub
+from cos_customizer.executors import rehearsal
 from tests.conftest import sh
 from tests.shipped import shipped_provisioner
 from tests.test_local_build import cat, cli, copy_of, exists, leaks, start, verity_verify
@@ -195,6 +197,7 @@ def test_the_provisioners_view_from_inside(rehearsed: tuple[int, str, str, Path]
 
 def test_a_failing_script_fails_the_rehearsal_and_leaves_nothing(tmp_path: Path, bootable_raw_dm_mod: Path) -> None:
     steps = [["run-script", "-script=fail.sh"]]
+    started = time.time()
     code, out, err, output = _rehearse(tmp_path, bootable_raw_dm_mod, steps, ["-timeout=15m"])
     assert code == 1
     last = err.strip().splitlines()[-1]
@@ -204,6 +207,8 @@ def test_a_failing_script_fails_the_rehearsal_and_leaves_nothing(tmp_path: Path,
     assert out == ""
     assert not output.exists()
     assert _qemu_processes(str(tmp_path)) == []
-    assert list((tmp_path / "t").iterdir()) == []  # the working directory, disks, sockets: gone
+    assert list((tmp_path / "t").iterdir()) == []  # the working directory and the disks: gone
+    assert len(str(tmp_path / "t")) > rehearsal.SOCKET_BASE_MAX  # so the sockets went to /tmp: gone too
+    assert not [p for p in Path("/tmp").glob("cos-qemu.*") if p.stat().st_mtime >= started]
     assert leaks(tmp_path) == ([], [])
     assert not (tmp_path / "ws").exists()

@@ -55,6 +55,7 @@ LOCAL_ZONE = "local-zone-a"
 LOCAL_BUCKET = "cos-customizer-local"
 ACCEL_ENV = "COS_CUSTOMIZER_QEMU_ACCEL"  # "kvm" or "tcg" to force one; unset: KVM when a kernel runs under it
 REBOOT_REASON = "Reboot required:"  # the provisioner's line before it exits 3 (provisioner.main)
+SOCKET_BASE_MAX = 60  # characters of $TMPDIR that leave room for the socket names below it
 INSTANCE_MEMORY_MB = 2048
 INSTANCE_CPUS = 2
 # The daisy flags `workflow.daisy_args` writes: with a value, and without.
@@ -207,6 +208,13 @@ def _upload_inputs(resources: Resources, build: BuildConfig, build_context: Path
         resources.upload(Path(name), url)
 
 
+def socket_parent() -> str:
+    """Where the instances' directories go: they hold QEMU's unix sockets (`DIR/cos-qemu.X/cos-vm.Y/events.sock`),
+    whose paths may not exceed 107 bytes; a long $TMPDIR gave "AF_UNIX path too long", so then /tmp."""
+    base = tempfile.gettempdir()
+    return base if len(base) <= SOCKET_BASE_MAX else "/tmp"
+
+
 def check_tools() -> None:
     for tool, package in ((qemu_boot.QEMU, "qemu-system-x86"), ("socat", "socat"), ("mcopy", "mtools"),
                           ("mkfs.vfat", "dosfstools"), ("mke2fs", "e2fsprogs")):  # fmt: skip
@@ -222,7 +230,10 @@ def run(job: Rehearsal, environ: Mapping[str, str], say: Callable[[str], None]) 
     progress = _Progress(result, say)
     build = job.build
     source = workflow_source(job.source)
-    with tempfile.TemporaryDirectory(prefix="cos-customizer-qemu.") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="cos-customizer-qemu.") as tmp,
+        tempfile.TemporaryDirectory(prefix="cos-qemu.", dir=socket_parent()) as run_dir,
+    ):
         work = Path(tmp)
         binary = job.provisioner_binary
         if binary is None:
@@ -238,7 +249,6 @@ def run(job: Rehearsal, environ: Mapping[str, str], say: Callable[[str], None]) 
                                    scratch=str(scratch), workflow_path=str(wf_file))  # fmt: skip
         invocation = daisy_invocation(args)
         (work / "resources").mkdir()
-        (work / "run").mkdir()
         with Resources(
             work / "resources",
             gcs_path=invocation.gcs_path,
@@ -257,7 +267,7 @@ def run(job: Rehearsal, environ: Mapping[str, str], say: Callable[[str], None]) 
                 accel=job.accel or None,
                 memory_mb=INSTANCE_MEMORY_MB,
                 cpus=INSTANCE_CPUS,
-                rundir=work / "run",
+                rundir=Path(run_dir),
                 extra_append=f"systemd.setenv=STORAGE_EMULATOR_HOST=http://{GCS_ADDRESS}",
                 forwards=((GCS_ADDRESS, 80, gcs.port),),
                 on_boot=progress.boot,
