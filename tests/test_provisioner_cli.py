@@ -23,7 +23,9 @@ from cos_customizer.provisioner.agent import plan_from
 from cos_customizer.provisioner.main import main
 
 GiB = 1 << 30
-COS_TOOLS = ("e2fsck", "resize2fs")  # what the Go original relies on in the COS image for the layout
+# What the Go original relies on in the COS image for the layout, and losetup (util-linux, on COS too): on the
+# VM's busy /dev/sda e2fsck and resize2fs refuse `?offset=` and get a loop device over the file system.
+COS_TOOLS = ("e2fsck", "resize2fs", "losetup")
 
 
 class Metadata(http.server.BaseHTTPRequestHandler):
@@ -104,7 +106,7 @@ def debugfs(image: Path, offset: int, request: str) -> subprocess.CompletedProce
 @pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a loop device")
 @pytest.mark.parametrize(("oem_size", "disk_size"), [(GiB, 12 * GiB), (1024 * GiB, 1034 * GiB)])
-def test_handle_disk_layout_on_a_block_device_runs_only_e2fsck_and_resize2fs(
+def test_handle_disk_layout_on_a_block_device_runs_only_e2fsck_resize2fs_and_losetup(
     tmp_path: Path,
     sample_raw: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -114,7 +116,8 @@ def test_handle_disk_layout_on_a_block_device_runs_only_e2fsck_and_resize2fs(
     disk_size: int,
 ) -> None:
     """The shutdown handler as on the VM, after the reboots that reclaim ROOT-A and grow the disk:
-    OEM and STATE move by copy, grow with resize2fs only; e2image, tune2fs and dumpe2fs are not on PATH."""
+    OEM and STATE move by copy, grow with resize2fs only (on loop devices); e2image, tune2fs and dumpe2fs are not
+    on PATH."""
     image = tmp_path / "disk.raw"
     subprocess.run(["cp", "--sparse=always", str(sample_raw), str(image)], check=True)
     table = gpt.read_table(image)

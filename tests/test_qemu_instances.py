@@ -168,7 +168,9 @@ def test_a_guest_that_reboots_then_powers_off(short_dir: Path, guest_image: Path
     instances, events = _run(short_dir, image, fail=False)
     machine = instances.machines["vm"]
     status = [e.detail for e in events if e.kind == "status"]
-    assert status == ["BuildStatus: booted 1", "BuildStatus: rebooting", "BuildStatus: booted 2"], events
+    # The status lines as they came, then the line the wait ended on.
+    assert status == ["BuildStatus: booted 1", "BuildStatus: rebooting", "BuildStatus: booted 2",
+                      "BuildSucceeded: done"], events  # fmt: skip
     assert machine.boots == 2
     assert machine.reasons == ["guest-reset", "guest-shutdown"]
     assert machine.error == ""

@@ -250,9 +250,12 @@ def test_a_changed_root_a_byte_stops_the_verified_boot(short_dir: Path, bootable
         byte = disk.read(1)
         disk.seek(root_a.first * gpt.SECTOR)
         disk.write(bytes([byte[0] ^ 0xFF]))
-    console = {"SuccessMatch": "Welcome to", "FailureMatch": ["cos-initrd: FATAL"], "StatusMatch": "verity"}
-    with pytest.raises(daisy_local.StepFailed, match="FailureMatch found: cos-initrd: FATAL: dm-verity: vroot"):
-        _boot(short_dir, image, console, boots=1, port=1, timeout="120s")
+    # Waited for as a rehearsal waits (serial port 3): the guest powers off, and the error quotes the console.
+    with pytest.raises(daisy_local.StepFailed) as failed:
+        _boot(short_dir, image, SIGNAL, boots=1, port=3, timeout="120s")
+    message = str(failed.value)
+    assert "stopped before its serial port 3 matched: the guest powered off after 1 boot(s)" in message
+    assert re.search(r"the console's last lines: .*cos-initrd: FATAL: dm-verity: vroot", message), message
     kept = (short_dir / "kept" / "console.log").read_text(errors="replace")
     assert re.search(r"device-mapper: verity: \S+: data block 0 is corrupted", kept), kept[-4000:]
     assert "switching to" not in kept and "Welcome to" not in kept  # the initramfs never left for the root

@@ -134,6 +134,15 @@ class Machine:
     def console(self) -> Path:
         return self.directory / "serial-port-1.log"
 
+    def console_tail(self, lines: int = 5) -> str:
+        """The console's (serial port 1's) last non-empty lines, for the error of a guest that stopped early:
+        the instance's directory, the log with it, is removed when the workflow ends."""
+        try:
+            text = self.console.read_text(errors="replace")
+        except OSError:
+            return ""
+        return " | ".join([line.strip() for line in text.splitlines() if line.strip()][-lines:])
+
     def _argv(self, choice: BootChoice, kernel: Path, initrd: Path | None) -> list[str]:
         spec = InstanceSpec(
             disks=self.disks,
@@ -410,6 +419,8 @@ class QemuInstances:
                     return
             if stopped:
                 detail = machine.error or f"the guest powered off after {machine.boots} boot(s)"
+                tail = machine.console_tail()
+                detail += f"; the console's last lines: {tail}" if tail else ""
                 raise InstanceError(f"instance {name} stopped before its serial port {port} matched: {detail}")
             if context.sleep(POLL):
                 return

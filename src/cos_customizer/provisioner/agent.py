@@ -188,7 +188,7 @@ def _check_grown(target: Target, table: gpt.Table, sizes: dict[str, int]) -> Non
 def handle_disk_layout(plan_file: Path, say: Say) -> None:
     """The shutdown handler: with the file systems unmounted, move the data, write the new table,
     and grow OEM and STATE offline (online growth needs CAP_SYS_RESOURCE and a reread table).
-    Only e2fsck and resize2fs run, as in the Go original: a COS image may lack e2image."""
+    Only e2fsck and resize2fs run (on loop devices: losetup), as in the Go original: a COS image may lack e2image."""
     inputs = json.loads(plan_file.read_text())
     blockdev.drop_cache(Path(str(inputs["disk"])))  # STATE and OEM were written through their own devices
     plan = plan_from(inputs)
