@@ -125,6 +125,27 @@ def test_token_for_the_provisioner(server: MetadataServer, monkeypatch: pytest.M
     assert download.metadata_get("instance/attributes/absent") is None
 
 
+def test_the_service_account_by_its_email_as_google_auth_asks(
+    server: MetadataServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """google-auth's Compute Engine credentials, once they know the account's email, read
+    `service-accounts/EMAIL/?recursive=true` and `service-accounts/EMAIL/token` (GCE answers both)."""
+    from google.auth import compute_engine
+    from google.auth.transport import requests as google_requests
+
+    email = "123456789012-compute@developer.gserviceaccount.com"
+    info = get(server, f"instance/service-accounts/{email}/?recursive=true").json()
+    assert info == {"email": email, "aliases": "default", "scopes": "https://www.googleapis.com/auth/cloud-platform"}
+    assert (
+        get(server, f"instance/service-accounts/{email}/token").json()
+        == get(server, "instance/service-accounts/default/token").json()
+    )
+    credentials = compute_engine.Credentials(service_account_email=email)  # type: ignore[no-untyped-call]
+    monkeypatch.setattr(compute_engine._metadata, "_GCE_METADATA_HOST", server.host)  # read once at its import
+    credentials.refresh(google_requests.Request())  # type: ignore[no-untyped-call]
+    assert credentials.token == "ya29.local-metadata-token"
+
+
 def test_wait_for_change_answers_an_update_with_a_new_etag(server: MetadataServer) -> None:
     first = get(server, "instance/attributes/cos-build")
     held = Background(server, "instance/attributes/cos-build?wait_for_change=true")

@@ -146,10 +146,6 @@ class GcsServer(LoopbackServer):
     def handler_class(self) -> type[http.server.BaseHTTPRequestHandler]:
         return _handler(self)
 
-    def __enter__(self) -> GcsServer:
-        self.start()
-        return self
-
     def start(self) -> None:
         self._closed.clear()
         super().start()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.server
 import threading
 from types import TracebackType
+from typing import Self
 
 
 class LoopbackServer:
@@ -24,7 +25,7 @@ class LoopbackServer:
     def handler_class(self) -> type[http.server.BaseHTTPRequestHandler]:
         raise NotImplementedError
 
-    def __enter__(self) -> LoopbackServer:
+    def __enter__(self) -> Self:
         self.start()
         return self
 

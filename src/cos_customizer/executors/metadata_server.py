@@ -15,7 +15,8 @@ Engine does for what the build's guest uses:
   `?recursive=true` (any case) is one JSON object (what cloud-init's GCE
   datasource reads `user-data` from); a directory without the slash is a 301
   to it; anything else is 404;
-- `instance/service-accounts/default/token`: `{"access_token", "expires_in",
+- `instance/service-accounts/default/token` (or the account's email for
+  `default`, as on GCE): `{"access_token", "expires_in",
   "token_type"}` with a configurable token, so a GCS stand-in can require it;
 - `?wait_for_change=true` holds the request until the answer's ETag differs
   from `last_etag=` (when given; otherwise from the ETag the answer had when the
@@ -112,6 +113,12 @@ class MetadataServer(LoopbackServer):
     ) -> None:
         self.token = token
         self.token_lifetime = token_lifetime
+        self.email = email or f"{project_number}-compute@developer.gserviceaccount.com"
+        account: Tree = {
+            "email": self.email,
+            "aliases": "default",
+            "scopes": "https://www.googleapis.com/auth/cloud-platform",
+        }
         self.requests: list[Request] = []
         self.waiting = 0  # requests held by wait_for_change now
         self._instance_attributes: dict[str, str] = dict(attributes or {})
@@ -121,13 +128,8 @@ class MetadataServer(LoopbackServer):
             "name": name,
             "hostname": hostname or f"{name}.{zone}.c.{project_id}.internal",
             "zone": f"projects/{project_number}/zones/{zone}",
-            "service-accounts": {
-                "default": {
-                    "email": email or f"{project_number}-compute@developer.gserviceaccount.com",
-                    "aliases": "default",
-                    "scopes": "https://www.googleapis.com/auth/cloud-platform",
-                }
-            },
+            # GCE lists the account under "default" and under its email; clients use both names.
+            "service-accounts": {"default": account, self.email: account},
         }
         self._fixed_project: Tree = {"project-id": project_id, "numeric-project-id": project_number}
         self._changed = threading.Condition()
@@ -138,10 +140,6 @@ class MetadataServer(LoopbackServer):
 
     def handler_class(self) -> type[http.server.BaseHTTPRequestHandler]:
         return _handler(self)
-
-    def __enter__(self) -> MetadataServer:
-        self.start()
-        return self
 
     def closing(self) -> None:
         """Release the requests held by wait_for_change (503)."""
@@ -175,7 +173,7 @@ class MetadataServer(LoopbackServer):
 
     def answer(self, path: str, query: Mapping[str, str]) -> Answer:
         """The answer to GET /computeMetadata/v1/PATH?QUERY now (call with the condition held)."""
-        if path == TOKEN_PATH:
+        if path in (TOKEN_PATH, f"instance/service-accounts/{self.email}/token"):
             token = {"access_token": self.token, "expires_in": self.token_lifetime, "token_type": "Bearer"}
             return Answer(200, json.dumps(token).encode(), "application/json")
         node: Tree | str | int = self._tree()
