@@ -142,7 +142,6 @@ class Result:
     guest_seconds: float = 0.0
     table: gpt.Table | None = None  # the boot disk's partition table when the image was made
     accel: str = ""
-    status_lines: int = 0
 
 
 class _Progress:
@@ -152,7 +151,7 @@ class _Progress:
         self.result = result
         self.say = say
         self.started: dict[str, float] = {}
-        self.last_status = ""
+        self.reboot_reason = ""
 
     def event(self, event: StepEvent) -> None:
         if event.kind == "started":
@@ -163,9 +162,8 @@ class _Progress:
             self.result.steps.append((event.step, seconds))
             self.say(f"workflow step {event.step} ({event.type}) finished in {seconds:.1f}s")
         elif event.kind == "status":
-            self.result.status_lines += 1
             if REBOOT_REASON in event.detail:  # the provisioner's own words for why it asks for a reboot
-                self.last_status = event.detail.split(REBOOT_REASON, 1)[1].strip()
+                self.reboot_reason = event.detail.split(REBOOT_REASON, 1)[1].strip()
             self.say(f"  {event.detail}")
         elif event.kind in ("failed", "cancelled"):
             self.say(
@@ -180,8 +178,8 @@ class _Progress:
             self.say(f"{name}: boot 1 ({machine.accel.upper()}): {choice.title} ({choice.kernel})")
             return
         why = machine.reasons[-1] if machine.reasons else "?"
-        reason = self.last_status or "the provisioner gave no reason"
-        self.last_status = ""
+        reason = self.reboot_reason or "the provisioner gave no reason"
+        self.reboot_reason = ""
         self.result.reboot_reasons.append(reason)
         self.say(f"{name}: the guest rebooted (QEMU: {why}): {reason}")
         self.say(f"{name}: boot {machine.boots}: {choice.title} ({choice.kernel})")
