@@ -131,7 +131,7 @@ FLAGS = (
     Flag(
         "provisioner-binary",
         Kind.STRING,
-        "GCE builds: the provisioner executable to put on the CIDATA disk (default: build-provisioner's, "
+        "GCE and qemu builds: the provisioner executable for the CIDATA disk (default: build-provisioner's, "
         "built or taken from its cache).",
         ours=True,
     ),
@@ -274,6 +274,10 @@ def _check_gce_flags(args: Parsed) -> None:
         raise ValidationError("-sbom-input-path and -sbom-output-path must be set together")
     if args["sbom-output-path"]:
         sbom.check_output_path(args["sbom-output-path"])
+    _check_provisioner_binary(args)
+
+
+def _check_provisioner_binary(args: Parsed) -> None:
     if args["provisioner-binary"] and not Path(args["provisioner-binary"]).is_file():
         raise ValidationError(f"-provisioner-binary={args['provisioner-binary']}: no such file")
 
@@ -357,8 +361,8 @@ def make_plan(context: Context, args: Parsed) -> FinishPlan:
     source, build, config = ws.source_image(), ws.build(), ws.provisioner()
     executor = choose_executor(source, args["executor"])
     output = _check_local_flags(args, source, context.workspace_root, executor) if source.is_local else None
-    if executor is Executor.QEMU and args["provisioner-binary"] and not Path(args["provisioner-binary"]).is_file():
-        raise ValidationError(f"-provisioner-binary={args['provisioner-binary']}: no such file")
+    if executor is Executor.QEMU:
+        _check_provisioner_binary(args)
     if executor is Executor.GCE:
         _check_gce_flags(args)
         if args["allow-backing-file"]:
