@@ -15,6 +15,11 @@ as COS (`sample_guest`: built once with debootstrap and cached; needs root), EFI
 Debian kernel and initramfs as `/syslinux/vmlinuz.A|B` and `/syslinux/initrd.A|B`, and each grub.cfg
 entry has an `initrd` line; the partition table, ROOT-A's geometry and verity tree, STATE and OEM
 are the same, so the image boots under QEMU as COS would (`executors.qemu_boot`).
+
+With `with_containers=True` (`sample-image -with-containers`), ROOT-A also has this machine's container
+runtime (Debian's docker.io, containerd, runc and legacy iptables with their libraries) at COS's paths,
+with COS-shaped systemd units and a docker group (`sample_containers`); it cannot be combined with
+`bootable` yet.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from cos_customizer import sample_guest
+from cos_customizer import sample_containers, sample_guest
 from cos_customizer.disk import grub
 from cos_customizer.disk.gpt import (
     BIOS_BOOT,
@@ -170,8 +175,8 @@ def os_release() -> str:
     )
 
 
-def root_tree(root: Path) -> None:
-    """A small runnable COS-like root file system."""
+def root_tree(root: Path, *, with_containers: bool = False) -> None:
+    """A small runnable COS-like root file system; `with_containers`: with `sample_containers`' runtime."""
     for directory in ("usr/bin", "usr/sbin", "usr/lib", "usr/lib64", "usr/share/oem", "etc", "proc", "sys",
                       "dev", "run", "tmp", "var", "home", "root", "mnt/stateful_partition", "mnt/disks"):  # fmt: skip
         (root / directory).mkdir(parents=True, exist_ok=True)
@@ -186,6 +191,9 @@ def root_tree(root: Path) -> None:
             )
         binaries.append(Path(path))
         shutil.copy2(Path(path).resolve(), root / "usr/bin" / name)
+    (root / "etc/group").write_text("root:x:0:\nchronos:x:1000:\n")
+    if with_containers:
+        binaries += sample_containers.install(root)
     for library in _libraries(binaries):
         _place(library, root / "usr" if str(library).startswith(("/lib", "/lib64")) else root)
     (root / "usr/bin/sh").symlink_to("bash")
@@ -193,7 +201,6 @@ def root_tree(root: Path) -> None:
     (root / "etc/passwd").write_text(
         "root:x:0:0:root:/root:/bin/bash\nchronos:x:1000:1000:chronos:/home/chronos:/bin/bash\n"
     )
-    (root / "etc/group").write_text("root:x:0:\nchronos:x:1000:\n")
 
 
 def state_tree(root: Path) -> None:
@@ -267,14 +274,21 @@ def _check_grub_format(grub_format: str) -> None:
         raise ValidationError(f"-grub-format={grub_format}: use one of {', '.join(GRUB_FORMATS)}")
 
 
-def build(output: Path, size_gb: int = 10, *, grub_format: str = "dm", bootable: bool = False) -> Sample:
+def build(
+    output: Path, size_gb: int = 10, *, grub_format: str = "dm", bootable: bool = False, with_containers: bool = False
+) -> Sample:
     """Write the sample image to `output` (replaced atomically).
 
     `grub_format`: "dm" (`dm="1 vroot ..."`, the default) or "dm-mod" (`dm-mod.create="vroot,..."`).
     `bootable`: ROOT-A is `sample_guest`'s systemd root and EFI-SYSTEM has its kernel and initramfs
     (needs root, debootstrap and busybox-static; the guest is built once per machine and cached).
+    `with_containers`: ROOT-A also has this machine's container runtime (`sample_containers`).
     """
     _check_grub_format(grub_format)
+    if with_containers and bootable:
+        raise ValidationError("-with-containers and -bootable cannot be combined yet")
+    if with_containers:
+        sample_containers.check_host()
     if size_gb < 10:
         raise ValidationError(f"-size-gb={size_gb}: a sample COS image needs at least 10 GB")
     guest = sample_guest.prepare(os_release()) if bootable else None
@@ -287,7 +301,7 @@ def build(output: Path, size_gb: int = 10, *, grub_format: str = "dm", bootable:
             out.truncate(disk_sectors * SECTOR)
         write_table(image, table)
         if guest is None:
-            root_tree(staging / "root")
+            root_tree(staging / "root", with_containers=with_containers)
         _mke2fs(image, parts["ROOT-A"], "ext2", "ROOT-A", guest.root if guest else staging / "root", ROOT_FS_BLOCKS,
                 lazy=guest is None)  # fmt: skip
         root_a = parts["ROOT-A"].first * SECTOR

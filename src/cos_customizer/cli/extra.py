@@ -28,10 +28,18 @@ def handle_sample_image(_context: Context, args: Parsed) -> int:
         raise ValidationError(f"{output} already exists: remove it or choose another name")
     if not output.parent.is_dir():
         raise ValidationError(f"{output}: the directory {output.parent} does not exist")
+    if args["bootable"] and args["with-containers"]:
+        raise ValidationError("-with-containers and -bootable cannot be combined yet")
     started = time.monotonic()
     if args["bootable"]:
         sample_guest.check_host()
-    sample = sample_image.build(output, args["size-gb"], grub_format=args["grub-format"], bootable=args["bootable"])
+    sample = sample_image.build(
+        output,
+        args["size-gb"],
+        grub_format=args["grub-format"],
+        bootable=args["bootable"],
+        with_containers=args["with-containers"],
+    )
     allocated = output.stat().st_blocks * 512
     log.info(
         "Wrote %s: a %d GB COS-layout disk image (%s allocated) in %.1f s; ROOT-A verity root hash %s",
@@ -50,7 +58,8 @@ SAMPLE_IMAGE = Command(
     description=(
         "Write a sparse disk image with the real COS partition layout and a small runnable ROOT-A, so the "
         "tool can be tried with no COS image at hand. With -bootable, ROOT-A is a Debian systemd root laid "
-        "out as COS and EFI-SYSTEM has a kernel and initramfs, so the image boots under QEMU (the qemu executor)."
+        "out as COS and EFI-SYSTEM has a kernel and initramfs, so the image boots under QEMU (the qemu executor). "
+        "With -with-containers, ROOT-A also has this machine's docker, containerd and runc."
     ),
     flags=(
         Flag("size-gb", Kind.INT, "Size of the disk image in GB.", default=10, ours=True),
@@ -69,6 +78,16 @@ SAMPLE_IMAGE = Command(
             "Make an image that really boots (QEMU): a Debian systemd root with cloud-init, laid out as COS, "
             "and a Debian kernel and initramfs on EFI-SYSTEM. Needs root, debootstrap and busybox-static; "
             "the guest is built once (a few minutes) and cached in ~/.cache/cos-customizer/sample-guest.",
+            default=False,
+            ours=True,
+        ),
+        Flag(
+            "with-containers",
+            Kind.BOOL,
+            "Also copy this machine's container runtime into ROOT-A at COS's paths (docker, dockerd, "
+            "containerd, ctr, runc, legacy iptables and their libraries; Debian's docker.io, containerd, runc "
+            "and iptables packages), with COS-shaped systemd units and a docker group, so run-script can use "
+            "docker and ctr. Not with -bootable yet.",
             default=False,
             ours=True,
         ),
