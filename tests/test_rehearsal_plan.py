@@ -70,8 +70,11 @@ def test_the_dry_run_shows_the_gce_workflow_with_local_names(
          "-gpu-type applies to GCE builds only; this build was started with -image-file, so it runs with the qemu "
          "executor"),
         (["-executor=qemu", "-allow-host-loopback"],
-         "-allow-host-loopback is for the local executor's script sandbox; the qemu executor's VM has a network of "
-         "its own"),
+         "-allow-host-loopback is for the local executor's script sandbox; the qemu executor's VM has its own network "
+         "and its own container daemons"),
+        (["-executor=qemu", "-containers=off"],
+         "-containers is for the local executor's script sandbox; the qemu executor's VM has its own network and its "
+         "own container daemons"),
         (["-executor=qemu", "-provisioner-binary=/nonexistent/provisioner"],
          "-provisioner-binary=/nonexistent/provisioner: no such file"),
     ],

@@ -198,6 +198,7 @@ def root_tree(root: Path, *, with_containers: bool = False) -> None:
         _place(library, root / "usr" if str(library).startswith(("/lib", "/lib64")) else root)
     (root / "usr/bin/sh").symlink_to("bash")
     (root / "etc/os-release").write_text(os_release())
+    (root / "etc/hosts").write_text("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n")  # as COS's
     (root / "etc/passwd").write_text(
         "root:x:0:0:root:/root:/bin/bash\nchronos:x:1000:1000:chronos:/home/chronos:/bin/bash\n"
     )

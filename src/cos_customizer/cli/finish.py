@@ -41,6 +41,20 @@ log = logging.getLogger(__name__)
 FLAG_FORMATTERS = {Kind.DURATION: format_duration}
 BUILD_DIR = "<build-dir>"
 DEFAULT_TIMEOUT = 3600 * 10**9
+CONTAINER_MODES = ("auto", "on", "off")  # executors.containers.MODES
+
+
+CONTAINERS_TEXT = {
+    "auto": "auto (the image's containerd and dockerd, if it has them, start when a script first uses them)",
+    "on": "on (the image's containerd and dockerd start when a script first uses them; the build fails without them)",
+    "off": "off (no container daemons for scripts)",
+}
+
+
+def _check_containers(value: str) -> None:
+    if value not in CONTAINER_MODES:
+        raise ValueError(f"use one of {', '.join(CONTAINER_MODES)}")
+
 
 FLAGS = (
     Flag("image-project", Kind.STRING, "Output image project."),
@@ -158,14 +172,26 @@ FLAGS = (
     Flag(
         "allow-host-loopback",
         Kind.BOOL,
-        "Local builds: let scripts reach services on this machine's loopback (127.0.0.1:PORT is 10.0.2.2:PORT "
-        "inside the script sandbox). Refused without it.",
+        "Local builds: let scripts and the image's container daemons reach the services listening on this "
+        "machine's loopback when the build starts, at the same addresses (127.0.0.1:PORT, [::1]:PORT; also "
+        "10.0.2.2:PORT), e.g. a local registry for docker pull. Refused without it.",
+        ours=True,
+    ),
+    Flag(
+        "containers",
+        Kind.STRING,
+        "Local builds: the image's own containerd and dockerd for scripts (docker pull, load, run, build; ctr), "
+        "started when a script first uses them. 'auto' (when the image has them), 'on' (fail if it has not) "
+        "or 'off'.",
+        default="auto",
+        check=_check_containers,
         ours=True,
     ),
 )
 
 LOCAL_FLAGS = {"oem-size", "disk-size-gb", "timeout", "output", "dry-run", "allow-backing-file", "executor"}
-GCE_ONLY = tuple(flag.name for flag in FLAGS if flag.name not in LOCAL_FLAGS | {"allow-host-loopback"})
+SANDBOX_FLAGS = frozenset({"allow-host-loopback", "containers"})  # the local executor's script sandbox only
+GCE_ONLY = tuple(flag.name for flag in FLAGS if flag.name not in LOCAL_FLAGS | SANDBOX_FLAGS)
 # The GCE flags a rehearsal takes: they only shape the workflow it renders (or, -provisioner-binary, CIDATA).
 QEMU_TAKES = frozenset({
     "image-project", "image-name", "image-suffix", "image-family", "labels", "licenses", "zone", "project",
@@ -198,6 +224,7 @@ class FinishPlan:
     output_image: dict[str, Any] | None = None
     disk_plan: DiskPlan | None = None
     provisioner_binary: Path | None = None  # GCE: -provisioner-binary; None: build-provisioner's
+    containers: str | None = None  # local builds: -containers
 
     def workflow_image(self) -> workflow.OutputImage:
         """The output image as the workflow names it (GCE builds and rehearsals)."""
@@ -223,6 +250,8 @@ class FinishPlan:
         }
         if self.output is not None:
             doc["output"] = {"path": str(self.output.path), "format": self.output.format}
+        if self.containers is not None:
+            doc["containers"] = self.containers
         if self.output_image is not None:
             doc["output_image"] = self.output_image
             if self.output_image["InheritLabels"]:
@@ -307,10 +336,10 @@ def _check_local_flags(args: Parsed, source: SourceImage, workspace_root: Path, 
                 f"-{name} applies to GCE builds only; this build was started with -image-file, "
                 f"so it runs with the {executor.value} executor"
             )
-    if executor is Executor.QEMU and args["allow-host-loopback"]:
+    for name in sorted(SANDBOX_FLAGS & args.given) if executor is Executor.QEMU else ():
         raise ValidationError(
-            "-allow-host-loopback is for the local executor's script sandbox; the qemu executor's VM has a network "
-            "of its own"
+            f"-{name} is for the local executor's script sandbox; the qemu executor's VM has its own network "
+            "and its own container daemons"
         )
     if not args["output"]:
         raise ValidationError("-output=PATH must be set for a local build: where to write the customized image")
@@ -367,8 +396,8 @@ def make_plan(context: Context, args: Parsed) -> FinishPlan:
         _check_gce_flags(args)
         if args["allow-backing-file"]:
             raise ValidationError("-allow-backing-file is for local builds (started with a .qcow2 -image-file)")
-        if args["allow-host-loopback"]:
-            raise ValidationError("-allow-host-loopback is for local builds (started with -image-file)")
+        for name in sorted(SANDBOX_FLAGS & args.given):
+            raise ValidationError(f"-{name} is for local builds (started with -image-file)")
         if context.compute_endpoint:
             workflow.compute_endpoint(context.compute_endpoint)  # one value for the client and daisy, or refused
     if args["timeout"] <= 0:
@@ -382,7 +411,9 @@ def make_plan(context: Context, args: Parsed) -> FinishPlan:
         config = dataclasses.replace(config, build_contexts=(("user", str(ws.build_context_archive)),))
         images.check_room(Path(source.ImageFile), output.path.parent)  # a gzip bomb, before any extraction
         disk_plan = local_disk_plan(source, config, args["disk-size-gb"], allow_backing_file=args["allow-backing-file"])
-        return FinishPlan(executor, source, build, config, output=output, disk_plan=disk_plan)
+        return FinishPlan(
+            executor, source, build, config, output=output, disk_plan=disk_plan, containers=args["containers"]
+        )
     binary = Path(args["provisioner-binary"]).absolute() if args["provisioner-binary"] else None
     if executor is Executor.QEMU:
         return _qemu_plan(source, build, config, args, output, binary)
@@ -512,6 +543,8 @@ def describe(finish: FinishPlan) -> str:
     size = f"{build.DiskSize} GB" if build.DiskSize else f"{plan.IMAGE_SIZE_GB} GB (the image's size)"
     lines.append(f"  disk:      {size}; {plan.describe_boot_disk(finish.provisioner.boot_disk, sealed)}")
     lines.append(f"  timeout:   {build.Timeout}")
+    if finish.containers is not None:
+        lines.append(f"  containers: {CONTAINERS_TEXT[finish.containers]}")
     lines.append("  steps:" if finish.provisioner.steps else "  steps:     none (the output equals the source)")
     ordered = [s for s in finish.provisioner.steps if s.type is not StepType.SEAL_OEM]
     ordered += [s for s in finish.provisioner.steps if s.type is StepType.SEAL_OEM]
@@ -590,6 +623,7 @@ def _run_local(context: Context, finish: FinishPlan, args: Parsed) -> int:
         plan=finish.disk_plan,
         timeout=args["timeout"] / 1e9,
         allow_host_loopback=args["allow-host-loopback"],
+        containers=args["containers"],
     )
     local.preflight(build)
     for warning in finish.disk_plan.warnings:

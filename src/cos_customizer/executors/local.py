@@ -48,7 +48,7 @@ from cos_customizer.disk.gpt import SECTOR, Table
 from cos_customizer.disk.planner import OEM, ROOT_A, ROOT_B, STATE, DiskPlan
 from cos_customizer.disk.verity import VerityParams
 from cos_customizer.errors import CustomizerError, ValidationError
-from cos_customizer.executors import STEP_COMMANDS
+from cos_customizer.executors import STEP_COMMANDS, cgroups
 from cos_customizer.executors.runtime import Region, Script, StageSpec
 from cos_customizer.images import ImageFormat
 from cos_customizer.provisioner import steps
@@ -89,6 +89,7 @@ class LocalBuild:
     plan: DiskPlan
     timeout: float  # seconds
     allow_host_loopback: bool = False  # scripts may reach the host's 127.0.0.1 (-allow-host-loopback)
+    containers: str = "auto"  # the image's container daemons for scripts (-containers)
 
 
 class BuildFailed(CustomizerError):
@@ -216,6 +217,8 @@ def _run_stage(
         scripts=_scripts(build.config),
         result=str(result_path),
         allow_host_loopback=build.allow_host_loopback,
+        containers=build.containers,
+        cgroup=cgroups.name_for(work),
     )
     spec_path = work / "stage.json"
     spec_path.write_text(json.dumps(spec.to_json()))
@@ -359,6 +362,7 @@ def sweep(directory: Path) -> list[Path]:
             owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a build"
             if not _release_leftover(work):
                 continue
+            _release_cgroups(work)
             shutil.rmtree(work, ignore_errors=True)
         finally:
             os.close(fd)
@@ -394,6 +398,13 @@ def _release_leftover(work: Path) -> bool:
     return True
 
 
+def _release_cgroups(work: Path) -> None:
+    """The build's cgroups, if a killed stage left them (their processes died with its PID namespace)."""
+    left = cgroups.remove(cgroups.name_for(work))
+    if left:
+        raise CustomizerError(f"the build's cgroup {left[0]} cannot be removed: a process of it still runs")
+
+
 def _release_loops(disk: Path, seconds: float = 15.0) -> None:
     """Wait for the kernel to free the stage's loop devices (autoclear is asynchronous); detach stragglers.
 
@@ -408,6 +419,7 @@ def _release_loops(disk: Path, seconds: float = 15.0) -> None:
 
 def _remove_work(work: Path) -> None:
     """Delete the work directory, but never through a mount point (mounts live in the stage's namespace)."""
+    _release_cgroups(work)
     _release_loops(work / "disk.raw")
     mounted = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
     inside = [m for m in mounted if m == str(work) or m.startswith(f"{work}/")]

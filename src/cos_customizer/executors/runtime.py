@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from cos_customizer.disk import loop
-from cos_customizer.executors import sandbox
+from cos_customizer.executors import containers, daemon_units, relay, sandbox
 from cos_customizer.provisioner import steps
 from cos_customizer.provisioner.cleanup import STATE_DIR, clean
 from cos_customizer.provisioner.config import ProvisionerConfig, RunScriptArgs
@@ -80,7 +80,9 @@ class StageSpec:
     contexts: dict[str, str]  # build context name -> archive path
     scripts: tuple[Script, ...]
     result: str  # where the stage writes its result (JSON)
-    allow_host_loopback: bool = False  # scripts may reach the host's 127.0.0.1 (as 10.0.2.2)
+    allow_host_loopback: bool = False  # scripts may reach the host's loopback services (at 127.0.0.1 and 10.0.2.2)
+    containers: str = "auto"  # the image's containerd and dockerd for scripts: auto, on, off (containers.MODES)
+    cgroup: str = ""  # the build's cgroup name (cgroups.NAME), for the daemons' containers
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -97,6 +99,8 @@ class StageSpec:
             scripts=tuple(Script(**{**s, "env": tuple(s["env"])}) for s in data["scripts"]),
             result=data["result"],
             allow_host_loopback=bool(data.get("allow_host_loopback", False)),
+            containers=str(data.get("containers", "auto")),
+            cgroup=str(data.get("cgroup", "")),
         )
 
 
@@ -126,7 +130,8 @@ def _mountpoint(root: Path, relative: str) -> Path:
 
 
 def _partition(stack: ExitStack, image: str, region: Region, target: Path, *options: str) -> None:
-    _mount(stack, image, target, "loop", f"offset={region.offset}", f"sizelimit={region.size}", *options)
+    # Always the ext4 driver (it reads COS's ext2 root too): only it allows the idmapped copies of `containers`.
+    _mount(stack, image, target, "loop", f"offset={region.offset}", f"sizelimit={region.size}", *options, fstype="ext4")
 
 
 @contextmanager
@@ -185,17 +190,46 @@ def unpack_contexts(root: Path, contexts: dict[str, str]) -> None:
         run([tar, "-xpf", archive, "-C", str(target)])
 
 
+def _daemons(spec: StageSpec, root: Path) -> tuple[daemon_units.Daemon, ...]:
+    if spec.containers == "off" or not spec.cgroup:
+        return ()
+    found = containers.find(root)
+    if not found and spec.containers == "on":
+        raise StageError(
+            "-containers=on, but the image has no containerd or dockerd (no unit file names one and none is on "
+            "/usr/bin, /usr/sbin, /bin, /sbin): use -containers=auto or off, or an image with them"
+        )
+    return found
+
+
 @contextmanager
-def sandbox_network(work: Path, allow_host_loopback: bool) -> Iterator[sandbox.Namespaces]:
-    """The build's user and network namespaces (bound under `work`), with slirp4netns while the block runs."""
+def build_services(spec: StageSpec, root: Path) -> Iterator[sandbox.Namespaces]:
+    """The build's namespaces, the image's container daemons (waiting for first use), slirp4netns and,
+    with -allow-host-loopback, the host's loopback services; all stopped when the block ends.
+
+    The daemons' host is forked before any thread of this process starts (the forwarder's)."""
+    work = Path(spec.workdir)
     spaces = sandbox.make_namespaces(work / "ns")
-    network = sandbox.Network(
-        spaces, allow_host_loopback=allow_host_loopback, tool=require_tool("slirp4netns", "slirp4netns")
-    )
-    try:
+    daemons = _daemons(spec, root)
+    with ExitStack() as stack:
+        if daemons:
+            say = lambda line: print(line, flush=True)  # noqa: E731
+            host = containers.DaemonHost(root, spaces, work / "daemons", spec.cgroup, daemons, say)
+            stack.callback(_stop_daemons, host)
+        network = sandbox.Network(
+            spaces, allow_host_loopback=spec.allow_host_loopback, tool=require_tool("slirp4netns", "slirp4netns")
+        )
+        stack.callback(network.close)
+        if spec.allow_host_loopback:
+            stack.callback(relay.LoopbackForwarder(spaces.net).close)
         yield spaces
-    finally:
-        network.close()
+
+
+def _stop_daemons(host: containers.DaemonHost) -> None:
+    for note in host.stop():
+        print(f"cos-customizer: {note}", flush=True)
+    if host.failed:
+        raise StageError(host.failed)
 
 
 def run_script(root: Path, script: Script, spaces: sandbox.Namespaces, work: Path) -> None:
@@ -236,7 +270,7 @@ def stage(spec: StageSpec) -> dict[str, Any]:
     with layout(spec) as root:
         unpack_contexts(root, spec.contexts)
         if spec.scripts:
-            with sandbox_network(work, spec.allow_host_loopback) as spaces:
+            with build_services(spec, root) as spaces:
                 for index, script in enumerate(spec.scripts):
                     started = time.monotonic()
                     try:
@@ -255,7 +289,7 @@ def main(argv: list[str]) -> int:
         result = stage(spec)
     except StageError as err:
         result = {"ok": False, **err.info}
-    except (CommandError, OSError) as err:
+    except (CommandError, OSError, containers.ContainersError) as err:
         result = {"ok": False, "message": str(err)}
     with tempfile.NamedTemporaryFile("w", dir=Path(spec.result).parent, delete=False) as out:
         json.dump(result, out)

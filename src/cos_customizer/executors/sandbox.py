@@ -153,39 +153,37 @@ def pivot_root(new_root: str, put_old: str) -> None:
 # --- the build's namespaces and network (in the stage, once per build) ---
 
 
+# The container daemons' user namespace (a child of the scripts'): its root is this host uid, not 0,
+# as rootless container engines run (host-wide knobs that only check "uid 0" are closed to it); the
+# image's files appear to it with their own owners through idmapped mounts (`executors.idmap`).
+INNER_BASE = 1 << 31
+INNER_COUNT = (1 << 31) - 1
+
+
 @dataclasses.dataclass(frozen=True)
 class Namespaces:
-    user: str  # a bind mount of the user namespace's ns file
-    net: str
+    user: str  # a bind mount of the scripts' user namespace's ns file (all ids mapped to themselves)
+    net: str  # the build's network namespace, owned by `inner`
+    inner: str  # the daemons' user namespace, a child of `user`: 0..INNER_COUNT-1 -> INNER_BASE..
 
 
 def make_namespaces(directory: Path) -> Namespaces:
-    """A user namespace mapping all ids to themselves and a network namespace it owns (loopback up).
+    """The build's user namespaces and the network namespace (loopback up) that `inner` owns.
 
-    Kept by bind mounts under `directory` (in the caller's mount namespace, which should be private:
-    they go with it). Needs root.
+    `user` maps all ids to themselves (root inside is uid 0 on disk, so a script's files have their
+    exact owners); `inner` is its child, root there being INNER_BASE on the host, for the container
+    daemons. Scripts, in `user`, keep every capability over the network namespace (their namespace is
+    an ancestor of its owner). Kept by bind mounts under `directory` (in the caller's mount namespace,
+    which should be private: they go with it). Needs root.
     """
     directory.mkdir(parents=True, exist_ok=True)
     to_child_r, to_child_w = os.pipe()
     to_parent_r, to_parent_w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        status = 1
-        try:
-            os.close(to_child_w)
-            os.close(to_parent_r)
-            unshare(CLONE_NEWUSER)
-            os.write(to_parent_w, b"u")
-            if os.read(to_child_r, 1) != b"m":
-                os._exit(1)
-            unshare(CLONE_NEWNET)
-            _loopback_up()
-            os.write(to_parent_w, b"n")
-            os.read(to_child_r, 1)  # until the parent has bound the files
-            status = 0
-        except BaseException as err:  # noqa: BLE001
-            os.write(2, f"sandbox: {err}\n".encode())
-        os._exit(status)
+    if pid == 0:  # pragma: no cover - the child: the outer namespace, and the inner one through a grandchild
+        os.close(to_child_w)
+        os.close(to_parent_r)
+        os._exit(_namespaces_child(to_child_r, to_parent_w))
     os.close(to_child_r)
     os.close(to_parent_w)
     try:
@@ -194,17 +192,68 @@ def make_namespaces(directory: Path) -> Namespaces:
         for name in ("uid_map", "gid_map"):
             Path(f"/proc/{pid}/{name}").write_text("0 0 4294967295\n")
         os.write(to_child_w, b"m")
-        if os.read(to_parent_r, 1) != b"n":
-            raise OSError(errno.EPERM, "cannot make a network namespace")
-        spaces = Namespaces(user=str(directory / "user"), net=str(directory / "net"))
-        for kind, path in (("user", spaces.user), ("net", spaces.net)):
+        answer = os.read(to_parent_r, 16)
+        if not answer.startswith(b"n"):
+            raise OSError(errno.EPERM, "cannot make the build's inner user namespace or its network namespace")
+        inner_pid = int(answer[1:])
+        spaces = Namespaces(user=str(directory / "user"), net=str(directory / "net"), inner=str(directory / "inner"))
+        for path, source in (
+            (spaces.user, f"/proc/{pid}/ns/user"),
+            (spaces.inner, f"/proc/{inner_pid}/ns/user"),
+            (spaces.net, f"/proc/{inner_pid}/ns/net"),
+        ):
             Path(path).touch()
-            bind(f"/proc/{pid}/ns/{kind}", path)
+            bind(source, path)
         return spaces
     finally:
         os.close(to_child_w)
         os.close(to_parent_r)
         os.waitpid(pid, 0)
+
+
+def _namespaces_child(from_parent: int, to_parent: int) -> int:  # pragma: no cover - runs in the child
+    """In `make_namespaces`' child: the outer namespace here, the inner one and the network in a grandchild."""
+    try:
+        unshare(CLONE_NEWUSER)
+        os.write(to_parent, b"u")
+        if os.read(from_parent, 1) != b"m":
+            return 1
+        down_r, down_w = os.pipe()
+        up_r, up_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(down_w)
+            os.close(up_r)
+            try:
+                unshare(CLONE_NEWUSER)
+                os.write(up_w, b"i")
+                if os.read(down_r, 1) != b"m":
+                    os._exit(1)
+                unshare(CLONE_NEWNET)
+                _loopback_up()
+                os.write(up_w, b"n")
+                os.read(down_r, 1)  # until the host has bound the files
+                os._exit(0)
+            except BaseException as err:  # noqa: BLE001
+                os.write(2, f"sandbox: {err}\n".encode())
+                os._exit(1)
+        os.close(down_r)
+        os.close(up_w)
+        if os.read(up_r, 1) != b"i":
+            return 1
+        for name in ("uid_map", "gid_map"):  # written from the parent namespace, as the kernel asks
+            Path(f"/proc/{pid}/{name}").write_text(f"0 {INNER_BASE} {INNER_COUNT}\n")
+        os.write(down_w, b"m")
+        if os.read(up_r, 1) != b"n":
+            return 1
+        os.write(to_parent, f"n{pid}".encode())
+        os.read(from_parent, 1)  # until the host has bound the files (its side closes)
+        os.close(down_w)
+        os.waitpid(pid, 0)
+        return 0
+    except BaseException as err:  # noqa: BLE001
+        os.write(2, f"sandbox: {err}\n".encode())
+        return 1
 
 
 def _loopback_up() -> None:
@@ -231,7 +280,7 @@ class Network:
         argv = [tool, "--configure", "--mtu=65520", f"--ready-fd={ready_w}", f"--exit-fd={self._exit_r}"]
         if not allow_host_loopback:
             argv.append("--disable-host-loopback")
-        argv += ["--enable-sandbox", "--enable-seccomp", f"--userns-path={spaces.user}"]
+        argv += ["--enable-sandbox", "--enable-seccomp", f"--userns-path={spaces.inner}"]
         argv += ["--netns-type=path", spaces.net, "tap0"]
         try:
             self.proc = subprocess.Popen(
