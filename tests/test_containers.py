@@ -203,7 +203,9 @@ def test_a_build_preloads_with_pull_load_run_build_and_ctr_and_the_host_is_untou
             names = containerd.ctr("-n", "k8s.io", "images", "ls", "-q").stdout.split()
             assert "docker.io/library/loaded:1" in names, names  # ctr names a docker archive's tags in full
             assert f"localhost:{local_registry.port}/bb:1" in names, names
-            ran = containerd.ctr("-n", "k8s.io", "run", "--rm", "docker.io/library/loaded:1", "check", "cat", "/etc/passwd")
+            ran = containerd.ctr(
+                "-n", "k8s.io", "run", "--rm", "docker.io/library/loaded:1", "check", "cat", "/etc/passwd"
+            )
             assert ran.stdout.startswith("root:")
 
 
