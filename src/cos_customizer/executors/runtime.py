@@ -213,9 +213,14 @@ def build_services(spec: StageSpec, root: Path) -> Iterator[sandbox.Namespaces]:
     daemons = _daemons(spec, root)
     with ExitStack() as stack:
         if daemons:
-            say = lambda line: print(line, flush=True)  # noqa: E731
-            host = containers.DaemonHost(root, spaces, work / "daemons", spec.cgroup, daemons, say)
-            stack.callback(_stop_daemons, host)
+            try:
+                host = containers.DaemonHost(root, spaces, work / "daemons", spec.cgroup, daemons, _say)
+            except OSError as err:  # this machine cannot host them (no cgroup file system, an old kernel)
+                if spec.containers == "on":
+                    raise StageError(f"-containers=on, but this machine cannot run the image's daemons: {err}") from err
+                _say(f"cos-customizer: note: no container daemons for scripts on this machine: {err}")
+            else:
+                stack.callback(_stop_daemons, host)
         network = sandbox.Network(
             spaces, allow_host_loopback=spec.allow_host_loopback, tool=require_tool("slirp4netns", "slirp4netns")
         )
@@ -225,9 +230,13 @@ def build_services(spec: StageSpec, root: Path) -> Iterator[sandbox.Namespaces]:
         yield spaces
 
 
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
 def _stop_daemons(host: containers.DaemonHost) -> None:
     for note in host.stop():
-        print(f"cos-customizer: {note}", flush=True)
+        _say(f"cos-customizer: {note}")
     if host.failed:
         raise StageError(host.failed)
 
