@@ -452,24 +452,23 @@ def _load_environment(tree: _Tree, service: Service, notes: list[str]) -> dict[s
 def _find_binary(tree: _Tree, path: str, daemon: str, notes: list[str]) -> str | None:
     candidates = [path] if path.startswith("/") else [f"{d}/{path}" for d in _SYSTEMD_PATH]
     for candidate in candidates:
-        try:
-            entry = tree.lookup(candidate)
-        except _Refused as e:
-            notes.append(f"{candidate} ignored: {e}")
-            continue
-        if _is_executable(entry):
-            return entry.path
+        if found := _executable(tree, candidate, notes):
+            return found
     for directory in FALLBACK_PATH:
-        candidate = f"{directory}/{daemon}"
-        try:
-            entry = tree.lookup(candidate)
-        except _Refused as e:
-            notes.append(f"{candidate} ignored: {e}")
-            continue
-        if _is_executable(entry):
-            notes.append(f"{path} is not an executable in the image; using {entry.path}")
-            return entry.path
+        if found := _executable(tree, f"{directory}/{daemon}", notes):
+            notes.append(f"{path} is not an executable in the image; using {found}")
+            return found
     return None
+
+
+def _executable(tree: _Tree, candidate: str, notes: list[str]) -> str | None:
+    """`candidate`'s path inside the image if it is an executable file there, else None (a refusal noted)."""
+    try:
+        entry = tree.lookup(candidate)
+    except _Refused as e:
+        notes.append(f"{candidate} ignored: {e}")
+        return None
+    return entry.path if _is_executable(entry) else None
 
 
 def _resolve_one(tree: _Tree, daemon: str, docker_socket: str, containerd_socket: str) -> Daemon | Absent:
