@@ -41,9 +41,7 @@ log = logging.getLogger(__name__)
 FLAG_FORMATTERS = {Kind.DURATION: format_duration}
 BUILD_DIR = "<build-dir>"
 DEFAULT_TIMEOUT = 3600 * 10**9
-CONTAINER_MODES = ("auto", "on", "off")  # executors.containers.MODES
-
-
+# -containers: the image's own containerd and dockerd for a local build's scripts (executors.containers).
 CONTAINERS_TEXT = {
     "auto": "auto (the image's containerd and dockerd, if it has them, start when a script first uses them)",
     "on": "on (the image's containerd and dockerd start when a script first uses them; the build fails without them)",
@@ -52,8 +50,8 @@ CONTAINERS_TEXT = {
 
 
 def _check_containers(value: str) -> None:
-    if value not in CONTAINER_MODES:
-        raise ValueError(f"use one of {', '.join(CONTAINER_MODES)}")
+    if value not in CONTAINERS_TEXT:
+        raise ValueError(f"use one of {', '.join(CONTAINERS_TEXT)}")
 
 
 FLAGS = (

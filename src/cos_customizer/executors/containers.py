@@ -53,7 +53,6 @@ READY_SECONDS = 60.0
 STOP_SECONDS = 30.0
 DAEMON_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
 DATA_DIRS = ("var/lib/docker", "var/lib/containerd")
-MODES = ("auto", "on", "off")
 
 
 class ContainersError(Exception):

@@ -81,7 +81,7 @@ class StageSpec:
     scripts: tuple[Script, ...]
     result: str  # where the stage writes its result (JSON)
     allow_host_loopback: bool = False  # scripts may reach the host's loopback services (at 127.0.0.1 and 10.0.2.2)
-    containers: str = "auto"  # the image's containerd and dockerd for scripts: auto, on, off (containers.MODES)
+    containers: str = "auto"  # the image's containerd and dockerd for scripts: auto, on, off (-containers)
     cgroup: str = ""  # the build's cgroup name (cgroups.NAME), for the daemons' containers
 
     def to_json(self) -> dict[str, Any]:
