@@ -37,6 +37,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -168,8 +169,6 @@ class DaemonHost:
                 + " and ".join(d.name for d in self.daemons)
             )
             began = time.monotonic()
-            for relative in DATA_DIRS:  # on STATE, where COS keeps them; made on first use only
-                (self.root / relative).mkdir(mode=0o711, parents=True, exist_ok=True)
             with contextlib.suppress(BrokenPipeError):  # their host is gone: its status says why
                 os.write(self._cmd_w, b"s")
             answer = _read_status(self._status_r, READY_SECONDS + 5)
@@ -210,8 +209,9 @@ class DaemonHost:
         for relative in (RUN_DOCKER_SOCKET, CONTAINERD_SOCKET.lstrip("/")):
             (self.root / relative).unlink(missing_ok=True)
         os.close(self._run_dir)
-        if self.started:
-            fixed = rootful_overlay_markers([self.root / d for d in DATA_DIRS])
+        if self.started:  # the daemons and the scripts are gone: nothing changes the tree under this walk
+            real = [self.root / d for d in DATA_DIRS if (self.root / d).resolve() == self.root.resolve() / d]
+            fixed = rootful_overlay_markers(real)
             if fixed:
                 notes.append(f"{fixed} overlay markers written as a root daemon reads them (trusted.overlay.*)")
         return notes
@@ -237,8 +237,11 @@ def _var_run(root: Path) -> None:
 
 
 def _docker_gid(root: Path) -> int:
-    try:
-        for line in (root / "etc/group").read_text(errors="replace").splitlines():
+    try:  # the image's file (not through a link: this runs as this machine's root)
+        fd = os.open(root / "etc/group", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        with os.fdopen(fd, errors="replace") as group:
+            text = group.read(1 << 20) if stat.S_ISREG(os.fstat(fd).st_mode) else ""
+        for line in text.splitlines():
             fields = line.split(":")
             if len(fields) >= 3 and fields[0] == "docker" and fields[2].isdigit():
                 return int(fields[2])
@@ -430,6 +433,8 @@ def _init(
         os.close(docker_fd)
     if command == b"s":
         try:
+            for relative in DATA_DIRS:  # on STATE, where COS keeps them, made in here (links lead nowhere else)
+                os.makedirs(f"/{relative}", mode=0o711, exist_ok=True)
             for daemon, log_fd in zip(daemons, log_fds, strict=True):
                 pid = _spawn(daemon, log_fd, docker_fd)
                 running.append((daemon["name"], pid))

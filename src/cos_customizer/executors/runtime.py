@@ -122,8 +122,17 @@ def _bind(stack: ExitStack, source: Path, target: Path, *flags: str) -> None:
         run([require_tool("mount", "mount"), "-o", ",".join(("remount", "bind", *flags)), str(target)])
 
 
+def _real(base: Path, relative: str, what: str = "the image") -> Path:
+    """`base/relative`, refused if a part of `relative` is a symbolic link: the stage mounts, binds and makes
+    these as this machine's root, and a link in an untrusted image could lead to this machine's files."""
+    path = base / relative
+    if path.resolve() != base.resolve() / relative:
+        raise StageError(f"/{relative} in {what} is or goes through a symbolic link: refused (the build mounts it)")
+    return path
+
+
 def _mountpoint(root: Path, relative: str) -> Path:
-    path = root / relative
+    path = _real(root, relative)
     if not path.is_dir():
         raise StageError(f"the root file system has no /{relative} directory: is this a COS image?")
     return path
@@ -145,14 +154,14 @@ def layout(spec: StageSpec) -> Iterator[Path]:
         stateful = _mountpoint(root, "mnt/stateful_partition")
         _partition(stack, spec.image, spec.state, stateful)
         for name in ("var_overlay", "home"):
-            (stateful / name).mkdir(exist_ok=True)
+            _real(stateful, name, "STATE").mkdir(exist_ok=True)
         _bind(stack, stateful / "var_overlay", _mountpoint(root, "var"), "nosuid", "nodev", "noexec")
         _bind(stack, stateful / "home", _mountpoint(root, "home"), "nosuid", "nodev", "noexec")
         for name in EXEC_DIRS:
-            path = root / "var/lib" / name
+            path = _real(root, f"var/lib/{name}")
             path.mkdir(parents=True, exist_ok=True)
             _bind(stack, path, path, "nosuid", "nodev", "exec")
-        (root / "var/lib/cloud").mkdir(parents=True, exist_ok=True)
+        _real(root, "var/lib/cloud").mkdir(parents=True, exist_ok=True)
         _mount(stack, "tmpfs", root / "var/lib/cloud", "mode=0755", f"size={SMALL_TMPFS}", fstype="tmpfs")
         _partition(stack, spec.image, spec.oem, _mountpoint(root, "usr/share/oem"))
         layers = work / "etc-layers"
@@ -185,7 +194,7 @@ def layout(spec: StageSpec) -> Iterator[Path]:
 def unpack_contexts(root: Path, contexts: dict[str, str]) -> None:
     tar = require_tool("tar", "tar")
     for name, archive in contexts.items():
-        target = root / STATE_DIR / name
+        target = _real(root, f"{STATE_DIR}/{name}")  # tar runs as this machine's root: never through a link
         target.mkdir(parents=True, exist_ok=True)
         run([tar, "-xpf", archive, "-C", str(target)])
 
