@@ -14,6 +14,7 @@ import pytest
 from cos_customizer import sample_containers, sample_image
 from cos_customizer.disk import ext, gpt, loop
 from cos_customizer.errors import ValidationError
+from cos_customizer.executors import daemon_units
 from tests import registry
 from tests.conftest import CLI, sh
 from tests.registry import Registry, ScratchContainerd, ScratchDockerd
@@ -97,8 +98,10 @@ def test_units_and_docker_group(containers_raw: Path) -> None:
     assert [line for line in containerd.splitlines() if line.startswith("ExecStart")] == [
         "ExecStart=/usr/bin/containerd"
     ]
-    assert [line for line in docker.splitlines() if line.startswith("ExecStart")] == [
-        "ExecStart=/usr/bin/dockerd -H fd:// --containerd=/var/run/containerd/containerd.sock $DOCKER_OPTS"
+    # COS's own line (a COS node's /usr/lib/systemd/system/docker.service, as daemon_units cites it)
+    cos = daemon_units.COS_DEFAULT_UNITS[daemon_units.DOCKERD]
+    assert [line for line in docker.splitlines() if line.startswith("ExecStart=")] == [
+        line for line in cos.splitlines() if line.startswith("ExecStart=")
     ]
     for line in ("EnvironmentFile=-/etc/default/docker", "Delegate=yes", "KillMode=process", "Type=notify",
                  "Requires=docker.socket containerd.service", "[Install]"):  # fmt: skip

@@ -81,7 +81,7 @@ Requires=docker.socket containerd.service
 [Service]
 Type=notify
 EnvironmentFile=-/etc/default/docker
-ExecStart=/usr/bin/dockerd -H fd:// --containerd=/var/run/containerd/containerd.sock $DOCKER_OPTS
+ExecStart=/usr/bin/dockerd --registry-mirror=https://mirror.gcr.io --host=fd:// --containerd=/var/run/containerd/containerd.sock $DOCKER_OPTS
 ExecReload=/bin/kill -s HUP $MAINPID
 TimeoutStartSec=0
 Restart=always
