@@ -70,7 +70,12 @@ SocketGroup=docker
 WantedBy=sockets.target
 """
 
-DOCKER_SERVICE = """\
+# COS's own command line (as executors.daemon_units cites it).
+DOCKERD_EXEC = (
+    "/usr/bin/dockerd --registry-mirror=https://mirror.gcr.io --host=fd:// "
+    "--containerd=/var/run/containerd/containerd.sock $DOCKER_OPTS"
+)
+DOCKER_SERVICE = f"""\
 [Unit]
 Description=Docker Application Container Engine
 Documentation=https://docs.docker.com
@@ -81,7 +86,7 @@ Requires=docker.socket containerd.service
 [Service]
 Type=notify
 EnvironmentFile=-/etc/default/docker
-ExecStart=/usr/bin/dockerd --registry-mirror=https://mirror.gcr.io --host=fd:// --containerd=/var/run/containerd/containerd.sock $DOCKER_OPTS
+ExecStart={DOCKERD_EXEC}
 ExecReload=/bin/kill -s HUP $MAINPID
 TimeoutStartSec=0
 Restart=always

@@ -482,12 +482,22 @@ def _wind_down(
 Match = tuple[Literal["success", "failure", "status"] | None, str]
 
 
-def _field(spec: Mapping[str, Any], name: str) -> Any:
-    """A SerialOutput field, its name matched without regard to case as Go's encoding/json matches it."""
+def field(spec: Mapping[str, Any], name: str) -> Any:
+    """A field of a workflow object, its name matched without regard to case as Go's encoding/json matches it."""
     for key, value in spec.items():
         if key.lower() == name.lower():
             return value
     return None
+
+
+_field = field
+
+
+def entries(body: Any, step: str, error: type[Exception]) -> list[Mapping[str, Any]]:
+    """A step's body that must be a list of objects (CreateDisks, CreateInstances...), else `error`."""
+    if not isinstance(body, list) or not all(isinstance(item, dict) for item in body):
+        raise error(f"{step}: expected a list of objects")
+    return body
 
 
 class SerialWatcher:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import dataclasses
+import functools
 import os
 import queue
 import shutil
@@ -60,14 +61,8 @@ class InstanceError(CustomizerError):
     """An instance cannot be booted, or stopped without the signal its wait asked for."""
 
 
-def _field(spec: Mapping[str, Any], name: str) -> Any:
-    return daisy_local._field(spec, name)
-
-
-def _entries(body: Any, step: str) -> list[Mapping[str, Any]]:
-    if not isinstance(body, list) or not all(isinstance(item, dict) for item in body):
-        raise InstanceError(f"{step}: expected a list of objects")
-    return body
+_field = daisy_local.field
+_entries = functools.partial(daisy_local.entries, error=InstanceError)
 
 
 def plan_boot(boot_disk: Path, into: Path) -> tuple[BootChoice, Path, Path | None]:

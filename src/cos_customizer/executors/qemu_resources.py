@@ -40,6 +40,7 @@ done by the cleanups each handler registers (and `close()` removes whatever is l
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import shutil
 import tempfile
@@ -66,6 +67,10 @@ class ResourceError(CustomizerError):
     """A step asked for something the local resources cannot do or do not have."""
 
 
+_field = daisy_local.field
+_entries = functools.partial(daisy_local.entries, error=ResourceError)
+
+
 @dataclasses.dataclass
 class Instance:
     """A running (or stopped) instance as the other steps need it; `CreateInstances` sets `qmp` and `running`."""
@@ -76,17 +81,6 @@ class Instance:
     qmp: Qmp | None = None
     running: Callable[[], bool] = lambda: False
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # one QMP command at a time
-
-
-def _field(spec: Mapping[str, Any], name: str) -> Any:
-    """A field matched without regard to case, as Go's encoding/json matches it."""
-    return daisy_local._field(spec, name)
-
-
-def _entries(body: Any, step: str) -> list[Mapping[str, Any]]:
-    if not isinstance(body, list) or not all(isinstance(item, dict) for item in body):
-        raise ResourceError(f"{step}: expected a list of objects")
-    return body
 
 
 def _refuse(spec: Mapping[str, Any], step: str, *names: str) -> None:
