@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cos_customizer import __version__
-from cos_customizer.cli import extra, finish, start, steps
+from cos_customizer.cli import completion, extra, finish, start, steps
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import Flag, HelpRequested, Kind, describe, parse
 from cos_customizer.errors import EXIT_FAILURE, EXIT_OK, CustomizerError, UsageError
@@ -41,6 +41,8 @@ GLOBAL_FLAGS = (
     ),
     Flag("debug", Kind.BOOL, "Log every detail and show tracebacks on errors.", ours=True),
 )
+# Before the step only: install-gpu has a -version flag of its own (the driver's), as in the original.
+VERSION_FLAG = Flag("version", Kind.BOOL, "Print the version and exit (before any step).", ours=True)
 
 ORIGINAL_STEPS: tuple[Command, ...] = (
     start.COMMAND,
@@ -51,8 +53,10 @@ ORIGINAL_STEPS: tuple[Command, ...] = (
     steps.ANTHOS_INSTALLER_INSTALL,
     finish.COMMAND,
 )
-OUR_COMMANDS: tuple[Command, ...] = (extra.SAMPLE_IMAGE, extra.BUILD_PROVISIONER)
-COMMANDS = {command.name: command for command in (*ORIGINAL_STEPS, *OUR_COMMANDS)}
+COMMANDS = {command.name: command for command in (*ORIGINAL_STEPS, extra.SAMPLE_IMAGE, extra.BUILD_PROVISIONER)}
+# The completion command completes the whole table, itself included.
+COMMANDS["completion"] = completion.handler_for(COMMANDS, GLOBAL_FLAGS, VERSION_FLAG)
+OUR_COMMANDS: tuple[Command, ...] = (extra.SAMPLE_IMAGE, extra.BUILD_PROVISIONER, COMMANDS["completion"])
 
 
 def overview() -> str:
@@ -67,7 +71,7 @@ def overview() -> str:
         "Commands of this tool:\n"
         f"{rows(OUR_COMMANDS)}\n\n"
         "Global flags:\n"
-        f"{describe(GLOBAL_FLAGS)}\n\n"
+        f"{describe((*GLOBAL_FLAGS, VERSION_FLAG))}\n\n"
         "Run 'cos-customizer STEP --help' for the flags of a step.\n"
     )
 
@@ -93,7 +97,7 @@ class Invocation:
 
 def _split(argv: Sequence[str]) -> Invocation:
     try:
-        parsed = parse(GLOBAL_FLAGS, argv, command="", interspersed=False)
+        parsed = parse((*GLOBAL_FLAGS, VERSION_FLAG), argv, command="", interspersed=False)
     except HelpRequested:
         return Invocation(None, [], {}, help=True)
     if not parsed.positional:
@@ -120,6 +124,9 @@ class Session:
 def run(argv: Sequence[str], environ: Mapping[str, str], session: Session) -> int:
     invocation = _split(argv)
     session.debug = bool(invocation.global_values.get("debug", False))
+    if invocation.global_values.get("version"):
+        sys.stdout.write(f"cos-customizer {__version__}\n")
+        return EXIT_OK
     if invocation.command is None:
         sys.stdout.write(overview())
         return EXIT_OK
