@@ -7,6 +7,7 @@ and prints the plan: human text on stderr, one JSON document on stdout.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import logging
 import sys
@@ -187,7 +188,8 @@ FLAGS = (
     ),
 )
 
-LOCAL_FLAGS = {"oem-size", "disk-size-gb", "timeout", "output", "dry-run", "allow-backing-file", "executor"}
+LOCAL_FLAGS = {"oem-size", "disk-size-gb", "timeout", "output", "dry-run", "allow-backing-file", "executor",
+               "sbom-input-path"}  # fmt: skip
 SANDBOX_FLAGS = frozenset({"allow-host-loopback", "containers"})  # the local executor's script sandbox only
 GCE_ONLY = tuple(flag.name for flag in FLAGS if flag.name not in LOCAL_FLAGS | SANDBOX_FLAGS)
 # The GCE flags a rehearsal takes: they only shape the workflow it renders (or, -provisioner-binary, CIDATA).
@@ -223,6 +225,7 @@ class FinishPlan:
     disk_plan: DiskPlan | None = None
     provisioner_binary: Path | None = None  # GCE: -provisioner-binary; None: build-provisioner's
     containers: str | None = None  # local builds: -containers
+    sbom: dict[str, Any] | None = None  # local builds: the -sbom-input-path document, written beside the output
 
     def workflow_image(self) -> workflow.OutputImage:
         """The output image as the workflow names it (GCE builds and rehearsals)."""
@@ -334,6 +337,8 @@ def _check_local_flags(args: Parsed, source: SourceImage, workspace_root: Path, 
                 f"-{name} applies to GCE builds only; this build was started with -image-file, "
                 f"so it runs with the {executor.value} executor"
             )
+    if executor is Executor.QEMU and args["sbom-input-path"]:
+        raise ValidationError("-sbom-input-path: a rehearsal writes no SBOM; the local executor and GCE builds do")
     for name in sorted(SANDBOX_FLAGS & args.given) if executor is Executor.QEMU else ():
         raise ValidationError(
             f"-{name} is for the local executor's script sandbox; the qemu executor's VM has its own network "
@@ -409,9 +414,9 @@ def make_plan(context: Context, args: Parsed) -> FinishPlan:
         config = dataclasses.replace(config, build_contexts=(("user", str(ws.build_context_archive)),))
         images.check_room(Path(source.ImageFile), output.path.parent)  # a gzip bomb, before any extraction
         disk_plan = local_disk_plan(source, config, args["disk-size-gb"], allow_backing_file=args["allow-backing-file"])
-        return FinishPlan(
-            executor, source, build, config, output=output, disk_plan=disk_plan, containers=args["containers"]
-        )
+        data = sbom.load_input(ws.build_context_archive, args["sbom-input-path"]) if args["sbom-input-path"] else None
+        return FinishPlan(executor, source, build, config, output=output, disk_plan=disk_plan,
+                          containers=args["containers"], sbom=data)  # fmt: skip
     binary = Path(args["provisioner-binary"]).absolute() if args["provisioner-binary"] else None
     if executor is Executor.QEMU:
         return _qemu_plan(source, build, config, args, output, binary)
@@ -631,7 +636,22 @@ def _run_local(context: Context, finish: FinishPlan, args: Parsed) -> int:
     finally:
         context.workspace.remove()  # as the original: the build is over, success or failure
     sys.stdout.write(report.summary(build, summary))
+    if finish.sbom is not None:
+        written = local_sbom(finish.sbom, finish.output.path)
+        sys.stdout.write(f"SBOM: {written}\n")
     return 0
+
+
+def local_sbom(data: dict[str, Any], output: Path) -> Path:
+    """The SPDX document of a local build, beside its output (the output file's name without its format
+    suffix names the image when the input does not), written atomically."""
+    image_name = output.name
+    for suffix in (".tar.gz", ".qcow2", ".raw"):
+        image_name = image_name.removesuffix(suffix)
+    name, document = sbom.generate(data, image_name, datetime.datetime.now(datetime.UTC))
+    path = output.parent / name
+    workspace.write_json_atomic(path, document)
+    return path
 
 
 @dataclasses.dataclass(frozen=True)
