@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ pytestmark = [
 ]
 
 
-def start(cli: CLI, context_dir: Path, image_file: Path, data: dict[str, object]) -> None:
+def start(cli: CLI, context_dir: Path, image_file: Path, data: Mapping[str, object]) -> None:
     (context_dir / "sbom.json").write_text(json.dumps(data))
     for argv in (["start-image-build", f"-build-context={context_dir}", f"-image-file={image_file}"],
                  ["run-script", "-script=preload.sh"]):  # fmt: skip
