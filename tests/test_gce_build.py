@@ -242,16 +242,8 @@ SBOM_INPUT = {
 }  # fmt: skip
 
 
-def test_sbom_written_to_gcs(cli: CLI, gcs: Any, daisy: tuple[Path, Path], tmp_path: Path, context_dir: Path) -> None:
-    (context_dir / "sbom.json").write_text(json.dumps(SBOM_INPUT))
-    for argv in (["start-image-build", f"-build-context={context_dir}", "-image-project=cos-cloud",
-                  "-image-name=cos-stable-109-17800-66-0", f"-gcs-bucket={BUCKET}", "-gcs-workdir=build-7"],
-                 ["run-script", "-script=preload.sh"]):  # fmt: skip
-        assert cli(*argv).code == 0
-    result = finish(cli, daisy, tmp_path, "-sbom-input-path=sbom.json", f"-sbom-output-path=gs://{BUCKET}/sboms")
-    assert result.code == 0, result.err
-    blob = gcs.bucket(BUCKET).blob("sboms/custom-image-1.2.3_sbom.spdx.json")
-    document = json.loads(blob.download_as_text())
+def check_sbom_document(document: dict[str, Any]) -> None:
+    """The SPDX document of SBOM_INPUT, as a GCE and a local build write it."""
     assert document["spdxVersion"] == "SPDX-2.2" and document["SPDXID"] == "SPDXRef-DOCUMENT"
     assert document["name"] == "custom-image-1.2.3_sbom.spdx.json"
     assert document["creationInfo"]["creators"] == ["Tool: cos-customizer", "Organization: Example Inc"]
@@ -268,6 +260,19 @@ def test_sbom_written_to_gcs(cli: CLI, gcs: Any, daisy: tuple[Path, Path], tmp_p
             "relationshipType": "CONTAINS"} in document["relationships"]  # fmt: skip
     assert document["externalDocumentRefs"][0]["externalDocumentId"] == "DocumentRef-base"
     assert document["hasExtractedLicensingInfos"] == SBOM_INPUT["hasExtractedLicensingInfos"]
+
+
+def test_sbom_written_to_gcs(cli: CLI, gcs: Any, daisy: tuple[Path, Path], tmp_path: Path, context_dir: Path) -> None:
+    (context_dir / "sbom.json").write_text(json.dumps(SBOM_INPUT))
+    for argv in (["start-image-build", f"-build-context={context_dir}", "-image-project=cos-cloud",
+                  "-image-name=cos-stable-109-17800-66-0", f"-gcs-bucket={BUCKET}", "-gcs-workdir=build-7"],
+                 ["run-script", "-script=preload.sh"]):  # fmt: skip
+        assert cli(*argv).code == 0
+    result = finish(cli, daisy, tmp_path, "-sbom-input-path=sbom.json", f"-sbom-output-path=gs://{BUCKET}/sboms")
+    assert result.code == 0, result.err
+    blob = gcs.bucket(BUCKET).blob("sboms/custom-image-1.2.3_sbom.spdx.json")
+    document = json.loads(blob.download_as_text())
+    check_sbom_document(document)
 
 
 @pytest.mark.parametrize(
