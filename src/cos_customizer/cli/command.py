@@ -15,6 +15,8 @@ class Context:
     workspace_root: Path
     environ: Mapping[str, str]
     compute_endpoint: str = ""
+    # Whether -local-state-workdir was given (`build` makes a temporary workspace when it was not).
+    workdir_given: bool = False
 
     @property
     def workspace(self) -> Workspace:
@@ -29,6 +31,8 @@ class Command:
     handler: Callable[[Context, Parsed], int]
     description: str = ""
     positional: tuple[str, ...] = ()
+    # How many of `positional` must be given (None: all of them).
+    required_positional: int | None = None
 
     @property
     def usage(self) -> str:

@@ -65,6 +65,8 @@ class Parsed:
 
 _TRUE = {"1", "t", "T", "TRUE", "true", "True"}
 _FALSE = {"0", "f", "F", "FALSE", "false", "False"}
+# Every text Go's strconv.ParseBool accepts.
+BOOL_TEXTS = tuple(sorted(_TRUE | _FALSE))
 
 
 def parse_bool(text: str) -> bool:
@@ -103,7 +105,8 @@ def parse_map(text: str, into: dict[str, str]) -> None:
             raise ValueError(f"item {piece!r} is improperly formatted; does it have an '=' character?")
 
 
-def _set(flag: Flag, raw: str, parsed: Parsed) -> None:
+def set_value(flag: Flag, raw: str, parsed: Parsed) -> None:
+    """Take `raw` as the value of one `-name=raw` on the command line: converted, checked, accumulated."""
     if raw == "" and flag.kind is Kind.STRING:
         # As the original, whose string flags take "" as "not set" (-oem-size= from an empty Cloud Build
         # substitution is no -oem-size); a flag with a default keeps it.
@@ -172,7 +175,7 @@ def parse(flags: Sequence[Flag], args: Sequence[str], *, command: str, intersper
             if not rest:
                 raise UsageError(f"flag needs an argument: -{name}")
             value = rest.pop(0)
-        _set(flag, value, parsed)
+        set_value(flag, value, parsed)
     return parsed
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cos_customizer import __version__
-from cos_customizer.cli import completion, extra, finish, start, steps
+from cos_customizer.cli import buildfile, completion, extra, finish, start, steps
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import Flag, HelpRequested, Kind, describe, parse
 from cos_customizer.errors import EXIT_FAILURE, EXIT_OK, CustomizerError, UsageError
@@ -53,10 +53,11 @@ ORIGINAL_STEPS: tuple[Command, ...] = (
     steps.ANTHOS_INSTALLER_INSTALL,
     finish.COMMAND,
 )
-COMMANDS = {command.name: command for command in (*ORIGINAL_STEPS, extra.SAMPLE_IMAGE, extra.BUILD_PROVISIONER)}
+BUILD = buildfile.command_for(ORIGINAL_STEPS)
+COMMANDS = {command.name: command for command in (*ORIGINAL_STEPS, BUILD, extra.SAMPLE_IMAGE, extra.BUILD_PROVISIONER)}
 # The completion command completes the whole table, itself included.
 COMMANDS["completion"] = completion.handler_for(COMMANDS, GLOBAL_FLAGS, VERSION_FLAG)
-OUR_COMMANDS: tuple[Command, ...] = (extra.SAMPLE_IMAGE, extra.BUILD_PROVISIONER, COMMANDS["completion"])
+OUR_COMMANDS: tuple[Command, ...] = (BUILD, extra.SAMPLE_IMAGE, extra.BUILD_PROVISIONER, COMMANDS["completion"])
 
 
 def overview() -> str:
@@ -146,6 +147,7 @@ def run(argv: Sequence[str], environ: Mapping[str, str], session: Session) -> in
         workspace_root=resolve_root(None if workdir is None else str(workdir), environ),
         environ=environ,
         compute_endpoint=str(chosen.get("compute-endpoint") or environ.get(COMPUTE_ENDPOINT_ENV, "")),
+        workdir_given=workdir is not None,
     )
     return command.handler(context, parsed)
 
@@ -156,7 +158,8 @@ def _check_positional(command: Command, positional: Sequence[str]) -> None:
         raise UsageError(
             f'unexpected argument "{unexpected}": usage: cos-customizer {command.usage} (flags are written -name=value)'
         )
-    if len(positional) < len(command.positional):
+    required = len(command.positional) if command.required_positional is None else command.required_positional
+    if len(positional) < required:
         missing = command.positional[len(positional)]
         raise UsageError(f"missing {missing}: usage: cos-customizer {command.usage}")
 
