@@ -11,6 +11,7 @@ and exits 0, or 1 with the problems (or when $DAISY_STANDIN_FAIL is set).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -127,6 +128,9 @@ def inspect(record: dict[str, Any]) -> dict[str, Any]:
         for name in ("user-data", "meta-data"):
             found = subprocess.run(["mtype", "-i", image, f"::/{name}"], capture_output=True, text=True, env=env)
             seen[f"cidata_{name}"] = found.stdout if found.returncode == 0 else None
+        copied = f"{tmp}/provisioner"
+        subprocess.run(["mcopy", "-n", "-i", image, "::/provisioner", copied], capture_output=True, env=env, check=True)
+        seen["cidata_provisioner_sha256"] = hashlib.sha256(Path(copied).read_bytes()).hexdigest()
         label = subprocess.run(["mlabel", "-s", "-i", image, "::"], capture_output=True, text=True, env=env, check=True)
         seen["cidata_label"] = label.stdout.strip()
     from google.auth.credentials import AnonymousCredentials

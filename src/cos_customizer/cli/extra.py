@@ -104,12 +104,12 @@ def handle_build_provisioner(context: Context, args: Parsed) -> int:
     if not output.parent.is_dir():
         raise ValidationError(f"{output}: the directory {output.parent} does not exist")
     started = time.monotonic()
-    path, cached = provisioner_build.build(output, dict(context.environ))
+    path, origin = provisioner_build.provide(output, context.environ)
     log.info(
         "Wrote %s (%s, %s) in %.1f s",
         path,
         human_size(path.stat().st_size),
-        "from the cache" if cached else "built",
+        origin,
         time.monotonic() - started,
     )
     return 0

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cos_customizer import images, plan, report, workspace
+from cos_customizer import images, plan, provisioner_build, report, workspace
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import Flag, Kind, Parsed
 from cos_customizer.config import BuildConfig, SourceImage
@@ -607,6 +607,8 @@ def _run_gce(context: Context, finish: FinishPlan, args: Parsed) -> int:
         data = sbom.load_input(context.workspace.build_context_archive, args["sbom-input-path"])
         job = dataclasses.replace(job, sbom=(data, args["sbom-output-path"]))
     preload.daisy_binary(dict(context.environ))  # refuse early, before anything is touched
+    if finish.provisioner_binary is None:
+        provisioner_build.prebuilt(context.environ)  # a stale prebuilt provisioner too
     try:
         made = preload.finish(job, dict(context.environ), context.compute_endpoint)
     finally:
@@ -677,6 +679,8 @@ def _run_qemu(context: Context, finish: FinishPlan, args: Parsed) -> int:
         timeout=args["timeout"] / 1e9,
         accel=context.environ.get(rehearsal.ACCEL_ENV, ""),
     )
+    if finish.provisioner_binary is None:
+        provisioner_build.prebuilt(context.environ)  # refuse a stale prebuilt provisioner before anything
     for warning in finish.disk_plan.warnings:
         log.warning("warning: %s", warning)
     try:

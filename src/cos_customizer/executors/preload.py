@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cos_customizer import output, runner
+from cos_customizer import output, provisioner_build, runner
 from cos_customizer.config import BuildConfig, SourceImage
 from cos_customizer.errors import CustomizerError, ValidationError
 from cos_customizer.executors import gce, sbom, startup, workflow
@@ -213,6 +213,8 @@ def run_daisy(argv: list[str], timeout: float, env: dict[str, str] | None = None
 def finish(job: GceBuild, environ: dict[str, str], compute_endpoint: str) -> bool:
     """Run the GCE build; returns False when the output image already existed (nothing done)."""
     daisy = daisy_binary(environ)
+    # The step image's prebuilt provisioner, checked before anything is made (a stale one is refused).
+    prebuilt = provisioner_build.prebuilt(environ) if job.provisioner_binary is None else None
     build = job.build
     images = gce.images_client(compute_endpoint)
     if job.enable_cleanup:
@@ -231,12 +233,10 @@ def finish(job: GceBuild, environ: dict[str, str], compute_endpoint: str) -> boo
     if job.inherit_labels:
         inherited = gce.image_labels(images, job.source.Project, job.source.Name)
         image = dataclasses.replace(image, labels=tuple({**inherited, **dict(image.labels)}.items()))
-    binary = job.provisioner_binary
+    binary = job.provisioner_binary or prebuilt
     with tempfile.TemporaryDirectory(prefix="cos-customizer-gce.") as tmp, managed_directory(build) as bucket:
         work = Path(tmp)
         if binary is None:
-            from cos_customizer import provisioner_build
-
             binary, _ = provisioner_build.build(work / "provisioner", dict(environ))
         upload(bucket, build, job.build_context)
         cidata, scratch = cidata_disk(work, binary, job.provisioner), scratch_disk(work)

@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from cos_customizer import runner
+from cos_customizer import provisioner_build, runner
 from cos_customizer.config import BuildConfig, SourceImage
 from cos_customizer.disk import gpt
 from cos_customizer.errors import CustomizerError
@@ -224,6 +224,8 @@ def run(job: Rehearsal, environ: Mapping[str, str], say: Callable[[str], None]) 
     check_tools()
     if job.accel not in ("", "kvm", "tcg"):
         raise RehearsalFailed(f"${ACCEL_ENV}={job.accel}: use kvm or tcg, or leave it unset")
+    # The step image's prebuilt provisioner, checked before anything is made (a stale one is refused).
+    prebuilt = provisioner_build.prebuilt(environ) if job.provisioner_binary is None else None
     result = Result()
     progress = _Progress(result, say)
     build = job.build
@@ -233,10 +235,8 @@ def run(job: Rehearsal, environ: Mapping[str, str], say: Callable[[str], None]) 
         tempfile.TemporaryDirectory(prefix="cos-qemu.", dir=socket_parent()) as run_dir,
     ):
         work = Path(tmp)
-        binary = job.provisioner_binary
+        binary = job.provisioner_binary or prebuilt
         if binary is None:
-            from cos_customizer import provisioner_build
-
             binary, _ = provisioner_build.build(work / "provisioner", dict(environ))
         cidata, scratch = preload.cidata_disk(work, binary, job.provisioner), preload.scratch_disk(work)
         cloud = work / "startup.yaml"

@@ -1,0 +1,246 @@
+"""A prebuilt provisioner (the step image's): chosen by $COS_CUSTOMIZER_PROVISIONER or the fixed path,
+used only when its manifest names this package's version and sources and the file's own sha256, and
+checked by reading it, never by running it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import cos_customizer
+from cos_customizer import provisioner_build
+from cos_customizer.errors import ValidationError
+from tests.conftest import CLI
+from tests.test_gce_build import BUCKET, daisy, gcs, managed  # noqa: F401 (fixtures)
+
+ENV = provisioner_build.PREBUILT_ENV
+
+
+def elf(machine: int = 62, body: bytes = b"") -> bytes:
+    """The start of a 64-bit little-endian ELF file for `machine` (62 x86-64, 183 arm64)."""
+    header = bytearray(64)
+    header[:7] = b"\x7fELF\x02\x01\x01"
+    header[16:18] = (2).to_bytes(2, "little")  # ET_EXEC
+    header[18:20] = machine.to_bytes(2, "little")
+    return bytes(header) + body
+
+
+def make_prebuilt(directory: Path, content: bytes | None = None, **changes: Any) -> Path:
+    """An executable with the manifest this package writes for it, with `changes` to the manifest."""
+    directory.mkdir(parents=True, exist_ok=True)
+    binary = directory / "provisioner"
+    binary.write_bytes(elf(body=b"prebuilt provisioner stand-in") if content is None else content)
+    binary.chmod(0o755)
+    document = {**provisioner_build.manifest(binary), **changes}
+    provisioner_build.manifest_path(binary).write_text(json.dumps(document))
+    return binary
+
+
+def refused(environ: dict[str, str], default: Path | None = None) -> str:
+    with pytest.raises(ValidationError) as caught:
+        provisioner_build.prebuilt(environ, default) if default else provisioner_build.prebuilt(environ)
+    message = str(caught.value)
+    assert "\n" not in message  # one line
+    return message
+
+
+def test_none_when_nothing_is_named_and_the_default_is_absent(tmp_path: Path) -> None:
+    assert provisioner_build.prebuilt({}, tmp_path / "absent") is None
+    assert provisioner_build.prebuilt({ENV: ""}, tmp_path / "absent") is None  # empty is unset
+
+
+def test_a_matching_prebuilt_is_used_from_the_variable_or_the_default(tmp_path: Path) -> None:
+    named = make_prebuilt(tmp_path / "named")
+    default = make_prebuilt(tmp_path / "default")
+    assert provisioner_build.prebuilt({ENV: str(named)}, default) == named  # the variable first
+    assert provisioner_build.prebuilt({}, default) == default
+    relative = os.path.relpath(named)
+    assert provisioner_build.prebuilt({ENV: relative}, tmp_path / "absent") == named
+
+
+def test_the_manifest_names_version_sources_and_the_files_sha256(tmp_path: Path) -> None:
+    binary = make_prebuilt(tmp_path)
+    document = json.loads((tmp_path / "provisioner.json").read_text())
+    assert document == {
+        "cos_customizer": cos_customizer.__version__,
+        "sources": provisioner_build.package_digest(),
+        "sha256": hashlib.sha256(binary.read_bytes()).hexdigest(),
+        "arch": "x86-64",
+    }
+    # The sources digest is the package's .py files alone: the cache key adds the tools to it.
+    assert provisioner_build.package_digest() != provisioner_build.source_digest()
+
+
+def test_a_named_file_that_is_not_there_is_refused(tmp_path: Path) -> None:
+    message = refused({ENV: str(tmp_path / "nope")})
+    assert message == f"the prebuilt provisioner {tmp_path / 'nope'} (${ENV}) cannot be read: No such file or directory"
+
+
+def test_stale_sources_are_refused(tmp_path: Path) -> None:
+    binary = make_prebuilt(tmp_path, sources="0123456789abcdef0123456789abcdef")
+    message = refused({ENV: str(binary)})
+    mine = provisioner_build.package_digest()[:12]
+    assert message == (
+        f"the prebuilt provisioner {binary} (${ENV}) is stale: built from cos-customizer {cos_customizer.__version__} "
+        f"(sources 0123456789ab), this is {cos_customizer.__version__} (sources {mine}): rebuild it with "
+        "python -m cos_customizer.provisioner_build DIR (or rebuild the step image)"
+    )
+
+
+def test_another_version_is_refused(tmp_path: Path) -> None:
+    binary = make_prebuilt(tmp_path / "d", cos_customizer="0.0.9")
+    assert "is stale: built from cos-customizer 0.0.9 " in refused({}, binary)
+    assert "(the prebuilt default)" in refused({}, binary)
+
+
+def test_a_file_other_than_the_manifests_is_refused(tmp_path: Path) -> None:
+    binary = make_prebuilt(tmp_path)
+    binary.write_bytes(elf(body=b"another provisioner"))
+    assert refused({ENV: str(binary)}) == (
+        f"the prebuilt provisioner {binary} (${ENV}) is not the file its manifest "
+        f"{tmp_path / 'provisioner.json'} describes (sha256 differs)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("manifest", "expected"),
+    [
+        (None, "has no readable manifest"),
+        ("{not json", "is not JSON"),
+        ("[]", "lacks cos_customizer, sources or sha256"),
+        ('{"cos_customizer": "0.1.0", "sources": 7, "sha256": "x"}', "lacks cos_customizer, sources or sha256"),
+    ],
+)
+def test_a_missing_or_broken_manifest_is_refused(tmp_path: Path, manifest: str | None, expected: str) -> None:
+    binary = make_prebuilt(tmp_path)
+    path = tmp_path / "provisioner.json"
+    if manifest is None:
+        path.unlink()
+    else:
+        path.write_text(manifest)
+    assert expected in refused({ENV: str(binary)})
+
+
+def test_it_is_never_run_to_be_checked(tmp_path: Path) -> None:
+    """A script that would leave a mark if run: refused as not an ELF, and never started."""
+    mark = tmp_path / "ran"
+    binary = make_prebuilt(tmp_path / "d", content=f"#!/bin/sh\ntouch {mark}\n".encode())
+    assert refused({ENV: str(binary)}).endswith("is not an x86-64 ELF executable")
+    assert not mark.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "expected"),
+    [
+        (elf(183), 0o755, "is not an x86-64 ELF executable"),  # an arm64 build
+        (elf()[:10], 0o755, "is not an x86-64 ELF executable"),
+        (elf(), 0o644, "is not an executable file"),
+    ],
+)
+def test_not_an_x86_64_executable_is_refused(tmp_path: Path, content: bytes, mode: int, expected: str) -> None:
+    binary = make_prebuilt(tmp_path, content=content)
+    binary.chmod(mode)
+    assert refused({ENV: str(binary)}).endswith(expected)
+
+
+def test_a_directory_or_an_oversized_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "dir").mkdir()
+    assert refused({ENV: str(tmp_path / "dir")}).endswith("is not an executable file")
+    big = make_prebuilt(tmp_path / "big")
+    with open(big, "r+b") as f:
+        f.truncate(provisioner_build.MAX_SIZE + 1)
+    assert refused({ENV: str(big)}).endswith("is over the 40 MiB limit")
+
+
+def test_a_stale_default_is_refused_not_skipped(tmp_path: Path) -> None:
+    """A stale file at the fixed path stops the build: it is never silently replaced by another one."""
+    default = make_prebuilt(tmp_path, sources="f" * 32)
+    assert "(the prebuilt default) is stale" in refused({}, default)
+
+
+def test_build_provisioner_copies_a_matching_prebuilt(
+    cli: CLI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    binary = make_prebuilt(tmp_path / "prebuilt")
+
+    def no_build(*_: object) -> None:
+        raise AssertionError("built although a prebuilt provisioner was given")
+
+    monkeypatch.setattr(provisioner_build, "build", no_build)
+    output = tmp_path / "out"
+    result = cli("build-provisioner", f"-output={output}", env={ENV: str(binary)})
+    assert result.code == 0, result.err
+    assert f"prebuilt {binary})" in result.err
+    assert output.read_bytes() == binary.read_bytes()
+    assert os.access(output, os.X_OK)
+
+
+def test_build_provisioner_refuses_a_stale_prebuilt_with_one_line(cli: CLI, tmp_path: Path) -> None:
+    binary = make_prebuilt(tmp_path / "prebuilt", sources="a" * 32)
+    output = tmp_path / "out"
+    result = cli("build-provisioner", f"-output={output}", env={ENV: str(binary)})
+    assert result.code == 1
+    assert result.err.count("\n") == 1
+    assert result.err.startswith(f"cos-customizer: error: the prebuilt provisioner {binary} (${ENV}) is stale")
+    assert not output.exists()
+
+
+def test_module_main_usage() -> None:
+    assert provisioner_build.main([]) == 2
+    assert provisioner_build.main(["-h"]) == 2
+
+
+def gce_steps(cli: CLI, context_dir: Path) -> None:
+    result = cli("start-image-build", f"-build-context={context_dir}", "-image-project=cos-cloud",
+                 "-image-family=cos-stable", f"-gcs-bucket={BUCKET}", "-gcs-workdir=build-7")  # fmt: skip
+    assert result.code == 0, result.err
+    assert cli("seal-oem").code == 0
+
+
+def gce_finish(cli: CLI, daisy: tuple[Path, Path], **env: str) -> Any:  # noqa: F811 (the fixture's value)
+    environ = {"COS_CUSTOMIZER_DAISY": str(daisy[0]), "DAISY_STANDIN_RECORD": str(daisy[1]),
+               "DAISY_STANDIN_INSPECT": "1", "STORAGE_EMULATOR_HOST": os.environ["STORAGE_EMULATOR_HOST"], **env}  # fmt: skip
+    return cli("finish-image-build", "-zone=us-west1-b", "-project=my-proj", "-image-project=my-proj",
+               "-image-name=custom-1", "-oem-size=1G", "-disk-size-gb=13", env=environ)  # fmt: skip
+
+
+def test_a_gce_build_puts_the_prebuilt_on_cidata(
+    cli: CLI,
+    context_dir: Path,
+    gcs: Any,  # noqa: F811
+    daisy: tuple[Path, Path],  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    binary = make_prebuilt(tmp_path / "prebuilt")
+    monkeypatch.setattr(provisioner_build, "build", lambda *_: pytest.fail("built although a prebuilt was given"))
+    gce_steps(cli, context_dir)
+    result = gce_finish(cli, daisy, **{ENV: str(binary)})
+    assert result.code == 0, result.err
+    record = json.loads(daisy[1].read_text())
+    assert record["problems"] == []
+    assert record["inspected"]["cidata_provisioner_sha256"] == hashlib.sha256(binary.read_bytes()).hexdigest()
+
+
+def test_a_gce_build_refuses_a_stale_prebuilt_before_anything(
+    cli: CLI,
+    context_dir: Path,
+    gcs: Any,  # noqa: F811
+    daisy: tuple[Path, Path],  # noqa: F811
+    tmp_path: Path,
+    workspace_root: Path,
+) -> None:
+    binary = make_prebuilt(tmp_path / "prebuilt")
+    binary.write_bytes(elf(body=b"a newer build, the manifest left behind"))
+    gce_steps(cli, context_dir)
+    result = gce_finish(cli, daisy, **{ENV: str(binary)})
+    assert result.code == 1
+    assert result.err.endswith("describes (sha256 differs)\n")
+    assert not daisy[1].exists()  # daisy never ran
+    assert managed(gcs) == []  # nothing uploaded
+    assert workspace_root.exists()  # the build can be finished again
