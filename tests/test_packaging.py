@@ -120,4 +120,8 @@ def test_the_wheel_and_the_sdist_install_into_a_fresh_venv_and_run(dist: Path, t
                           cwd=tmp_path, env={**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"})  # fmt: skip
     assert made.returncode == 0, made.stderr
     assert "No problems found" in sh("sgdisk", "-v", image).stdout
+    shipped = subprocess.run([str(venv / "bin/python"), "-c", "import importlib.resources as r; print(r.files("
+                              "'cos_customizer').joinpath('build-file.schema.json').read_text(), end='')"],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+    assert shipped.stdout == (ROOT / "src/cos_customizer/build-file.schema.json").read_text()  # package data
     shutil.rmtree(venv)
