@@ -462,9 +462,10 @@ class ScratchDockerd(_Scratch):
     `tmp/data-root`; e.g. a mounted STATE's var_overlay/lib/docker), its log and config under `tmp`,
     its exec-root (with its containerd's socket, `.containerd_socket`) and socket in `.run`.
 
-    `--iptables=false --bridge=none --ip-forward=false` leave the network alone, and its containers'
-    cgroups are under a parent of its own, removed at exit. With `host_network=True` it shares this
-    machine's network, to pull from a `Registry` on 127.0.0.1. `.docker(*args)` runs Debian's docker
+    `--iptables=false --ip6tables=false --bridge=none --ip-forward=false` leave the network alone,
+    and its containers' cgroups are under a parent of its own, removed at exit. With
+    `host_network=True` it shares this machine's network, to pull from a `Registry` on 127.0.0.1 (or
+    for `docker build --network=host` to reach package registries). `.docker(*args)` runs Debian's docker
     client against it; `.ctr(*args)` runs ctr against its containerd (which holds dockerd's
     containers in namespace "moby"; dockerd 20.10 keeps its images in `data_root` itself).
     """
@@ -492,7 +493,8 @@ class ScratchDockerd(_Scratch):
         return [
             DOCKERD, f"--config-file={self.tmp / 'daemon.json'}", f"--data-root={self.data_root}",
             f"--exec-root={self.exec_root}", f"--pidfile={self.tmp / 'dockerd.pid'}", "-H", self.host,
-            "--iptables=false", "--ip-forward=false", "--bridge=none", f"--cgroup-parent=/{self.cgroup_parent}",
+            "--iptables=false", "--ip6tables=false", "--ip-forward=false", "--bridge=none",
+            f"--cgroup-parent=/{self.cgroup_parent}",
         ]  # fmt: skip
 
     def _ready(self) -> bool:
