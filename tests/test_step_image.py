@@ -37,6 +37,7 @@ import cos_customizer
 from cos_customizer import provisioner_build, sample_guest
 from cos_customizer.disk import gpt
 from tests.registry import DOCKER, DOCKERD, ScratchDockerd
+from tests.test_local_build import cat
 
 REPO = Path(__file__).resolve().parents[1]
 DEBIAN = "debian:bookworm-slim"
@@ -276,3 +277,30 @@ def test_a_file_that_is_not_the_provisioner_is_refused_inside(
         "cos-customizer: error: the prebuilt provisioner /usr/local/bin/daisy ($COS_CUSTOMIZER_PROVISIONER) "
         "is not an x86-64 ELF executable\n"
     )
+
+
+def test_a_local_build_inside(step_image: tuple[ScratchDockerd, dict[str, float]], tmp_path: Path) -> None:
+    """The GitHub Actions example's build, run in the image: its tools suffice for a local build.
+
+    A local build needs loop devices and mounts: `--privileged -v /dev:/dev` on a usual docker host.
+    This machine's capability bounding set lacks CAP_SYS_RESOURCE, which --privileged asks for, so the
+    same is spelled out here: every other capability, no seccomp or AppArmor profile, every device.
+    """
+    dockerd, _ = step_image
+    work = tmp_path / "work"
+    shutil.copytree(REPO / "examples/github-actions", work / "ctx")
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=True).stdout
+    options = ["--cap-add=ALL", "--cap-drop=SYS_RESOURCE", "--security-opt", "seccomp=unconfined",
+               "--security-opt", "apparmor=unconfined", "--device-cgroup-rule=b *:* rwm",
+               "--device-cgroup-rule=c *:* rwm", "-v", "/dev:/dev", "-v", f"{work}:/workspace",
+               "-e", "COS_CUSTOMIZER_WORKDIR=/workspace/ws", IMAGE]  # fmt: skip
+    for argv in (["sample-image", "cos.raw"], ["start-image-build", "-build-context=ctx", "-image-file=cos.raw"],
+                 ["run-script", "-script=hello.sh"], ["seal-oem"], ["disable-auto-update"],
+                 ["finish-image-build", "-oem-size=1G", "-disk-size-gb=12", "-output=custom.tar.gz"]):  # fmt: skip
+        result = run(dockerd, *options, *argv, check=False)
+        assert result.returncode == 0, f"{argv}: {result.stderr[-3000:]}"
+    assert subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=True).stdout == loops
+    subprocess.run(["tar", "-xzf", str(work / "custom.tar.gz"), "-C", str(tmp_path)], check=True)
+    table = gpt.read_table(tmp_path / "disk.raw")
+    assert table.disk_sectors * 512 == 12 << 30
+    assert cat(tmp_path / "disk.raw", table.partition(1).first * 512, "/var_overlay/lib/hello") == "Hello, World!\n"
