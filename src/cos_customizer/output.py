@@ -43,13 +43,19 @@ def partial_name(output: Path, directory: Path | None = None) -> Path:
 
 
 def compressor() -> list[str]:
+    """pigz (or gzip) at level 1, storing no file name and no time in the header (-n), so equal input
+    gives equal output."""
     pigz = shutil.which("pigz")
-    return [pigz, "-1"] if pigz else [require_tool("gzip", "gzip"), "-1"]
+    return [pigz, "-1", "-n"] if pigz else [require_tool("gzip", "gzip"), "-1", "-n"]
 
 
-def write(disk: Path, output: Path, fmt: ImageFormat) -> None:
-    """Turn the raw working copy `disk` into `output`. `disk` is consumed for raw output."""
+def write(disk: Path, output: Path, fmt: ImageFormat, epoch: int | None = None) -> None:
+    """Turn the raw working copy `disk` into `output`. `disk` is consumed for raw output. With `epoch`
+    (SOURCE_DATE_EPOCH) the file's mtime, and in a tar.gz the member's, is the epoch."""
     try:
+        if epoch is not None:  # holes where the content is zero, and only there; the epoch as mtime
+            mover.sparsify(disk)
+            os.utime(disk, (epoch, epoch))
         if fmt is ImageFormat.RAW:
             place(disk, output)
             return
@@ -59,7 +65,9 @@ def write(disk: Path, output: Path, fmt: ImageFormat) -> None:
                 qemu_img = require_tool("qemu-img", "qemu-utils")
                 run([qemu_img, "convert", "-f", "raw", "-O", "qcow2", str(disk), str(partial)])
             else:
-                tar_gz(disk, partial)
+                tar_gz(disk, partial, epoch)
+            if epoch is not None:
+                os.utime(partial, (epoch, epoch))
             place(partial, output)
         finally:
             partial.unlink(missing_ok=True)
@@ -128,11 +136,14 @@ def explain(err: BaseException, where: Path, doing: str) -> OutputError | None:
     return None
 
 
-def tar_gz(disk: Path, partial: Path) -> None:
-    """A GCE image archive of `disk` (named disk.raw): one sparse member, gzip-compressed."""
+def tar_gz(disk: Path, partial: Path, epoch: int | None = None) -> None:
+    """A GCE image archive of `disk` (named disk.raw): one sparse member owned by root (dated `epoch` when
+    set), gzip-compressed."""
     if disk.name != "disk.raw":
         raise ValueError("the working copy must be named disk.raw: it becomes the archive's only member")
-    tar = [require_tool("tar", "tar"), "--sparse", "--format=oldgnu", "-C", str(disk.parent), "-cf", "-", "disk.raw"]
+    dated = [f"--mtime=@{epoch}"] if epoch is not None else []
+    tar = [require_tool("tar", "tar"), "--sparse", "--format=oldgnu", "--owner=0", "--group=0", "--numeric-owner",
+           *dated, "-C", str(disk.parent), "-cf", "-", "disk.raw"]  # fmt: skip
     gzip = compressor()
     with open(partial, "wb") as out:
         archiver = subprocess.Popen(tar, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=die_with_us())

@@ -18,7 +18,7 @@ from cos_customizer import images, plan, provisioner_build, report, workspace
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import Flag, Kind, Parsed
 from cos_customizer.config import BuildConfig, SourceImage
-from cos_customizer.disk import planner
+from cos_customizer.disk import planner, reproducible
 from cos_customizer.disk.gpt import SECTOR
 from cos_customizer.disk.planner import DiskPlan
 from cos_customizer.errors import ValidationError
@@ -226,6 +226,7 @@ class FinishPlan:
     provisioner_binary: Path | None = None  # GCE: -provisioner-binary; None: build-provisioner's
     containers: str | None = None  # local builds: -containers
     sbom: dict[str, Any] | None = None  # local builds: the -sbom-input-path document, written beside the output
+    epoch: int | None = None  # local builds: SOURCE_DATE_EPOCH, for a reproducible output (disk.reproducible)
 
     def workflow_image(self) -> workflow.OutputImage:
         """The output image as the workflow names it (GCE builds and rehearsals)."""
@@ -253,6 +254,8 @@ class FinishPlan:
             doc["output"] = {"path": str(self.output.path), "format": self.output.format}
         if self.containers is not None:
             doc["containers"] = self.containers
+        if self.epoch is not None:
+            doc["source_date_epoch"] = self.epoch
         if self.output_image is not None:
             doc["output_image"] = self.output_image
             if self.output_image["InheritLabels"]:
@@ -415,8 +418,9 @@ def make_plan(context: Context, args: Parsed) -> FinishPlan:
         images.check_room(Path(source.ImageFile), output.path.parent)  # a gzip bomb, before any extraction
         disk_plan = local_disk_plan(source, config, args["disk-size-gb"], allow_backing_file=args["allow-backing-file"])
         data = sbom.load_input(ws.build_context_archive, args["sbom-input-path"]) if args["sbom-input-path"] else None
+        epoch = reproducible.epoch_from(context.environ)
         return FinishPlan(executor, source, build, config, output=output, disk_plan=disk_plan,
-                          containers=args["containers"], sbom=data)  # fmt: skip
+                          containers=args["containers"], sbom=data, epoch=epoch)  # fmt: skip
     binary = Path(args["provisioner-binary"]).absolute() if args["provisioner-binary"] else None
     if executor is Executor.QEMU:
         return _qemu_plan(source, build, config, args, output, binary)
@@ -548,6 +552,8 @@ def describe(finish: FinishPlan) -> str:
     lines.append(f"  timeout:   {build.Timeout}")
     if finish.containers is not None:
         lines.append(f"  containers: {CONTAINERS_TEXT[finish.containers]}")
+    if finish.epoch is not None:
+        lines.append(f"  reproducible: {reproducible.EPOCH_ENV}={finish.epoch} (every time the build records)")
     lines.append("  steps:" if finish.provisioner.steps else "  steps:     none (the output equals the source)")
     ordered = [s for s in finish.provisioner.steps if s.type is not StepType.SEAL_OEM]
     ordered += [s for s in finish.provisioner.steps if s.type is StepType.SEAL_OEM]
@@ -629,6 +635,7 @@ def _run_local(context: Context, finish: FinishPlan, args: Parsed) -> int:
         timeout=args["timeout"] / 1e9,
         allow_host_loopback=args["allow-host-loopback"],
         containers=args["containers"],
+        epoch=finish.epoch,
     )
     local.preflight(build)
     for warning in finish.disk_plan.warnings:
@@ -639,18 +646,19 @@ def _run_local(context: Context, finish: FinishPlan, args: Parsed) -> int:
         context.workspace.remove()  # as the original: the build is over, success or failure
     sys.stdout.write(report.summary(build, summary))
     if finish.sbom is not None:
-        written = local_sbom(finish.sbom, finish.output.path)
+        written = local_sbom(finish.sbom, finish.output.path, finish.epoch)
         sys.stdout.write(f"SBOM: {written}\n")
     return 0
 
 
-def local_sbom(data: dict[str, Any], output: Path) -> Path:
+def local_sbom(data: dict[str, Any], output: Path, epoch: int | None = None) -> Path:
     """The SPDX document of a local build, beside its output (the output file's name without its format
-    suffix names the image when the input does not), written atomically."""
+    suffix names the image when the input does not), written atomically; created at `epoch` when set."""
     image_name = output.name
     for suffix in (".tar.gz", ".qcow2", ".raw"):
         image_name = image_name.removesuffix(suffix)
-    name, document = sbom.generate(data, image_name, datetime.datetime.now(datetime.UTC))
+    now = datetime.datetime.now(datetime.UTC) if epoch is None else datetime.datetime.fromtimestamp(epoch, datetime.UTC)
+    name, document = sbom.generate(data, image_name, now)
     path = output.parent / name
     workspace.write_json_atomic(path, document)
     return path

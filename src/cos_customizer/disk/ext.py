@@ -138,12 +138,16 @@ def _crc32c_table() -> tuple[int, ...]:
 _CRC32C = _crc32c_table()
 
 
-def superblock_checksum(sb: bytes | bytearray) -> int:
-    """A superblock's metadata_csum checksum: crc32c seeded with ~0, not inverted, of all but its last 4 bytes."""
-    crc = 0xFFFFFFFF
-    for byte in sb[:0x3FC]:
+def crc32c(data: bytes | bytearray, crc: int = 0xFFFFFFFF) -> int:
+    """crc32c as ext4 and jbd2 checksum their metadata: seeded (with ~0 by default), not inverted at the end."""
+    for byte in data:
         crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
     return crc
+
+
+def superblock_checksum(sb: bytes | bytearray) -> int:
+    """A superblock's metadata_csum checksum: the crc32c of all but its last 4 bytes."""
+    return crc32c(sb[:0x3FC])
 
 
 @contextlib.contextmanager

@@ -189,10 +189,12 @@ def read_grub_cfg(image: Path, offset: int) -> str:
     return result.stdout.decode()
 
 
-def write_grub_cfg(image: Path, offset: int, text: str) -> None:
-    """Replace grub.cfg in the FAT file system at byte `offset` of `image`."""
+def write_grub_cfg(image: Path, offset: int, text: str, epoch: int | None = None) -> None:
+    """Replace grub.cfg in the FAT file system at byte `offset` of `image`; dated `epoch` when set (mtools
+    records SOURCE_DATE_EPOCH instead of the time)."""
     tool = require_tool("mcopy", "mtools")
     with tempfile.TemporaryDirectory(prefix="cos-customizer-grub.") as tmp:
         local = Path(tmp) / "grub.cfg"
         local.write_text(text)
-        run([tool, "-o", "-i", f"{image}@@{offset}", str(local), GRUB_CFG], env=_mtools_env())
+        env = _mtools_env() if epoch is None else {**_mtools_env(), "SOURCE_DATE_EPOCH": str(epoch)}
+        run([tool, "-o", "-i", f"{image}@@{offset}", str(local), GRUB_CFG], env=env)

@@ -140,6 +140,32 @@ def zero_range(fd: int, offset: int, length: int) -> None:
         done += os.pwrite(fd, zeros[: min(len(zeros), length - done)], offset + done)
 
 
+def sparsify(path: Path, grain: int = 4096) -> None:
+    """Make every all-zero `grain`-sized block of the file at `path` a hole and leave every other block data,
+    so the file's holes follow from its content alone (a reproducible build's sparse tar map). Only data
+    extents are read."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        for start, length in list(data_extents(fd, 0, size)):
+            pos = start - start % grain
+            end = min(size, start + length)
+            while pos < end:
+                chunk = os.pread(fd, min(CHUNK, end - pos), pos)
+                run_start = None
+                for at in range(0, len(chunk) + grain, grain):
+                    zero = at < len(chunk) and not chunk[at : at + grain].strip(b"\0")
+                    if zero and run_start is None:
+                        run_start = at
+                    elif not zero and run_start is not None:
+                        zero_range(fd, pos + run_start, min(at, len(chunk)) - run_start)
+                        run_start = None
+                pos += len(chunk)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write(fd: int, data: bytes, offset: int) -> None:
     """Write `data` at `offset`, zeroing its runs of zero blocks instead of writing them (they stay holes)."""
     view = memoryview(data)

@@ -65,6 +65,26 @@ def random_salt() -> bytes:
     return os.urandom(32)
 
 
+def derived_salt(path: str | os.PathLike[str], data_offset: int, data_blocks: int, epoch: int) -> bytes:
+    """A salt for a reproducible build: 32 bytes derived from the data and `epoch` (SOURCE_DATE_EPOCH).
+
+    The sha256 of a fixed label, the epoch, and every block that is not all zeros with its index: the same
+    content gives the same salt whether its zeros are holes or written, and other content another salt.
+    """
+    digest = hashlib.sha256(b"cos-customizer verity salt\0" + str(epoch).encode() + b"\0")
+    end = data_offset + data_blocks * BLOCK
+    done = data_offset  # blocks before this one are hashed (an extent may end within a block)
+    with open(path, "rb") as f:
+        for start, length in data_extents(f.fileno(), data_offset, end):
+            first = max(done, start - (start - data_offset) % BLOCK)
+            for at in range(first, min(end, start + length), BLOCK):
+                block = os.pread(f.fileno(), BLOCK, at)
+                if block.strip(b"\0"):
+                    digest.update(((at - data_offset) // BLOCK).to_bytes(8, "little") + block)
+                done = at + BLOCK
+    return digest.digest()
+
+
 def _level_sizes(data_blocks: int) -> list[int]:
     """Blocks per level, index 0 = leaf level; empty for a single data block."""
     sizes: list[int] = []

@@ -43,7 +43,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cos_customizer import images, output, report, runner
-from cos_customizer.disk import apply, ext, loop
+from cos_customizer.disk import apply, ext, loop, reproducible
 from cos_customizer.disk.gpt import SECTOR, Table
 from cos_customizer.disk.planner import OEM, ROOT_A, ROOT_B, STATE, DiskPlan
 from cos_customizer.disk.verity import VerityParams
@@ -90,6 +90,7 @@ class LocalBuild:
     timeout: float  # seconds
     allow_host_loopback: bool = False  # scripts may reach the host's 127.0.0.1 (-allow-host-loopback)
     containers: str = "auto"  # the image's container daemons for scripts (-containers)
+    epoch: int | None = None  # SOURCE_DATE_EPOCH: what the build records is made reproducible (disk.reproducible)
 
 
 class BuildFailed(CustomizerError):
@@ -257,7 +258,7 @@ def _offline_steps(build: LocalBuild, disk: Path, work: Path, summary: Summary) 
     state = State(work / "offline-state", build.config)
     offline = [s for s in steps.ordered(build.config.steps) if s.type is not StepType.RUN_SCRIPT]
     with report.progress_bar("verity") as progress:
-        context = steps.Context(target, state, lambda line: log.info("    %s", line), progress)
+        context = steps.Context(target, state, lambda line: log.info("    %s", line), progress, epoch=build.epoch)
         for step in offline:
             started = time.monotonic()
             try:
@@ -273,6 +274,7 @@ def run_build(build: LocalBuild, contexts: dict[str, str]) -> Summary:
     """Run the whole build; on any failure nothing is left behind but the untouched source."""
     summary = Summary()
     deadline = time.monotonic() + build.timeout
+    started = int(time.time()) - 1  # what the build touches has a time from here on (the kernel's clock is coarse)
     doing = f"making the work directory in {build.output.parent}"
     try:
         work, owner = _make_work(build.output)
@@ -289,6 +291,12 @@ def run_build(build: LocalBuild, contexts: dict[str, str]) -> Summary:
                 result = _run_stage(build, work, disk, contexts, deadline)
                 summary.steps.extend((str(s["name"]), float(s["seconds"])) for s in result["steps"])  # type: ignore[attr-defined]
                 summary.cleanup = [str(item) for item in result["cleanup"]]  # type: ignore[attr-defined]
+            if build.epoch is not None:
+                doing = "making the file systems reproducible"
+                with _phase(summary, f"make reproducible ({reproducible.EPOCH_ENV}={build.epoch})"):
+                    for number in (STATE, OEM):
+                        first = build.plan.after.partition(number).first * SECTOR
+                        reproducible.normalize_ext(disk, first, epoch=build.epoch, since=started)
             doing = "running the offline steps"
             with _phase(summary, "offline steps and checks"):
                 _offline_steps(build, disk, work, summary)
@@ -298,7 +306,7 @@ def run_build(build: LocalBuild, contexts: dict[str, str]) -> Summary:
                 raise BuildFailed("the build took longer than -timeout and was stopped")
             doing = f"writing {build.output}"
             with _phase(summary, f"write {build.output.name} ({build.format.value})"):
-                output.write(disk, build.output, build.format)
+                output.write(disk, build.output, build.format, build.epoch)
         finally:
             try:
                 _remove_work(work)

@@ -152,7 +152,9 @@ def layout(spec: StageSpec) -> Iterator[Path]:
     with ExitStack() as stack:
         _partition(stack, spec.image, spec.root, root, "ro")
         stateful = _mountpoint(root, "mnt/stateful_partition")
-        _partition(stack, spec.image, spec.state, stateful)
+        # noinit_itable: the kernel's background zeroing of unused inode tables would mark (or not, as time
+        # allows) the groups it reached: not the build's business, and a reproducible build's bytes depend on it.
+        _partition(stack, spec.image, spec.state, stateful, "noinit_itable")
         for name in ("var_overlay", "home"):
             _real(stateful, name, "STATE").mkdir(exist_ok=True)
         _bind(stack, stateful / "var_overlay", _mountpoint(root, "var"), "nosuid", "nodev", "noexec")
@@ -163,7 +165,7 @@ def layout(spec: StageSpec) -> Iterator[Path]:
             _bind(stack, path, path, "nosuid", "nodev", "exec")
         _real(root, "var/lib/cloud").mkdir(parents=True, exist_ok=True)
         _mount(stack, "tmpfs", root / "var/lib/cloud", "mode=0755", f"size={SMALL_TMPFS}", fstype="tmpfs")
-        _partition(stack, spec.image, spec.oem, _mountpoint(root, "usr/share/oem"))
+        _partition(stack, spec.image, spec.oem, _mountpoint(root, "usr/share/oem"), "noinit_itable")
         layers = work / "etc-layers"
         layers.mkdir(exist_ok=True)
         _mount(stack, "tmpfs", layers, "mode=0755", f"size={SMALL_TMPFS}", fstype="tmpfs")

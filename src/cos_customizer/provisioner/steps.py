@@ -19,7 +19,7 @@ from pathlib import Path
 from cos_customizer.disk import blockdev, ext, grub
 from cos_customizer.disk.gpt import read_table
 from cos_customizer.disk.planner import OEM
-from cos_customizer.disk.verity import format_verity, random_salt
+from cos_customizer.disk.verity import derived_salt, format_verity, random_salt
 from cos_customizer.errors import CustomizerError
 from cos_customizer.provisioner import download, gpu
 from cos_customizer.provisioner.cleanup import STATE_DIR
@@ -66,6 +66,8 @@ class Context:
     progress: Callable[[int, int], None] | None = None
     # What steps report back (the OEM verity parameters), for a build summary.
     results: dict[str, object] = field(default_factory=dict)
+    # SOURCE_DATE_EPOCH of a reproducible local build: a derived verity salt, FAT times at the epoch.
+    epoch: int | None = None
 
     def context_dir(self, name: str) -> str:
         """The build context `name` as a path of the target."""
@@ -97,7 +99,7 @@ def edit_grub(ctx: Context, edit: Callable[[str], str]) -> None:
     efi = table.partition(EFI)
     if ctx.target.efi_access == "mtools":
         offset = efi.first * 512
-        grub.write_grub_cfg(ctx.target.disk, offset, edit(grub.read_grub_cfg(ctx.target.disk, offset)))
+        grub.write_grub_cfg(ctx.target.disk, offset, edit(grub.read_grub_cfg(ctx.target.disk, offset)), ctx.epoch)
         return
     with tempfile.TemporaryDirectory(prefix="cos-customizer-efi.") as tmp:
         mountpoint = Path(tmp)
@@ -146,7 +148,7 @@ def seal_oem(ctx: Context, _args: StepArgs) -> None:
         data_offset=offset,
         data_blocks=fs_4k,
         hash_offset=offset + fs_4k * 4096,
-        salt=random_salt(),
+        salt=random_salt() if ctx.epoch is None else derived_salt(ctx.target.disk, offset, fs_4k, ctx.epoch),
         progress=ctx.progress,
     )
     ctx.results["oem_verity"] = params
