@@ -105,7 +105,8 @@ def workflow_invocations(path: Path) -> list[list[str]]:
 def test_there_are_the_examples_the_readme_names() -> None:
     names = {str(path.relative_to(REPO)) for path in FILES}
     assert names == {"deploy/cloudbuild.yaml", "examples/preload/cloudbuild.yaml", "examples/gpu/cloudbuild.yaml",
-                     "examples/sealed-oem/cloudbuild.yaml", "examples/github-actions/cos-image.yml"}  # fmt: skip
+                     "examples/sealed-oem/cloudbuild.yaml", "examples/github-actions/cos-image.yml",
+                     "examples/build-file/build.yaml"}  # fmt: skip
 
 
 @pytest.mark.parametrize("path", FILES, ids=[str(path.relative_to(REPO)) for path in FILES])
@@ -192,3 +193,56 @@ def test_the_workflows_local_build_runs_as_written(tmp_path: Path) -> None:
 def test_the_check_refuses_what_the_command_line_refuses(argv: list[str]) -> None:
     with pytest.raises((UsageError, AssertionError)):
         check_invocation(argv, "test")
+
+
+BUILD_FILE = REPO / "examples/build-file/build.yaml"
+
+
+def build_file_copy(tmp_path: Path) -> Path:
+    """The build-file example copied, with a sample image as its cos.raw (what its comment says to make)."""
+    work = tmp_path / "build-file"
+    shutil.copytree(BUILD_FILE.parent, work)
+    cos_customizer = str(Path(sys.executable).parent / "cos-customizer")
+    subprocess.run([cos_customizer, "sample-image", str(work / "cos.raw")], check=True, capture_output=True)
+    return work
+
+
+def test_the_build_file_example_is_valid_for_the_shipped_schema() -> None:
+    import json
+
+    import jsonschema
+
+    schema = json.loads((REPO / "src/cos_customizer/build-file.schema.json").read_text())
+    jsonschema.validate(load(BUILD_FILE), schema)
+    assert "$schema=../../src/cos_customizer/build-file.schema.json" in BUILD_FILE.read_text()
+
+
+def test_the_build_file_example_dry_runs_from_anywhere(tmp_path: Path) -> None:
+    work = build_file_copy(tmp_path)
+    home = tmp_path / "home"
+    home.mkdir()
+    cos_customizer = str(Path(sys.executable).parent / "cos-customizer")
+    result = subprocess.run([cos_customizer, "build", "-dry-run", str(work / "build.yaml")], cwd=tmp_path,
+                            env={"PATH": os.environ["PATH"], "HOME": str(home)}, capture_output=True, text=True,
+                            check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"  output:    {work / 'custom.tar.gz'} (tar.gz)\n" in result.stderr
+    assert "    1. run-script hello.sh (env: GREETING=Hello, World!)\n" in result.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["build.yaml", "context", "cos.raw"]
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="the local build mounts the image's file systems: it needs root")
+def test_the_build_file_example_builds(tmp_path: Path) -> None:
+    work = build_file_copy(tmp_path)
+    cos_customizer = str(Path(sys.executable).parent / "cos-customizer")
+    home = tmp_path / "home"
+    home.mkdir()
+    result = subprocess.run([cos_customizer, "build", "build.yaml"], cwd=work, capture_output=True, text=True,
+                            env={"PATH": os.environ["PATH"], "HOME": str(home)}, check=False, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    subprocess.run(["tar", "-xzf", str(work / "custom.tar.gz"), "-C", str(tmp_path)], check=True)
+    raw = tmp_path / "disk.raw"
+    table = gpt.read_table(raw)
+    assert cat(raw, table.partition(1).first * 512, "/var_overlay/lib/hello") == "Hello, World!\n"
+    assert cat(raw, table.partition(8).first * 512, "/built-by") == "built from one build file\n"
