@@ -244,3 +244,16 @@ def test_a_gce_build_refuses_a_stale_prebuilt_before_anything(
     assert not daisy[1].exists()  # daisy never ran
     assert managed(gcs) == []  # nothing uploaded
     assert workspace_root.exists()  # the build can be finished again
+
+
+def test_the_dry_run_names_the_prebuilt_and_refuses_a_stale_one(cli: CLI, context_dir: Path, tmp_path: Path) -> None:
+    binary = make_prebuilt(tmp_path / "prebuilt")
+    gce_steps(cli, context_dir)
+    flags = ("-zone=us-west1-b", "-project=my-proj", "-image-project=my-proj", "-image-name=custom-1", "-dry-run")
+    result = cli("finish-image-build", *flags, env={ENV: str(binary)})
+    assert result.code == 0, result.err
+    assert f"  CIDATA:    {binary} (prebuilt for this cos-customizer, checked against its manifest)\n" in result.err
+    binary.write_bytes(elf(body=b"changed after its manifest was written"))
+    result = cli("finish-image-build", *flags, env={ENV: str(binary)})
+    assert result.code == 1
+    assert result.err.endswith("describes (sha256 differs)\n")

@@ -224,6 +224,7 @@ class FinishPlan:
     output_image: dict[str, Any] | None = None
     disk_plan: DiskPlan | None = None
     provisioner_binary: Path | None = None  # GCE: -provisioner-binary; None: build-provisioner's
+    prebuilt: Path | None = None  # GCE without -provisioner-binary: the step image's checked prebuilt provisioner
     containers: str | None = None  # local builds: -containers
     sbom: dict[str, Any] | None = None  # local builds: the -sbom-input-path document, written beside the output
     epoch: int | None = None  # local builds: SOURCE_DATE_EPOCH, for a reproducible output (disk.reproducible)
@@ -273,17 +274,19 @@ class FinishPlan:
                 workflow_path=f"{BUILD_DIR}/build_image.wf.json",
             )
             doc["build_files"] = f"{BUILD_DIR} is a temporary directory made at build time"
-            doc["cidata_provisioner"] = describe_binary(self.provisioner_binary)
+            doc["cidata_provisioner"] = describe_binary(self.provisioner_binary, self.prebuilt)
         return doc
 
 
 INHERITED_LABELS = "the source image's labels are read when the build starts (-labels wins); the dry run reads none"
 
 
-def describe_binary(binary: Path | None) -> str:
+def describe_binary(binary: Path | None, prebuilt: Path | None = None) -> str:
     """Which provisioner executable goes on the CIDATA disk."""
     if binary is not None:
         return f"{binary} (-provisioner-binary)"
+    if prebuilt is not None:
+        return f"{prebuilt} (prebuilt for this cos-customizer, checked against its manifest)"
     return f"build-provisioner's executable for {preload.PROVISIONER_ARCH} (built at build time, or from its cache)"
 
 
@@ -448,8 +451,15 @@ def make_plan(context: Context, args: Parsed) -> FinishPlan:
     }
     if binary is None and source.Name:
         preload.check_architecture(source.Name, preload.architecture_from_name(source.Name))
+    prebuilt = provisioner_build.prebuilt(context.environ) if binary is None else None  # a stale one: refused
     return FinishPlan(
-        executor, source, build, _gce_provisioner(config, build), output_image=output_image, provisioner_binary=binary
+        executor,
+        source,
+        build,
+        _gce_provisioner(config, build),
+        output_image=output_image,
+        provisioner_binary=binary,
+        prebuilt=prebuilt,
     )
 
 
@@ -546,7 +556,7 @@ def describe(finish: FinishPlan) -> str:
         if image["InheritLabels"]:
             lines.append(f"  labels:    {INHERITED_LABELS}")
         lines.append(f"  build in:  project {build.Project}, zone {build.Zone}, {build.MachineType}")
-        lines.append(f"  CIDATA:    {describe_binary(finish.provisioner_binary)}")
+        lines.append(f"  CIDATA:    {describe_binary(finish.provisioner_binary, finish.prebuilt)}")
     size = f"{build.DiskSize} GB" if build.DiskSize else f"{plan.IMAGE_SIZE_GB} GB (the image's size)"
     lines.append(f"  disk:      {size}; {plan.describe_boot_disk(finish.provisioner.boot_disk, sealed)}")
     lines.append(f"  timeout:   {build.Timeout}")
