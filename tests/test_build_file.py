@@ -514,9 +514,12 @@ def test_a_real_local_build_from_one_file(tmp_path: Path, project: Path, scratch
 @needs_root
 def test_a_script_failing_in_a_real_build_leaves_nothing(tmp_path: Path, project: Path, scratch: Path) -> None:
     (project / "ctx" / "fail.sh").write_text("echo before the failure\nexit 3\n")
+    (project / "ctx" / "ok.sh").write_text("echo fine\n")
     (project / "build.yaml").write_text(
         "source: {image-file: cos.raw, build-context: ctx}\n"
         "steps:\n"
+        "  - disable-auto-update\n"
+        "  - run-script: {script: ok.sh}\n"
         "  - run-script: {script: fail.sh}\n"
         "finish:\n"
         "  output: custom.raw\n"
@@ -524,7 +527,7 @@ def test_a_script_failing_in_a_real_build_leaves_nothing(tmp_path: Path, project
     result = run_cli(project, {"TMPDIR": str(scratch), "HOME": str(tmp_path)}, "build", "build.yaml")
     assert result.returncode == 1
     assert result.stderr.endswith(
-        "cos-customizer: error: build.yaml:4: finish: run-script fail.sh failed with exit status 3; "
+        "cos-customizer: error: build.yaml:5: steps[2].run-script: run-script fail.sh failed with exit status 3; "
         "last output: before the failure\n"
     )
     assert "Traceback" not in result.stderr

@@ -384,11 +384,24 @@ def run(context: Context, build: BuildFile) -> int:
             try:
                 code = invocation.command.handler(step_context, invocation.parsed)
             except CustomizerError as err:
-                where = f"{build.name}:{invocation.line}: {invocation.key}"
+                located = _failed_step(build, invocation, err)
+                where = f"{build.name}:{located.line}: {located.key}"
                 raise LocatedError(f"{where}: {err}", err.exit_code) from err
             if code:
                 return code
     return 0
+
+
+def _failed_step(build: BuildFile, invocation: Invocation, err: CustomizerError) -> Invocation:
+    """Where a failure is reported: the step the build says failed (a script's exit), else `invocation`.
+
+    Each step command adds one step to the build, in order, so the build's step N is the file's steps[N].
+    """
+    step = getattr(err, "step", None)
+    steps = build.invocations[1:-1]
+    if invocation is build.invocations[-1] and isinstance(step, int) and 0 <= step < len(steps):
+        return steps[step]
+    return invocation
 
 
 # The JSON Schema

@@ -96,6 +96,10 @@ class LocalBuild:
 class BuildFailed(CustomizerError):
     """The build ran and failed (a script, a tool); nothing was left behind."""
 
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step  # the failed step's index in the build's steps (the order they were added), if one did
+
 
 def preflight(build: LocalBuild) -> None:
     """Everything that can be checked before the build touches anything."""
@@ -237,7 +241,10 @@ def _run_stage(
         tail = result.get("tail") or []
         quoted = (runner.quote(str(line), 300) for line in tail[-5:])  # type: ignore[index]
         last = "; last output: " + " | ".join(quoted) if tail else ""
-        raise BuildFailed(f"{result.get('message')}{last}")
+        index = result.get("index")
+        scripts = [n for n, step in enumerate(build.config.steps) if isinstance(step.args, RunScriptArgs)]
+        step = scripts[index] if isinstance(index, int) and 0 <= index < len(scripts) else None
+        raise BuildFailed(f"{result.get('message')}{last}", step)
     return result
 
 
@@ -264,7 +271,7 @@ def _offline_steps(build: LocalBuild, disk: Path, work: Path, summary: Summary) 
             try:
                 steps.RUNNERS[step.type](context, step.args)
             except CustomizerError as err:
-                raise BuildFailed(f"{STEP_COMMANDS[step.type]} failed: {err}") from err
+                raise BuildFailed(f"{STEP_COMMANDS[step.type]} failed: {err}", build.config.steps.index(step)) from err
             summary.steps.append((STEP_COMMANDS[step.type], time.monotonic() - started))
     verity = context.results.get("oem_verity")
     summary.oem_verity = verity if isinstance(verity, VerityParams) else None
