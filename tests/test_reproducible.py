@@ -27,6 +27,10 @@ SCRIPT = """set -e
 mkdir -p /var/lib/app/sub
 for i in $(seq 1 60); do echo "file $i" > /var/lib/app/f$i; done
 for i in $(seq 1 60 | grep 5); do rm /var/lib/app/f$i; done
+for d in $(seq 1 100); do  # many small files: what made the kernel's block allocation depend on timing
+  mkdir -p /var/lib/many/d$d && for f in $(seq 1 100); do echo "$d/$f" > /var/lib/many/d$d/f$f; done
+  rm -f /var/lib/many/d$d/f*0
+done
 seq 1 200000 > /var/lib/app/sub/big
 ln -s f1 /var/lib/app/link && ln /var/lib/app/f2 /var/lib/app/hard
 echo scratch > /var/lib/app/gone && rm /var/lib/app/gone

@@ -10,7 +10,7 @@ image are of four kinds, and each is made deterministic here:
   (atime, ctime, mtime, crtime) set to the epoch and their random generation
   number set to 0 (`debugfs`); inodes it freed are zeroed; the journal, which
   holds the build's transactions with their commit times, is emptied; free
-  blocks are discarded (`e2fsck -E discard`: holes in the image file), so
+  blocks are discarded (a second `e2fsck -E discard`: holes in the image file), so
   what deleted files held is gone; and the superblocks (the primary and every
   backup) get the epoch as mount, write and check time, no last-mounted path,
   a mount count and a lifetime-writes count of 0. Inodes the build did not
@@ -284,9 +284,17 @@ def normalize_ext(image: Path, offset: int, *, epoch: int, since: int) -> int:
         if fs.journal_inode:
             _empty_journal(fd, offset, fs, _journal_blocks(device, fs))
         os.fsync(fd)
-        result = run([require_tool("e2fsck", ext.E2FSPROGS), "-f", "-y", "-E", "discard", device], env=env, check=False)
-        if result.returncode not in (0, 1):  # 1: errors corrected (the checksums the generation numbers change)
-            raise CommandError(result.args, result.returncode, (result.stdout + result.stderr).decode(errors="replace"))
+        e2fsck = require_tool("e2fsck", ext.E2FSPROGS)
+        # First the checksums the generation numbers change (exit 1: errors corrected); then the free blocks
+        # are discarded, which e2fsck does only on a file system where it found nothing to correct.
+        for argv, fine in (
+            ([e2fsck, "-f", "-y", device], (0, 1)),
+            ([e2fsck, "-f", "-y", "-E", "discard", device], (0,)),
+        ):
+            result = run(argv, env=env, check=False)
+            if result.returncode not in fine:
+                output = (result.stdout + result.stderr).decode(errors="replace")
+                raise CommandError(result.args, result.returncode, output)
         _normalize_superblocks(fd, offset, fs, epoch)
         os.fsync(fd)
     finally:

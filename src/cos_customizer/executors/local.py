@@ -224,6 +224,7 @@ def _run_stage(
         allow_host_loopback=build.allow_host_loopback,
         containers=build.containers,
         cgroup=cgroups.name_for(work),
+        reproducible=build.epoch is not None,
     )
     spec_path = work / "stage.json"
     spec_path.write_text(json.dumps(spec.to_json()))

@@ -83,6 +83,7 @@ class StageSpec:
     allow_host_loopback: bool = False  # scripts may reach the host's loopback services (at 127.0.0.1 and 10.0.2.2)
     containers: str = "auto"  # the image's containerd and dockerd for scripts: auto, on, off (-containers)
     cgroup: str = ""  # the build's cgroup name (cgroups.NAME), for the daemons' containers
+    reproducible: bool = False  # SOURCE_DATE_EPOCH is set: STATE and OEM allocate blocks deterministically
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -101,6 +102,7 @@ class StageSpec:
             allow_host_loopback=bool(data.get("allow_host_loopback", False)),
             containers=str(data.get("containers", "auto")),
             cgroup=str(data.get("cgroup", "")),
+            reproducible=bool(data.get("reproducible", False)),
         )
 
 
@@ -143,6 +145,28 @@ def _partition(stack: ExitStack, image: str, region: Region, target: Path, *opti
     _mount(stack, image, target, "loop", f"offset={region.offset}", f"sizelimit={region.size}", *options, fstype="ext4")
 
 
+# Where the ext4 block allocator would depend on timing, for a reproducible build's writable file systems:
+# delayed allocation (blocks chosen at writeback, by flusher threads, when they run), the per-CPU locality
+# groups of small files (which CPU the writer ran on), and the block bitmaps read ahead in the background
+# (a group is searched early only once its bitmap is in). Without them, blocks are chosen in the write()
+# calls, in the scripts' order, from bitmaps read when needed.
+DETERMINISTIC_MOUNT = ("nodelalloc", "no_prefetch_block_bitmaps", "mb_optimize_scan=0")
+DETERMINISTIC_TUNABLES = {"mb_group_prealloc": "0", "mb_prefetch": "0"}
+
+
+def _rw_partition(stack: ExitStack, spec: StageSpec, region: Region, target: Path) -> None:
+    """STATE or OEM, writable. noinit_itable: the kernel's background zeroing of unused inode tables would
+    mark (or not, as time allows) the groups it reached: not the build's business, and a reproducible
+    build's bytes depend on it."""
+    options = ("noinit_itable", *(DETERMINISTIC_MOUNT if spec.reproducible else ()))
+    _partition(stack, spec.image, region, target, *options)
+    if spec.reproducible:
+        device = os.stat(target).st_dev
+        name = Path(os.path.realpath(f"/sys/dev/block/{os.major(device)}:{os.minor(device)}")).name
+        for tunable, value in DETERMINISTIC_TUNABLES.items():
+            Path(f"/sys/fs/ext4/{name}/{tunable}").write_text(value)
+
+
 @contextmanager
 def layout(spec: StageSpec) -> Iterator[Path]:
     """Assemble the runtime tree; everything is unmounted when the block ends."""
@@ -152,9 +176,7 @@ def layout(spec: StageSpec) -> Iterator[Path]:
     with ExitStack() as stack:
         _partition(stack, spec.image, spec.root, root, "ro")
         stateful = _mountpoint(root, "mnt/stateful_partition")
-        # noinit_itable: the kernel's background zeroing of unused inode tables would mark (or not, as time
-        # allows) the groups it reached: not the build's business, and a reproducible build's bytes depend on it.
-        _partition(stack, spec.image, spec.state, stateful, "noinit_itable")
+        _rw_partition(stack, spec, spec.state, stateful)
         for name in ("var_overlay", "home"):
             _real(stateful, name, "STATE").mkdir(exist_ok=True)
         _bind(stack, stateful / "var_overlay", _mountpoint(root, "var"), "nosuid", "nodev", "noexec")
@@ -165,7 +187,7 @@ def layout(spec: StageSpec) -> Iterator[Path]:
             _bind(stack, path, path, "nosuid", "nodev", "exec")
         _real(root, "var/lib/cloud").mkdir(parents=True, exist_ok=True)
         _mount(stack, "tmpfs", root / "var/lib/cloud", "mode=0755", f"size={SMALL_TMPFS}", fstype="tmpfs")
-        _partition(stack, spec.image, spec.oem, _mountpoint(root, "usr/share/oem"), "noinit_itable")
+        _rw_partition(stack, spec, spec.oem, _mountpoint(root, "usr/share/oem"))
         layers = work / "etc-layers"
         layers.mkdir(exist_ok=True)
         _mount(stack, "tmpfs", layers, "mode=0755", f"size={SMALL_TMPFS}", fstype="tmpfs")
