@@ -127,7 +127,7 @@ def test_a_reproducible_image_is_sound_and_records_the_epoch(
     source_state = gpt.read_table(sample_raw).partition(1).first * 512
     source_stat = sh("debugfs", "-R", "stat /var_overlay/lib/sample-image", ext.device(sample_raw, source_state)).stdout
     built_stat = sh("debugfs", "-R", "stat /var_overlay/lib/sample-image", ext.device(raw, state)).stdout
-    for name in ("ctime", "mtime", "crtime"):
+    for name in ("ctime", "mtime", "crtime", "Generation"):
         assert _line(source_stat, name) == _line(built_stat, name)
     # The sealed OEM verifies with the salt and root hash grub.cfg gives (veritysetup).
     cfg = grub.read_grub_cfg(raw, table.partition(12).first * 512)

@@ -179,7 +179,8 @@ def _debugfs_commands(touched: list[Touched], epoch: int, since: int) -> list[st
                 commands += [f"sif <{inode.number}> {name} @{epoch}", f"sif <{inode.number}> {name}_extra 0"]
         if inode.times["crtime"] >= since:
             commands.append(f"sif <{inode.number}> generation 0")
-        commands.append(f"sif <{inode.number}> version 0")
+        if inode.times["ctime"] >= since:  # changed, not only read: its change counter moved with the changes
+            commands.append(f"sif <{inode.number}> version 0")
     return commands
 
 
