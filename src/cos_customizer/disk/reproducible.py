@@ -138,6 +138,7 @@ class Touched:
     """An inode the build created, changed, read or freed (some time of it is at or after `since`)."""
 
     number: int
+    at: int  # its byte offset in the image
     live: bool
     times: dict[str, int]  # atime, ctime, mtime, crtime: seconds (low 32 bits)
 
@@ -166,7 +167,8 @@ def _touched(fd: int, offset: int, fs: _Layout, since: int) -> Iterator[Touched]
             times = {"atime": atime, "ctime": ctime, "mtime": mtime, "crtime": crtime}
             if max(*times.values(), dtime) >= since:
                 number = group * fs.inodes_per_group + index + 1
-                yield Touched(number, live=links > 0 and dtime == 0, times=times)
+                at = offset + itable * fs.block_size + index * fs.inode_size
+                yield Touched(number, at, live=links > 0 and dtime == 0, times=times)
 
 
 def _debugfs_commands(touched: list[Touched], epoch: int, since: int) -> list[str]:
@@ -182,15 +184,6 @@ def _debugfs_commands(touched: list[Touched], epoch: int, since: int) -> list[st
         if inode.times["ctime"] >= since:  # changed, not only read: its change counter moved with the changes
             commands.append(f"sif <{inode.number}> version 0")
     return commands
-
-
-def _inode_offset(fd: int, offset: int, fs: _Layout, number: int) -> int:
-    group, index = divmod(number - 1, fs.inodes_per_group)
-    desc = os.pread(fd, fs.desc_size, offset + (fs.first_data_block + 1) * fs.block_size + group * fs.desc_size)
-    itable: int = struct.unpack_from("<I", desc, 0x08)[0]
-    if fs.desc_size >= 64:
-        itable |= struct.unpack_from("<I", desc, 0x28)[0] << 32
-    return offset + itable * fs.block_size + index * fs.inode_size
 
 
 def _journal_blocks(device: str, fs: _Layout) -> list[int]:
@@ -281,7 +274,7 @@ def normalize_ext(image: Path, offset: int, *, epoch: int, since: int) -> int:
                 raise CustomizerError(f"debugfs could not normalize {device}: {errors[0]}")
         for inode in touched:
             if not inode.live:  # freed by the build: nothing of it is kept
-                os.pwrite(fd, bytes(fs.inode_size), _inode_offset(fd, offset, fs, inode.number))
+                os.pwrite(fd, bytes(fs.inode_size), inode.at)
         if fs.journal_inode:
             _empty_journal(fd, offset, fs, _journal_blocks(device, fs))
         os.fsync(fd)
