@@ -7,7 +7,6 @@ take their token from that metadata server), not this server's code.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import socket
@@ -27,6 +26,7 @@ from cos_customizer.executors import qemu_resources
 from cos_customizer.executors.gcs_server import BUCKET, GcsServer
 from cos_customizer.executors.metadata_server import MetadataServer
 from cos_customizer.provisioner import download
+from tests.unix_http import UnixHTTPConnection, tcp_bridge
 
 TOKEN = "ya29.gcs-server-test-token"
 NAME = "dir/sub dir/the object.bin"
@@ -60,24 +60,33 @@ def metadata() -> Iterator[MetadataServer]:
 
 
 @pytest.fixture
-def guest_env(gcs: GcsServer, metadata: MetadataServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def gcs_host(gcs: GcsServer) -> Iterator[str]:
+    """host:port relayed to the GCS server's socket, for clients that take only that (the guest has socat)."""
+    with tcp_bridge(gcs.socket) as host:
+        yield host
+
+
+@pytest.fixture
+def guest_env(gcs_host: str, metadata: MetadataServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The provisioner's endpoints (and google-auth's) pointed at the two servers; no cached token."""
-    monkeypatch.setenv(download.STORAGE_HOST_ENV, f"http://{gcs.host}")
-    monkeypatch.setenv(download.METADATA_HOST_ENV, metadata.host)
-    monkeypatch.setattr(download, "_token", None)
-    # google-auth reads GCE_METADATA_HOST once, when it is imported.
-    monkeypatch.setattr(google.auth.compute_engine._metadata, "_GCE_METADATA_HOST", metadata.host)
+    with tcp_bridge(metadata.socket) as metadata_host:
+        monkeypatch.setenv(download.STORAGE_HOST_ENV, f"http://{gcs_host}")
+        monkeypatch.setenv(download.METADATA_HOST_ENV, metadata_host)
+        monkeypatch.setattr(download, "_token", None)
+        # google-auth reads GCE_METADATA_HOST once, when it is imported.
+        monkeypatch.setattr(google.auth.compute_engine._metadata, "_GCE_METADATA_HOST", metadata_host)
+        yield
 
 
-def client(gcs: GcsServer) -> storage.Client:
+def client(gcs_host: str) -> storage.Client:
     credentials = compute_engine.Credentials(universe_domain="googleapis.com")  # type: ignore[no-untyped-call]
-    return storage.Client(project="p", credentials=credentials, client_options={"api_endpoint": gcs.endpoint})
+    return storage.Client(project="p", credentials=credentials, client_options={"api_endpoint": f"http://{gcs_host}"})
 
 
 def get(
     gcs: GcsServer, path: str, token: str | None = TOKEN, method: str = "GET", headers: dict[str, str] | None = None
 ) -> tuple[int, dict[str, str], bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", gcs.port, timeout=30)
+    connection = UnixHTTPConnection(gcs.socket, timeout=30)
     try:
         sent = dict(headers or {})
         if token is not None:
@@ -115,8 +124,8 @@ def test_the_provisioner_downloads_an_object_with_the_metadata_token(
 
 
 @pytest.mark.usefixtures("guest_env")
-def test_google_cloud_storage_downloads_and_reads_metadata(gcs: GcsServer, payload: bytes) -> None:
-    bucket = client(gcs).bucket("bucket")
+def test_google_cloud_storage_downloads_and_reads_metadata(gcs: GcsServer, gcs_host: str, payload: bytes) -> None:
+    bucket = client(gcs_host).bucket("bucket")
     assert bucket.blob(NAME).download_as_bytes() == payload
     assert bucket.blob(NAME).download_as_bytes(start=1000, end=1999) == payload[1000:2000]
     blob = bucket.get_blob(NAME)
@@ -125,7 +134,7 @@ def test_google_cloud_storage_downloads_and_reads_metadata(gcs: GcsServer, paylo
     assert blob.download_as_bytes() == payload  # with the generation it read: the same one
     assert bucket.get_blob("dir/missing") is None
     with pytest.raises(google.api_core.exceptions.NotFound):
-        client(gcs).bucket("nobucket").blob(NAME).download_as_bytes()
+        client(gcs_host).bucket("nobucket").blob(NAME).download_as_bytes()
     objects = [r for r in gcs.requests if "/o/" in r.path]
     assert {r.path.split("/o/")[0] for r in objects} == {
         "/download/storage/v1/b/bucket",  # media
@@ -186,11 +195,11 @@ def test_requests_without_the_token_are_refused(gcs: GcsServer, payload: bytes) 
 
 
 def test_the_provisioner_fails_with_401_on_a_wrong_token(
-    gcs: GcsServer, payload: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    gcs: GcsServer, gcs_host: str, payload: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with MetadataServer(token="ya29.some-other-account") as metadata:
-        monkeypatch.setenv(download.STORAGE_HOST_ENV, f"http://{gcs.host}")
-        monkeypatch.setenv(download.METADATA_HOST_ENV, metadata.host)
+    with MetadataServer(token="ya29.some-other-account") as metadata, tcp_bridge(metadata.socket) as metadata_host:
+        monkeypatch.setenv(download.STORAGE_HOST_ENV, f"http://{gcs_host}")
+        monkeypatch.setenv(download.METADATA_HOST_ENV, metadata_host)
         monkeypatch.setattr(download, "_token", None)
         with pytest.raises(download.DownloadError, match="HTTP 401"):
             download.fetch(f"gs://bucket/{NAME}", tmp_path / "out.bin")
@@ -250,12 +259,12 @@ def test_no_escape_from_the_root(gcs: GcsServer, tree: Path, tmp_path: Path) -> 
 
 
 def test_symlinks_refused_through_google_cloud_storage(
-    gcs: GcsServer, tree: Path, tmp_path: Path, guest_env: None
+    gcs: GcsServer, gcs_host: str, tree: Path, tmp_path: Path, guest_env: None
 ) -> None:
     (tmp_path / "secret").write_bytes(SECRET)
     (tree / "bucket" / "link").symlink_to(tmp_path / "secret")
     with pytest.raises(google.api_core.exceptions.NotFound):
-        client(gcs).bucket("bucket").blob("link").download_as_bytes()
+        client(gcs_host).bucket("bucket").blob("link").download_as_bytes()
 
 
 # -- (5) missing objects and buckets
@@ -283,7 +292,8 @@ def test_close_cuts_a_stalled_download(tree: Path) -> None:
         big.truncate(256 << 20)
     server = GcsServer(tree, TOKEN)
     server.start()
-    stalled = socket.create_connection(("127.0.0.1", server.port))
+    stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stalled.connect(os.fspath(server.socket))
     try:
         stalled.sendall(f"GET {media('big')} HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
         assert stalled.recv(12) == b"HTTP/1.0 200"  # then never reads on
@@ -297,4 +307,4 @@ def test_close_cuts_a_stalled_download(tree: Path) -> None:
         stalled.close()
     assert [(r.authorized, r.status) for r in server.requests] == [(True, 200)]
     with pytest.raises(RuntimeError):
-        _ = server.port
+        _ = server.socket

@@ -17,6 +17,7 @@ import pytest
 from cos_customizer.executors.metadata_server import MetadataServer
 from cos_customizer.provisioner import download
 from tests.test_download import TOKEN, standins
+from tests.unix_http import UnixHTTPConnection, tcp_bridge
 
 GOOGLE = {"Metadata-Flavor": "Google"}
 
@@ -33,7 +34,7 @@ class Reply:
 
 
 def get(server: MetadataServer, path: str, headers: dict[str, str] | None = None, timeout: float = 60) -> Reply:
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
+    connection = UnixHTTPConnection(server.socket, timeout=timeout)
     try:
         connection.request("GET", f"/computeMetadata/v1/{path}", headers=GOOGLE if headers is None else headers)
         return Reply(connection.getresponse())
@@ -118,11 +119,12 @@ def test_token_for_the_provisioner(server: MetadataServer, monkeypatch: pytest.M
     reply = get(server, "instance/service-accounts/default/token")
     assert reply.json() == {"access_token": "ya29.local-metadata-token", "expires_in": 3599, "token_type": "Bearer"}
     server.token = "ya29.another"
-    monkeypatch.setenv("GCE_METADATA_HOST", server.host)
-    monkeypatch.setattr(download, "_token", None)
-    assert download.access_token() == "ya29.another"
-    assert download.metadata_get("instance/attributes/cos-build") == b"yes"
-    assert download.metadata_get("instance/attributes/absent") is None
+    with tcp_bridge(server.socket) as host:
+        monkeypatch.setenv("GCE_METADATA_HOST", host)
+        monkeypatch.setattr(download, "_token", None)
+        assert download.access_token() == "ya29.another"
+        assert download.metadata_get("instance/attributes/cos-build") == b"yes"
+        assert download.metadata_get("instance/attributes/absent") is None
 
 
 def test_the_service_account_by_its_email_as_google_auth_asks(
@@ -141,8 +143,9 @@ def test_the_service_account_by_its_email_as_google_auth_asks(
         == get(server, "instance/service-accounts/default/token").json()
     )
     credentials = compute_engine.Credentials(service_account_email=email)  # type: ignore[no-untyped-call]
-    monkeypatch.setattr(compute_engine._metadata, "_GCE_METADATA_HOST", server.host)  # read once at its import
-    credentials.refresh(google_requests.Request())  # type: ignore[no-untyped-call]
+    with tcp_bridge(server.socket) as host:
+        monkeypatch.setattr(compute_engine._metadata, "_GCE_METADATA_HOST", host)  # read once at its import
+        credentials.refresh(google_requests.Request())  # type: ignore[no-untyped-call]
     assert credentials.token == "ya29.local-metadata-token"
 
 
@@ -213,9 +216,17 @@ def test_close_releases_held_requests() -> None:
 
 
 def test_provisioner_wait_metadata_returns_when_daisy_sets_the_key(server: MetadataServer) -> None:
-    env = {**os.environ, "GCE_METADATA_HOST": server.host}
     command = [sys.executable, "-m", "cos_customizer.provisioner", "wait-metadata", "DaisyEnd", "--timeout=20"]
-    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+    with (
+        tcp_bridge(server.socket) as host,
+        subprocess.Popen(
+            command,
+            env={**os.environ, "GCE_METADATA_HOST": host},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as proc,
+    ):
         try:
             until(lambda: any(r.path.endswith("/DaisyEnd") for r in server.requests))
             assert proc.poll() is None
@@ -233,8 +244,8 @@ def test_provisioner_wait_metadata_returns_when_daisy_sets_the_key(server: Metad
 def test_provisioner_downloads_gs_objects_with_the_servers_token(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    with standins(monkeypatch) as cloud, MetadataServer(token=TOKEN) as metadata:
-        monkeypatch.setenv("GCE_METADATA_HOST", metadata.host)
+    with standins(monkeypatch) as cloud, MetadataServer(token=TOKEN) as metadata, tcp_bridge(metadata.socket) as host:
+        monkeypatch.setenv("GCE_METADATA_HOST", host)
         cloud.objects[("bucket", "dir/context.tar.gz")] = b"the build context"
         download.fetch("gs://bucket/dir/context.tar.gz", tmp_path / "context.tar.gz")
         assert (tmp_path / "context.tar.gz").read_bytes() == b"the build context"

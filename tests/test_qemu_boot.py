@@ -189,7 +189,7 @@ def test_qemu_argv_of_a_gce_like_instance() -> None:
         disks=(Path("/w/boot.raw"), Path("/w/cidata.raw"), Path("/w/scratch,1.raw")),
         serial_port3=Path("/w/port3.log"),
         qmp_socket=Path("/w/qmp.sock"),
-        metadata_port=41234,
+        metadata_socket=Path("/w/md.x/http.sock"),
         console=Path("/w/console.log"),
         kernel=Path("/w/vmlinuz.A"),
         initrd=Path("/w/initrd.A"),
@@ -219,7 +219,7 @@ def test_qemu_argv_of_a_gce_like_instance() -> None:
         "-chardev", "null,id=serial2", "-serial", "chardev:serial2",
         "-chardev", "file,id=serial3,path=/w/port3.log", "-serial", "chardev:serial3",
         "-chardev", "null,id=serial4", "-serial", "chardev:serial4",
-        "-netdev", "user,id=n0,net=169.254.0.0/16,guestfwd=tcp:169.254.169.254:80-cmd:socat - TCP:127.0.0.1:41234",
+        "-netdev", "user,id=n0,net=169.254.0.0/16,guestfwd=tcp:169.254.169.254:80-cmd:socat - UNIX-CONNECT:/w/md.x/http.sock",
         "-device", "virtio-net-pci,netdev=n0,romfile=",
         "-smbios", "type=1,manufacturer=Google,product=Google Compute Engine",
         "-chardev", "socket,id=qmp,path=/w/qmp.sock,server=on,wait=off",
@@ -229,7 +229,7 @@ def test_qemu_argv_of_a_gce_like_instance() -> None:
 
 
 def test_qemu_argv_choices() -> None:
-    base = InstanceSpec(disks=(Path("b"),), serial_port3=Path("p3"), qmp_socket=Path("q"), metadata_port=80)
+    base = InstanceSpec(disks=(Path("b"),), serial_port3=Path("p3"), qmp_socket=Path("q"), metadata_socket=Path("m"))
     argv = qemu_argv(base)
     assert "-kernel" not in argv and "-append" not in argv and "-cpu" not in argv
     assert argv[argv.index("-chardev") + 1] == "null,id=serial1"
@@ -249,7 +249,9 @@ def test_qemu_argv_choices() -> None:
         ({"disks": ()}, "boot disk"),
         ({"accel": "hvf"}, "use one of kvm, tcg"),
         ({"append": "x"}, "needs a kernel"),
-        ({"metadata_port": 0}, "not a TCP port"),
+        ({"forwards": (("169.254.169.252", 0, Path("g")),)}, "not a TCP port"),
+        ({"metadata_socket": Path("/tmp/a b/http.sock")}, "letters, digits"),
+        ({"forwards": (("169.254.169.252", 80, Path("/tmp/x,y:z")),)}, "letters, digits"),
     ]
     for change, message in bad:
         with pytest.raises(ValueError, match=message):
@@ -296,7 +298,7 @@ def test_qemu_accepts_the_argv(short_dir: Path) -> None:
         disks=disks,
         serial_port3=short_dir / "port3.log",
         qmp_socket=short_dir / "qmp.sock",
-        metadata_port=1,
+        metadata_socket=short_dir / "md.sock",
         console=short_dir / "console.log",
         accel=qemu_boot.default_accel(),
         memory_mb=256,

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from cos_customizer.executors import daisy_local, preload, qemu_boot, qemu_resou
 from cos_customizer.executors.qemu_boot import InstanceSpec, Qmp, qemu_argv
 from cos_customizer.images import ImageFormat
 from tests import test_workflow as rendering
+from tests.unix_http import UnixHTTPConnection
 
 GB = 1 << 30
 
@@ -55,7 +55,7 @@ class Seen:
     boot_table: gpt.Table | None = None
     cidata_head: bytes = b""
     daisy_end: str = ""
-    metadata_hosts: list[str] = field(default_factory=list)  # host:port of each metadata server
+    metadata_sockets: list[Path] = field(default_factory=list)  # the unix socket of each metadata server
     events: list[str] = field(default_factory=list)
 
 
@@ -65,7 +65,7 @@ def standins(resources: qemu_resources.Resources, seen: Seen, fail: str = "") ->
             disks = tuple(disk["Source"] for disk in spec["Disks"])
             instance = resources.add_instance(spec["Name"], disks, spec["Metadata"], context)
             seen.instances[spec["Name"]] = instance
-            seen.metadata_hosts.append(instance.metadata.host)
+            seen.metadata_sockets.append(instance.metadata.socket)
 
     def wait(step: str, body: Any, context: daisy_local.StepContext) -> None:
         if step == fail:
@@ -77,12 +77,13 @@ def standins(resources: qemu_resources.Resources, seen: Seen, fail: str = "") ->
         with open(resources.disks["cidata-disk"], "rb") as disk:
             seen.cidata_head = disk.read(1 << 26)
         server = seen.instances["preload-vm"].metadata
-        request = urllib.request.Request(
-            f"http://{server.host}/computeMetadata/v1/instance/attributes/DaisyEnd",
-            headers={"Metadata-Flavor": "Google"},
-        )
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            seen.daisy_end = answer.read().decode()
+        connection = UnixHTTPConnection(server.socket, timeout=10)
+        try:
+            connection.request("GET", "/computeMetadata/v1/instance/attributes/DaisyEnd",
+                               headers={"Metadata-Flavor": "Google"})  # fmt: skip
+            seen.daisy_end = connection.getresponse().read().decode()
+        finally:
+            connection.close()
 
     return {**resources.handlers(), "CreateInstances": create_instances, "WaitForInstancesSignal": wait}
 
@@ -117,10 +118,11 @@ def run_build(
 def assert_nothing_left(tmp: Path, out: Path, seen: Seen) -> None:
     assert list((tmp / "work").iterdir()) == []
     assert [p.name for p in (tmp / "out").rglob("*")] == ([out.name] if out.exists() else [])
-    assert seen.metadata_hosts
-    for host in seen.metadata_hosts:  # the metadata servers are closed
+    assert seen.metadata_sockets
+    for path in seen.metadata_sockets:  # the metadata servers are closed, their private directories gone
+        assert not path.parent.exists()
         with pytest.raises(OSError):
-            urllib.request.urlopen(f"http://{host}/", timeout=5)
+            UnixHTTPConnection(path, timeout=5).connect()
 
 
 @pytest.fixture
@@ -214,7 +216,7 @@ def test_resize_of_a_running_instance_goes_through_qmp(short_dir: Path) -> None:
         def create_instances(step: str, body: Any, context: daisy_local.StepContext) -> None:
             instance = resources.add_instance("vm", ("boot-disk",), {}, context)
             spec = InstanceSpec(disks=(resources.disks["boot-disk"],), serial_port3=short_dir / "port3",
-                                qmp_socket=short_dir / "qmp", metadata_port=instance.metadata.port,
+                                qmp_socket=short_dir / "qmp", metadata_socket=instance.metadata.socket,
                                 memory_mb=128, cpus=1)  # fmt: skip
             proc = subprocess.Popen([*qemu_argv(spec), "-S"], stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

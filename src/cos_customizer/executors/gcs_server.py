@@ -4,8 +4,9 @@ On GCE the build's guest (the provisioner) reads `gs://` objects (build contexts
 installer release) through the GCS JSON API with the default service account's access token from
 the metadata server (`provisioner/download.py`). The qemu executor keeps its GCS as a plain
 directory tree `ROOT/BUCKET/OBJECT/PATH` (`qemu_resources.Resources.gcs`); `GcsServer` serves that
-tree on 127.0.0.1 (a random port; QEMU's guestfwd takes the guest's connections there, and the
-guest's `STORAGE_EMULATOR_HOST` names it). Product code cannot use the gcp-storage-emulator
+tree on a unix socket in a private directory (`loopback_http`: only this uid can connect; QEMU's
+guestfwd takes the guest's connections there through socat, and the guest's `STORAGE_EMULATOR_HOST`
+names the guest-side address). Product code cannot use the gcp-storage-emulator
 package: it is a dev dependency, and it keeps objects in its own format, not as plain files.
 
 Served, as GCS answers them (what the provisioner and google-cloud-storage's download path use):
@@ -15,7 +16,8 @@ Served, as GCS answers them (what the provisioner and google-cloud-storage's dow
   with `Content-Length`; one `Range: bytes=A-B` / `A-` / `-N` gives 206 with `Content-Range`
   (416 when unsatisfiable), which google-resumable-media sends for partial and resumed downloads;
 - `GET /storage/v1/b/BUCKET/o/OBJECT` without `alt=media`: the object's JSON resource (`name`,
-  `bucket`, `size` as a string, `generation` from the file's mtime, ...); `generation=` in the
+  `bucket`, `size` as a string, `generation` from the file's mtime, `selfLink` and `mediaLink` on
+  the request's `Host`, ...); `generation=` in the
   query must match (404 otherwise, as for an older generation);
 - everything needs `Authorization: Bearer TOKEN` (the metadata server's token): 401 with a GCS
   JSON error when it is missing or wrong, checked before anything else; 404 (GCS JSON) for a
@@ -49,7 +51,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cos_customizer.executors.loopback_http import LoopbackServer
+from cos_customizer.executors.loopback_http import PrivateHttpServer
 
 # As qemu_resources.BUCKET (not imported: qemu_resources may well come to import this module).
 BUCKET = re.compile(r"[a-z0-9][-a-z0-9_.]{1,220}[a-z0-9]")
@@ -58,6 +60,7 @@ API_PATH = re.compile(r"/storage/v1(/.*)?")
 RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 CHUNK = 1 << 20
 MAX_NAME_BYTES = 1024  # GCS's limit on an object name (UTF-8)
+HOST = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")  # a Host header's value
 
 
 @dataclass(frozen=True)
@@ -125,12 +128,13 @@ def _range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-class GcsServer(LoopbackServer):
-    name = "GCS server"
-
+class GcsServer(PrivateHttpServer):
     """A read-only GCS JSON API over `root/BUCKET/OBJECT`; a context manager (start on enter, close on exit)."""
 
-    def __init__(self, root: Path, token: str) -> None:
+    name = "GCS server"
+    prefix = "gcs."  # short: QEMU's socket paths must stay under 108 bytes
+
+    def __init__(self, root: Path, token: str, *, socket_parent: Path | None = None) -> None:
         if not token:
             raise ValueError("the GCS server needs a token to require")
         self.root = Path(root)
@@ -139,9 +143,9 @@ class GcsServer(LoopbackServer):
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._connections: set[socket.socket] = set()
-        super().__init__()
+        super().__init__(socket_parent)
 
-    # -- life cycle (LoopbackServer's, with these hooks)
+    # -- life cycle (PrivateHttpServer's, with these hooks)
 
     def handler_class(self) -> type[http.server.BaseHTTPRequestHandler]:
         return _handler(self)
@@ -159,10 +163,6 @@ class GcsServer(LoopbackServer):
             for connection in self._connections:
                 with contextlib.suppress(OSError):
                     connection.shutdown(socket.SHUT_RDWR)
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://{self.host}"
 
     @property
     def closed(self) -> bool:
@@ -216,15 +216,16 @@ class GcsServer(LoopbackServer):
             for fd in reversed(fds):
                 os.close(fd)
 
-    def resource(self, bucket: str, name: str, info: os.stat_result) -> dict[str, str]:
-        """The object's JSON resource, as objects.get answers it."""
+    def resource(self, bucket: str, name: str, info: os.stat_result, host: str | None) -> dict[str, str]:
+        """The object's JSON resource, as objects.get answers it; its links on `host` (the request's Host)."""
+        endpoint = f"http://{host if host and HOST.fullmatch(host) else 'localhost'}"
         generation = str(info.st_mtime_ns // 1000)
         quoted = f"b/{urllib.parse.quote(bucket, safe='')}/o/{urllib.parse.quote(name, safe='')}"
         return {
             "kind": "storage#object",
             "id": f"{bucket}/{name}/{generation}",
-            "selfLink": f"{self.endpoint}/storage/v1/{quoted}",
-            "mediaLink": f"{self.endpoint}/download/storage/v1/{quoted}?generation={generation}&alt=media",
+            "selfLink": f"{endpoint}/storage/v1/{quoted}",
+            "mediaLink": f"{endpoint}/download/storage/v1/{quoted}?generation={generation}&alt=media",
             "name": name,
             "bucket": bucket,
             "generation": generation,
@@ -323,7 +324,7 @@ def _handler(server: GcsServer) -> type[http.server.BaseHTTPRequestHandler]:
                 raise Refusal(400, "The download path needs alt=media.", "invalid")
             bucket, name = _unquote(match.group(2), "bucket name"), _unquote(match.group(3), "object name")
             with server.open_object(bucket, name) as (fd, info):
-                resource = server.resource(bucket, name, info)
+                resource = server.resource(bucket, name, info, self.headers.get("Host"))
                 if "generation" in query and query["generation"] != resource["generation"]:
                     raise Refusal(404, f"No such object: {bucket}/{name}", "notFound")
                 if media:

@@ -1,8 +1,9 @@
 """A local GCE metadata server: what the guest of a rehearsed GCE build reads at 169.254.169.254.
 
-`MetadataServer` listens on 127.0.0.1 (a random port; QEMU's guestfwd takes the
-guest's connections there) and answers the metadata server's v1 API as Compute
-Engine does for what the build's guest uses:
+`MetadataServer` listens on a unix socket in a private directory (`loopback_http`:
+only this uid can connect; QEMU's guestfwd takes the guest's connections there
+through socat) and answers the metadata server's v1 API as Compute Engine does
+for what the build's guest uses:
 
 - every request needs `Metadata-Flavor: Google` (403 otherwise, and 403 for a
   request carrying `X-Forwarded-For`, i.e. one that came through a proxy);
@@ -40,8 +41,9 @@ import time
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
-from cos_customizer.executors.loopback_http import LoopbackServer
+from cos_customizer.executors.loopback_http import PrivateHttpServer
 
 PREFIX = "/computeMetadata/v1/"
 FLAVOR = ("Metadata-Flavor", "Google")
@@ -91,10 +93,11 @@ def _json(node: Tree, literal: bool) -> object:
     return out
 
 
-class MetadataServer(LoopbackServer):
-    name = "metadata server"
-
+class MetadataServer(PrivateHttpServer):
     """A GCE metadata server for one instance; a context manager (start on enter, close on exit)."""
+
+    name = "metadata server"
+    prefix = "md."  # short: QEMU's socket paths must stay under 108 bytes
 
     def __init__(
         self,
@@ -110,6 +113,7 @@ class MetadataServer(LoopbackServer):
         token: str = "ya29.local-metadata-token",
         token_lifetime: int = 3599,
         email: str | None = None,
+        socket_parent: Path | None = None,
     ) -> None:
         self.token = token
         self.token_lifetime = token_lifetime
@@ -134,9 +138,9 @@ class MetadataServer(LoopbackServer):
         self._fixed_project: Tree = {"project-id": project_id, "numeric-project-id": project_number}
         self._changed = threading.Condition()
         self._closed = False
-        super().__init__()
+        super().__init__(socket_parent)
 
-    # -- life cycle (LoopbackServer's, with this hook)
+    # -- life cycle (PrivateHttpServer's, with this hook)
 
     def handler_class(self) -> type[http.server.BaseHTTPRequestHandler]:
         return _handler(self)

@@ -58,6 +58,7 @@ from typing import Any
 
 from cos_customizer.disk import gpt
 from cos_customizer.errors import CustomizerError
+from cos_customizer.executors.loopback_http import SAFE_PATH
 
 QEMU = "qemu-system-x86_64"
 METADATA_IP = "169.254.169.254"
@@ -222,7 +223,9 @@ class InstanceSpec:
     `disks` are the boot disk then the others (CIDATA, SCRATCH ...): raw files the guest sees as
     /dev/sda, /dev/sdb, ... on virtio-scsi. `serial_port3` receives the guest's /dev/ttyS2 (GCE's
     serial port 3); `console` its /dev/ttyS0 (port 1), discarded when None. The metadata server
-    listens on the host's 127.0.0.1:`metadata_port` and is reached as 169.254.169.254:80.
+    listens on the unix socket `metadata_socket` (in a directory only this uid can enter) and is
+    reached as 169.254.169.254:80: QEMU starts `socat - UNIX-CONNECT:SOCKET` per guest connection.
+    Nothing listens on the host's TCP ports, which every local user could reach.
 
     The boot disk is the only SCSI disk (virtio-scsi, `scsi-hd`), the others are virtio-blk
     (/dev/vdX in the guest): Linux names SCSI disks in the order their asynchronous probes run,
@@ -234,7 +237,7 @@ class InstanceSpec:
     disks: tuple[Path, ...]
     serial_port3: Path
     qmp_socket: Path
-    metadata_port: int
+    metadata_socket: Path
     console: Path | None = None
     kernel: Path | None = None
     initrd: Path | None = None
@@ -247,8 +250,8 @@ class InstanceSpec:
     serial_append: bool = False
     # A second QMP monitor, for a reader of events only (the first one stays free for commands).
     events_socket: Path | None = None
-    # More guest services on the host's loopback: (guest address, guest port, host port), like the metadata one.
-    forwards: tuple[tuple[str, int, int], ...] = ()
+    # More guest services: (guest address, guest port, the host's unix socket), like the metadata one.
+    forwards: tuple[tuple[str, int, Path], ...] = ()
     qemu: str = QEMU
     socat: str = "socat"
 
@@ -259,9 +262,13 @@ class InstanceSpec:
             raise ValueError(f"accel {self.accel!r}: use one of {', '.join(ACCELS)}")
         if self.kernel is None and (self.initrd is not None or self.append is not None):
             raise ValueError("an initrd or a command line needs a kernel to boot")
-        for port in (self.metadata_port, *(p for forward in self.forwards for p in forward[1:])):
+        for _address, port, path in ((METADATA_IP, 80, self.metadata_socket), *self.forwards):
             if not 0 < port < 65536:
                 raise ValueError(f"port {port} is not a TCP port")
+            # The guestfwd command is split on blanks (glib's shell rules, no shell), and socat's address
+            # syntax gives ':', ',' and '!!' a meaning: a path with none of them is passed as it is.
+            if not SAFE_PATH.fullmatch(os.fspath(path)):
+                raise ValueError(f"socket path {os.fspath(path)!r}: use letters, digits and _./+- only")
 
 
 def _opt(value: str | os.PathLike[str]) -> str:
@@ -294,10 +301,10 @@ def qemu_argv(spec: InstanceSpec) -> list[str]:
         append = ",append=on" if spec.serial_append else ""
         backend = f"file,id=serial{port},path={_opt(path)}{append}" if path is not None else f"null,id=serial{port}"
         argv += ["-chardev", backend, "-serial", f"chardev:serial{port}"]
-    forwards = ((METADATA_IP, 80, spec.metadata_port), *spec.forwards)
+    forwards = ((METADATA_IP, 80, spec.metadata_socket), *spec.forwards)
     guestfwds = "".join(
-        f",guestfwd={_opt(f'tcp:{address}:{port}-cmd:{spec.socat} - TCP:127.0.0.1:{host_port}')}"
-        for address, port, host_port in forwards
+        f",guestfwd={_opt(f'tcp:{address}:{port}-cmd:{spec.socat} - UNIX-CONNECT:{os.fspath(path)}')}"
+        for address, port, path in forwards
     )
     argv += ["-netdev", f"user,id=n0,net={GUEST_NET}{guestfwds}"]
     argv += ["-device", "virtio-net-pci,netdev=n0,romfile="]

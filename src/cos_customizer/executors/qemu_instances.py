@@ -107,7 +107,7 @@ class Machine:
     memory_mb: int
     cpus: int
     extra_append: str = ""  # added to every boot's kernel command line (after the grub.cfg entry's)
-    forwards: tuple[tuple[str, int, int], ...] = ()  # more guestfwd services, as InstanceSpec.forwards
+    forwards: tuple[tuple[str, int, Path], ...] = ()  # more guestfwd services, as InstanceSpec.forwards
     on_boot: Callable[[Machine, BootChoice], None] = lambda _machine, _choice: None
     boots: int = 0
     guest_seconds: float = 0.0  # how long QEMU ran, summed over the boots that ended
@@ -144,7 +144,7 @@ class Machine:
             serial_port3=self.port3,
             console=self.console,
             qmp_socket=self.directory / "qmp.sock",
-            metadata_port=self.instance.metadata.port,
+            metadata_socket=self.instance.metadata.socket,
             kernel=kernel,
             initrd=initrd,
             append=f"{choice.append} {self.extra_append}".rstrip(),
@@ -291,7 +291,7 @@ class QemuInstances:
         cpus: int = 2,
         rundir: Path | None = None,
         extra_append: str = "",
-        forwards: tuple[tuple[str, int, int], ...] = (),
+        forwards: tuple[tuple[str, int, Path], ...] = (),
         on_boot: Callable[[Machine, BootChoice], None] | None = None,
     ) -> None:
         self.resources = resources

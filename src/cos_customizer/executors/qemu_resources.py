@@ -10,7 +10,9 @@ by `close()`) holding everything the workflow makes:
   metadata server's token) is the job of whoever starts the guest.
 - `images/NAME.raw`, `disks/NAME.raw`: sparse raw files, by Daisy name;
 - one `MetadataServer` per instance, and per instance the QMP client and "is it running" that
-  `CreateInstances` fills in once QEMU runs (`add_instance`).
+  `CreateInstances` fills in once QEMU runs (`add_instance`). Each metadata server listens on a
+  unix socket in a private directory made under `sockets` (the caller's short 0700 run directory;
+  `loopback_http`), never on a TCP port: its token opens the GCS tree, build context included.
 
 `handlers()` gives the `daisy_local` handlers of the step types below; `CreateInstances` and
 `WaitForInstancesSignal` belong to the QEMU side. Fields honoured (from compute-daisy's step files
@@ -117,7 +119,9 @@ class Resources:
         project: str = "cos-customizer-local",
         zone: str = "local-zone-a",
         token: str = "",
+        sockets: Path | None = None,
     ) -> None:
+        self.sockets = sockets  # where the metadata servers' private socket directories go
         self.token = token or f"ya29.local-{uuid.uuid4().hex}"  # every instance's service-account token
         self.gcs_path = gcs_path.rstrip("/")
         bucket, _ = self._split(self.gcs_path)  # checked before anything is made
@@ -247,7 +251,8 @@ class Resources:
         """Register an instance using `disks` and start its metadata server; both go at the end of the run."""
         for disk in disks:
             self._disk(disk, f"instance {name}")
-        server = MetadataServer(attributes, project_id=self.project, zone=self.zone, name=name, token=self.token)
+        server = MetadataServer(attributes, project_id=self.project, zone=self.zone, name=name, token=self.token,
+                                socket_parent=self.sockets)  # fmt: skip
         server.start()
         instance = Instance(name, disks, server)
         with self._lock:

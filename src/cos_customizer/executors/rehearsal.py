@@ -10,7 +10,8 @@ and the document runs with `daisy_local.run` against local resources:
 
 - GCS is a directory tree (`qemu_resources.Resources`); the build context and the install-gpu deps
   are put where the GCE build uploads them; the guest reads them through `GcsServer`, which asks
-  for the metadata server's token as GCS asks for a service account's;
+  for the metadata server's token as GCS asks for a service account's; both servers listen on unix
+  sockets in the run's private directory (`loopback_http`), so no other local user reaches them;
 - images and disks are sparse files; the source image is the `-image-file`;
 - the preload VM is QEMU (`qemu_instances`), booted as COS's GRUB boots it, with a metadata server
   at 169.254.169.254 and the GCS server at `GCS_ADDRESS`; the guest's systemd gets
@@ -37,7 +38,7 @@ from cos_customizer import provisioner_build, runner
 from cos_customizer.config import BuildConfig, SourceImage
 from cos_customizer.disk import gpt
 from cos_customizer.errors import CustomizerError
-from cos_customizer.executors import daisy_local, preload, qemu_boot, startup, workflow
+from cos_customizer.executors import daisy_local, loopback_http, preload, qemu_boot, startup, workflow
 from cos_customizer.executors.daisy_local import StepContext, StepEvent
 from cos_customizer.executors.gcs_server import GcsServer
 from cos_customizer.executors.qemu_boot import BootChoice
@@ -55,7 +56,7 @@ LOCAL_ZONE = "local-zone-a"
 LOCAL_BUCKET = "cos-customizer-local"
 ACCEL_ENV = "COS_CUSTOMIZER_QEMU_ACCEL"  # "kvm" or "tcg" to force one; unset: KVM when a kernel runs under it
 REBOOT_REASON = "Reboot required:"  # the provisioner's line before it exits 3 (provisioner.main)
-SOCKET_BASE_MAX = 60  # characters of $TMPDIR that leave room for the socket names below it
+SOCKET_BASE_MAX = loopback_http.SOCKET_BASE_MAX  # characters of $TMPDIR that leave room for the sockets below it
 INSTANCE_MEMORY_MB = 2048
 INSTANCE_CPUS = 2
 # The daisy flags `workflow.daisy_args` writes: with a value, and without.
@@ -207,10 +208,10 @@ def _upload_inputs(resources: Resources, build: BuildConfig, build_context: Path
 
 
 def socket_parent() -> str:
-    """Where the instances' directories go: they hold QEMU's unix sockets (`DIR/cos-qemu.X/cos-vm.Y/events.sock`),
-    whose paths may not exceed 107 bytes; a long $TMPDIR gave "AF_UNIX path too long", so then /tmp."""
-    base = tempfile.gettempdir()
-    return base if len(base) <= SOCKET_BASE_MAX else "/tmp"
+    """Where the run's private directory goes: it holds QEMU's unix sockets (`DIR/cos-qemu.X/cos-vm.Y/events.sock`)
+    and the servers' (`DIR/cos-qemu.X/md.Y/http.sock`), whose paths may not exceed 107 bytes and are passed to
+    socat as they are; a long $TMPDIR gave "AF_UNIX path too long", so then /tmp (`loopback_http.socket_base`)."""
+    return loopback_http.socket_base()
 
 
 def check_tools() -> None:
@@ -224,8 +225,9 @@ def run(job: Rehearsal, environ: Mapping[str, str], say: Callable[[str], None]) 
     check_tools()
     if job.accel not in ("", "kvm", "tcg"):
         raise RehearsalFailed(f"${ACCEL_ENV}={job.accel}: use kvm or tcg, or leave it unset")
-    # The step image's prebuilt provisioner, checked before anything is made (a stale one is refused).
-    prebuilt = provisioner_build.prebuilt(environ) if job.provisioner_binary is None else None
+    # What CIDATA will hold, checked before anything is made (a stale prebuilt one is refused); the copy
+    # shipped is made and checked again below.
+    provisioner_build.check_choice(job.provisioner_binary, environ)
     result = Result()
     progress = _Progress(result, say)
     build = job.build
@@ -235,7 +237,7 @@ def run(job: Rehearsal, environ: Mapping[str, str], say: Callable[[str], None]) 
         tempfile.TemporaryDirectory(prefix="cos-qemu.", dir=socket_parent()) as run_dir,
     ):
         work = Path(tmp)
-        binary = job.provisioner_binary or prebuilt
+        binary = provisioner_build.ship(work / "provisioner", job.provisioner_binary, environ)
         if binary is None:
             binary, _ = provisioner_build.build(work / "provisioner", dict(environ))
         cidata, scratch = preload.cidata_disk(work, binary, job.provisioner), preload.scratch_disk(work)
@@ -255,7 +257,8 @@ def run(job: Rehearsal, environ: Mapping[str, str], say: Callable[[str], None]) 
             source_images={source.url: Path(job.source.ImageFile)},
             project=invocation.project,
             zone=invocation.zone,
-        ) as resources, GcsServer(resources.gcs, resources.token) as gcs:  # fmt: skip
+            sockets=Path(run_dir),
+        ) as resources, GcsServer(resources.gcs, resources.token, socket_parent=Path(run_dir)) as gcs:  # fmt: skip
             document = json.loads(Path(invocation.workflow_path).read_text())
             wf = daisy_local.load(document, invocation.vars, workflow_dir=work, autovars=resources.autovars())
             _upload_inputs(resources, build, job.build_context)
@@ -267,7 +270,7 @@ def run(job: Rehearsal, environ: Mapping[str, str], say: Callable[[str], None]) 
                 cpus=INSTANCE_CPUS,
                 rundir=Path(run_dir),
                 extra_append=f"systemd.setenv=STORAGE_EMULATOR_HOST=http://{GCS_ADDRESS}",
-                forwards=((GCS_ADDRESS, 80, gcs.port),),
+                forwards=((GCS_ADDRESS, 80, gcs.socket),),
                 on_boot=progress.boot,
             )
             handlers = {**resources.handlers(), **instances.handlers()}
