@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from cos_customizer.executors.gcs_server import GcsServer
 from cos_customizer.executors.metadata_server import MetadataServer
 from cos_customizer.provisioner import download
+from tests.local_attacker import attack, unreachable
 from tests.test_download import TOKEN, standins
 from tests.unix_http import UnixHTTPConnection, tcp_bridge
 
@@ -261,3 +263,41 @@ def test_provisioner_downloads_gs_objects_with_the_servers_token(
         with pytest.raises(download.DownloadError, match="HTTP 403"):
             download.fetch("gs://bucket/dir/context.tar.gz", tmp_path / "again")
         assert not (tmp_path / "again").exists()
+
+
+# -- other local users (issue 20, point 4): the guest's services are the tool's uid's only
+
+CONTEXT = "/storage/v1/b/cos-customizer-local/o/cos-customizer%2Fuser_build_context.tar?alt=media"
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (the probe runs as nobody)")
+
+
+@needs_root
+def test_other_local_users_get_neither_the_token_nor_the_user_data_nor_an_object(tmp_path: Path) -> None:
+    """Both servers as a rehearsal starts them; `nobody` finds this process's listening sockets in /proc/net and
+    asks each for the token, the user-data and, with any token it got, the build context's object."""
+    secret = "build context secret 7d1f0c"
+    (tmp_path / "gcs" / "cos-customizer-local" / "cos-customizer").mkdir(parents=True)
+    (tmp_path / "gcs" / "cos-customizer-local" / "cos-customizer" / "user_build_context.tar").write_text(secret)
+    user_data = "#cloud-config\nruncmd: [echo private]\n"
+    with MetadataServer({"user-data": user_data}, token=TOKEN) as md, GcsServer(tmp_path / "gcs", TOKEN) as gcs:
+        loot = attack(CONTEXT)
+        assert loot.leaked(TOKEN, user_data, secret) == []
+        assert loot.targets and [target for target in loot.targets if target.startswith("tcp ")] == []
+        # Each server's socket was seen in /proc/net/unix, and the kernel refused every connection (EACCES).
+        assert unreachable(loot, md.socket) and unreachable(loot, gcs.socket), loot.answers
+        # This uid is served: the guest's side (QEMU's socat) runs as this uid.
+        assert get(md, "instance/service-accounts/default/token").json()["access_token"] == TOKEN  # type: ignore[index]
+
+
+@needs_root
+def test_a_connection_from_another_uid_is_not_served_even_where_it_can_connect() -> None:
+    """Defence in depth: with the private directory opened up by mistake, the peer's uid is still refused."""
+    with MetadataServer({"user-data": "#cloud-config\n"}, token=TOKEN) as md:
+        md.socket.parent.chmod(0o755)
+        md.socket.chmod(0o666)
+        loot = attack(CONTEXT)
+        mine = [a for a in loot.answers if a["target"] == f"unix {md.socket}"]
+        assert mine and all(not a.get("status") and not a["body"] for a in mine), mine
+        assert loot.leaked(TOKEN, "#cloud-config") == []
+        assert get(md, "instance/attributes/user-data").body == b"#cloud-config\n"
+    assert [r.path for r in md.requests] == ["/computeMetadata/v1/instance/attributes/user-data"]

@@ -8,18 +8,27 @@ inputs (a different path to the same result: no VM, no reboots, no shutdown unit
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
+import stat
+import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cos_customizer import sample_image
+from cos_customizer.cli.main import main
 from cos_customizer.disk import ext, gpt, grub
-from cos_customizer.executors import rehearsal
+from cos_customizer.executors import qemu_instances, rehearsal
+from cos_customizer.executors.qemu_boot import BootChoice
 from tests.conftest import sh
+from tests.local_attacker import attack, unreachable
 from tests.shipped import shipped_provisioner
 from tests.test_local_build import cat, cli, copy_of, exists, leaks, start, verity_verify
 
@@ -212,3 +221,92 @@ def test_a_failing_script_fails_the_rehearsal_and_leaves_nothing(tmp_path: Path,
     assert not [p for p in Path("/tmp").glob("cos-qemu.*") if p.stat().st_mtime >= started]
     assert leaks(tmp_path) == ([], [])
     assert not (tmp_path / "ws").exists()
+
+
+# -- other local users (issue 20, point 4)
+
+CONTEXT_MEDIA = "/storage/v1/b/cos-customizer-local/o/cos-customizer%2Fuser_build_context.tar?alt=media"
+
+
+def _through_guestfwd(argv: list[str], guest: str, request: bytes) -> bytes:
+    """What the guest gets for `request` sent to `guest` (ADDRESS:PORT): QEMU's guestfwd command for it, from the
+    instance's real argv, run as QEMU runs it (split on blanks, no shell) with the guest's bytes on its stdin."""
+    netdev = argv[argv.index("-netdev") + 1]
+    commands = dict(part.split("-cmd:", 1) for part in netdev.split(",guestfwd=")[1:])
+    with subprocess.Popen(shlex.split(commands[f"tcp:{guest}"]), stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE) as proc:  # fmt: skip
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(request)
+        proc.stdin.flush()
+        answer = proc.stdout.read()  # the server closes after its answer (HTTP/1.0); the guest's side stays open
+        proc.stdin.close()
+    return answer
+
+
+def test_other_local_users_reach_none_of_the_rehearsals_services(
+    tmp_path: Path, sample_raw: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real rehearsal up to its first boot: then `nobody` scans /proc/net and asks every listening socket of
+    this process for the token, the user-data and the build context; and the guest's path gets all three."""
+    for tool in ("qemu-system-x86_64", "socat"):
+        if not sh("which", tool, check=False).stdout.strip():
+            pytest.skip(f"{tool} is not installed (scripts/setup installs it)")
+    secret = f"build secret {uuid.uuid4().hex}"
+    (tmp_path / "context").mkdir()
+    (tmp_path / "context" / "secret.txt").write_text(secret)
+    (tmp_path / "context" / "ok.sh").write_text("true\n")
+    source = tmp_path / "source.raw"
+    sh("cp", "--sparse=always", sample_raw, source)
+    binary = tmp_path / "provisioner"
+    binary.write_bytes(b"\x7fELF stand-in: never booted here\n")
+    env = {"HOME": str(tmp_path), "COS_CUSTOMIZER_WORKDIR": str(tmp_path / "ws"), "PATH": os.environ["PATH"],
+           rehearsal.ACCEL_ENV: "tcg"}  # fmt: skip
+    assert main(["start-image-build", f"-build-context={tmp_path / 'context'}", f"-image-file={source}"], env) == 0
+    assert main(["run-script", "-script=ok.sh"], env) == 0
+    seen: dict[str, Any] = {}
+
+    def first_boot(machine: qemu_instances.Machine) -> None:
+        metadata = machine.instance.metadata
+        seen["token"], seen["user-data"] = metadata.token, metadata.attributes()["user-data"]
+        seen["loot"] = attack(CONTEXT_MEDIA)
+        argv = machine._argv(BootChoice(0, "t", "/k", ""), machine.directory / "kernel", None)
+        seen["sockets"] = [Path(arg.rsplit("UNIX-CONNECT:", 1)[1]) for arg in argv[argv.index("-netdev") + 1]
+                           .split(",guestfwd=")[1:]]  # fmt: skip
+        seen["modes"] = [stat.S_IMODE(path.parent.stat().st_mode) for path in seen["sockets"]]
+        flavor = b"Metadata-Flavor: Google\r\n\r\n"
+        seen["guest token"] = _through_guestfwd(
+            argv,
+            "169.254.169.254:80",
+            b"GET /computeMetadata/v1/instance/service-accounts/default/token HTTP/1.1\r\nHost: m\r\n" + flavor,
+        )
+        seen["guest user-data"] = _through_guestfwd(
+            argv,
+            "169.254.169.254:80",
+            b"GET /computeMetadata/v1/instance/attributes/user-data HTTP/1.1\r\nHost: m\r\n" + flavor,
+        )
+        bearer = f"Authorization: Bearer {metadata.token}\r\n\r\n".encode()
+        seen["guest context"] = _through_guestfwd(
+            argv, f"{rehearsal.GCS_ADDRESS}:80", f"GET {CONTEXT_MEDIA} HTTP/1.1\r\nHost: g\r\n".encode() + bearer
+        )
+        raise qemu_instances.InstanceError("the test stops here: no guest boots")  # fmt: skip
+
+    monkeypatch.setattr(qemu_instances.Machine, "start", first_boot)
+    code = main(["finish-image-build", "-executor=qemu", f"-output={tmp_path / 'out.raw'}",
+                 f"-provisioner-binary={binary}", "-timeout=10m"], env)  # fmt: skip
+    assert code == 1 and "loot" in seen, seen
+    loot = seen["loot"]
+    # nobody saw this process's listening sockets in /proc/net, and got nothing from any of them.
+    assert loot.targets, loot
+    assert loot.leaked(seen["token"], seen["user-data"], secret) == []
+    assert not [target for target in loot.targets if target.startswith("tcp ")], loot.targets
+    metadata_socket, gcs_socket = seen["sockets"]
+    assert unreachable(loot, metadata_socket) and unreachable(loot, gcs_socket), loot.answers
+    assert seen["modes"] == [0o700, 0o700]
+    # The guest's path, QEMU's own guestfwd commands, gets all three.
+    assert b"200 OK" in seen["guest token"].split(b"\r\n", 1)[0]
+    assert json.loads(seen["guest token"].split(b"\r\n\r\n", 1)[1])["access_token"] == seen["token"]
+    assert seen["guest user-data"].split(b"\r\n\r\n", 1)[1].decode() == seen["user-data"]
+    assert seen["user-data"].startswith("#cloud-config")
+    assert b"200 OK" in seen["guest context"].split(b"\r\n", 1)[0] and secret.encode() in seen["guest context"]
+    # The servers' private directories went with the run.
+    assert not metadata_socket.parent.exists() and not gcs_socket.parent.exists()
