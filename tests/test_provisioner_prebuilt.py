@@ -1,12 +1,16 @@
 """A prebuilt provisioner (the step image's): chosen by $COS_CUSTOMIZER_PROVISIONER or the fixed path,
 used only when its manifest names this package's version and sources and the file's own sha256, and
-checked by reading it, never by running it."""
+checked by reading it, never by running it. What a build ships is the copy it checked, never the file
+as a path names it later; files other users could change, FIFOs and oversized manifests are refused."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +18,8 @@ import pytest
 
 import cos_customizer
 from cos_customizer import provisioner_build
-from cos_customizer.errors import ValidationError
+from cos_customizer.errors import CustomizerError, ValidationError
+from cos_customizer.executors import preload
 from tests.conftest import CLI
 from tests.test_gce_build import BUCKET, daisy, gcs, managed  # noqa: F401 (fixtures)
 
@@ -257,3 +262,207 @@ def test_the_dry_run_names_the_prebuilt_and_refuses_a_stale_one(cli: CLI, contex
     result = cli("finish-image-build", *flags, env={ENV: str(binary)})
     assert result.code == 1
     assert result.err.endswith("describes (sha256 differs)\n")
+
+
+# --- What is shipped is what was checked (issue 20, point 10) ---
+
+ORIGINAL = elf(body=b"the provisioner the manifest describes")
+SWAPPED = elf(body=b"a provisioner swapped in after the check")
+
+
+def cidata_provisioner(archive: Path, tmp: Path) -> bytes:
+    """The provisioner on a CIDATA disk (`.tar.gz` of disk.raw), read back with tar and mtools."""
+    with tarfile.open(archive) as tar:
+        member = tar.extractfile("disk.raw")
+        assert member is not None
+        (tmp / "disk.raw").write_bytes(member.read())
+    copied = tmp / "provisioner-from-cidata"
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+    subprocess.run(["mcopy", "-n", "-i", str(tmp / "disk.raw"), "::/provisioner", str(copied)], env=env, check=True)
+    return copied.read_bytes()
+
+
+def swap_when_cidata_is_made(
+    monkeypatch: pytest.MonkeyPatch, named: Path, tmp_path: Path, stop: bool = False
+) -> list[bytes]:
+    """Replace `named` (rename over it, its manifest left as it was) once every check is done, just before
+    the CIDATA disk is made; returns the provisioner bytes CIDATA then got. `stop` ends the build there."""
+    shipped: list[bytes] = []
+    real = preload.cidata_disk
+
+    def swapping(work: Path, binary: Path, config: Any) -> Path:
+        replacement = named.with_name("replacement")
+        replacement.write_bytes(SWAPPED)
+        replacement.chmod(0o755)
+        replacement.replace(named)
+        archive = real(work, binary, config)
+        unpacked = tmp_path / f"cidata-{len(shipped)}"
+        unpacked.mkdir()
+        shipped.append(cidata_provisioner(archive, unpacked))
+        if stop:
+            raise CustomizerError("stopped by the test once CIDATA was made")
+        return archive
+
+    monkeypatch.setattr(preload, "cidata_disk", swapping)
+    return shipped
+
+
+@pytest.mark.parametrize("given", ["prebuilt", "provisioner-binary"])
+def test_a_gce_build_ships_the_bytes_it_checked_not_a_file_swapped_after(
+    cli: CLI,
+    context_dir: Path,
+    gcs: Any,  # noqa: F811
+    daisy: tuple[Path, Path],  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    given: str,
+) -> None:
+    binary = make_prebuilt(tmp_path / "prebuilt", content=ORIGINAL)
+    shipped = swap_when_cidata_is_made(monkeypatch, binary, tmp_path)
+    gce_steps(cli, context_dir)
+    if given == "prebuilt":
+        result = gce_finish(cli, daisy, **{ENV: str(binary)})
+    else:
+        environ = {"COS_CUSTOMIZER_DAISY": str(daisy[0]), "DAISY_STANDIN_RECORD": str(daisy[1]),
+                   "DAISY_STANDIN_INSPECT": "1", "STORAGE_EMULATOR_HOST": os.environ["STORAGE_EMULATOR_HOST"]}  # fmt: skip
+        result = cli("finish-image-build", "-zone=us-west1-b", "-project=my-proj", "-image-project=my-proj",
+                     "-image-name=custom-1", "-oem-size=1G", "-disk-size-gb=13", f"-provisioner-binary={binary}",
+                     env=environ)  # fmt: skip
+    assert result.code == 0, result.err
+    assert binary.read_bytes() == SWAPPED  # the swap happened
+    assert shipped == [ORIGINAL]
+    record = json.loads(daisy[1].read_text())
+    assert record["inspected"]["cidata_provisioner_sha256"] == hashlib.sha256(ORIGINAL).hexdigest()
+
+
+def test_a_rehearsal_ships_the_bytes_it_checked_not_a_file_swapped_after(
+    local_build: CLI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    binary = make_prebuilt(tmp_path / "prebuilt", content=ORIGINAL)
+    shipped = swap_when_cidata_is_made(monkeypatch, binary, tmp_path, stop=True)
+    output = tmp_path / "out.raw"
+    result = local_build("finish-image-build", "-executor=qemu", f"-output={output}", env={ENV: str(binary)})
+    assert result.err.endswith("error: stopped by the test once CIDATA was made\n"), result.err
+    assert binary.read_bytes() == SWAPPED
+    assert shipped == [ORIGINAL]
+    assert not output.exists()
+
+
+def refused_at(binary: Path) -> str:
+    return refused({ENV: str(binary)})
+
+
+def test_a_file_or_directory_other_users_could_change_is_refused(tmp_path: Path) -> None:
+    binary = make_prebuilt(tmp_path / "open" / "dir")
+    manifest = provisioner_build.manifest_path(binary)
+    where = f"the prebuilt provisioner {binary} (${ENV})"
+    keep = "keep it in directories only root or you can write"
+
+    binary.chmod(0o757)
+    assert refused_at(binary) == f"{where} is writable by every user, so anyone could change it: chmod o-w it"
+    binary.chmod(0o755)
+    os.chown(binary, 4321, 0)
+    assert refused_at(binary) == f"{where} belongs to uid 4321, who could change it: use a copy owned by root or you"
+    os.chown(binary, os.geteuid(), 0)
+    manifest.chmod(0o646)
+    assert refused_at(binary) == (
+        f"the prebuilt provisioner's manifest {manifest} is writable by every user, so anyone could change it: "
+        "chmod o-w it"
+    )
+    manifest.chmod(0o644)
+    assert provisioner_build.prebuilt({ENV: str(binary)}) == binary  # as it was made: accepted
+
+    (tmp_path / "open").chmod(0o777)  # every user can rename "dir" in it
+    assert (
+        refused_at(binary)
+        == f"{where} is in {tmp_path / 'open'}, which every user can write, so anyone could swap the file: {keep}"
+    )
+    (tmp_path / "open").chmod(0o755)
+    os.chown(binary.parent, 4321, 0)
+    assert (
+        refused_at(binary)
+        == f"{where} is in {binary.parent}, which belongs to uid 4321, who could swap the file: {keep}"
+    )
+    os.chown(binary.parent, os.geteuid(), 0)
+
+    # A sticky directory (/tmp): others cannot rename what is not theirs; the entries on the path are ours.
+    (tmp_path / "open").chmod(0o1777)
+    assert provisioner_build.prebuilt({ENV: str(binary)}) == binary
+    os.chown(binary.parent, 4321, 0)  # but an entry of another user's in it is theirs to swap
+    assert (
+        refused_at(binary)
+        == f"{where} is in {binary.parent}, which belongs to uid 4321, who could swap the file: {keep}"
+    )
+
+
+def test_a_provisioner_binary_other_users_could_change_is_refused_by_the_dry_run_and_the_build(
+    cli: CLI, context_dir: Path, tmp_path: Path
+) -> None:
+    binary = make_prebuilt(tmp_path / "mine")
+    binary.chmod(0o646)
+    gce_steps(cli, context_dir)
+    flags = ("-zone=us-west1-b", "-project=my-proj", "-image-project=my-proj", "-image-name=custom-1",
+             f"-provisioner-binary={binary}")  # fmt: skip
+    expected = (
+        f"cos-customizer: error: -provisioner-binary={binary} is writable by every user, so anyone could change it: "
+        "chmod o-w it\n"
+    )
+    for extra in (("-dry-run",), ()):
+        result = cli("finish-image-build", *flags, *extra, env={"COS_CUSTOMIZER_DAISY": "/nonexistent/daisy"})
+        assert (result.code, result.err) == (1, expected)
+
+
+def cli_with_memory_limit(tmp_path: Path, binary: Path) -> subprocess.CompletedProcess[str]:
+    """build-provisioner with `binary` named, in a process of at most 1 GiB that must end within 60 s."""
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)); "
+            "from cos_customizer.cli.main import main; sys.exit(main())")  # fmt: skip
+    source = str(Path(cos_customizer.__file__).parents[1])  # the code this test imported
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHONPATH": source, ENV: str(binary)}
+    return subprocess.run([sys.executable, "-c", code, "build-provisioner", f"-output={tmp_path / 'out'}"],
+                          env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+def test_a_fifo_manifest_is_refused_at_once(tmp_path: Path) -> None:
+    binary = make_prebuilt(tmp_path / "p")
+    manifest = provisioner_build.manifest_path(binary)
+    manifest.unlink()
+    os.mkfifo(manifest)  # nobody ever writes it: an open that waits for a writer never returns
+    result = cli_with_memory_limit(tmp_path, binary)
+    assert (result.returncode, result.stderr) == (1, (
+        f"cos-customizer: error: the prebuilt provisioner's manifest {manifest} is not a regular file: "
+        "make both with python -m cos_customizer.provisioner_build DIR\n"
+    ))  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_huge_manifest_is_refused_without_reading_it(tmp_path: Path) -> None:
+    binary = make_prebuilt(tmp_path / "p")
+    manifest = provisioner_build.manifest_path(binary)
+    with open(manifest, "r+b") as f:
+        f.truncate(3 << 29)  # 1.5 GiB, sparse: over the process's 1 GiB if it were read
+    result = cli_with_memory_limit(tmp_path, binary)
+    assert (result.returncode, result.stderr) == (1, (
+        f"cos-customizer: error: the prebuilt provisioner's manifest {manifest} is over the 64 KiB limit: "
+        "make both with python -m cos_customizer.provisioner_build DIR\n"
+    ))  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_rehearsal_dry_run_checks_the_prebuilt_as_the_rehearsal_does(local_build: CLI, tmp_path: Path) -> None:
+    binary = make_prebuilt(tmp_path / "prebuilt")
+    output = tmp_path / "out.raw"
+    flags = ("finish-image-build", "-executor=qemu", f"-output={output}")
+    dry = local_build(*flags, "-dry-run", env={ENV: str(binary)})
+    assert dry.code == 0, dry.err
+    assert f"  CIDATA:    {binary} (prebuilt for this cos-customizer, checked against its manifest)\n" in dry.err
+    binary.write_bytes(elf(body=b"changed after its manifest was written"))
+    expected = (
+        f"cos-customizer: error: the prebuilt provisioner {binary} (${ENV}) is not the file its manifest "
+        f"{tmp_path / 'prebuilt' / 'provisioner.json'} describes (sha256 differs)\n"
+    )
+    real = local_build(*flags, env={ENV: str(binary)})
+    assert (real.code, real.err) == (1, expected)
+    dry = local_build(*flags, "-dry-run", env={ENV: str(binary)})
+    assert (dry.code, dry.err, dry.out) == (1, expected, "")
+    assert not output.exists()
+    assert local_build("finish-image-build", "-executor=qemu", f"-output={output}", "-dry-run").code == 0  # kept

@@ -19,10 +19,24 @@ the package version, the digest of the package's sources it was built from,
 and the executable's own sha256. It is used only when all three match this
 package and the file: it is checked by reading it, never by running it, and a
 stale or altered one is refused with one line, never shipped silently.
+
+What a build ships (`ship`) is read once, through one descriptor, into the
+build's own directory, and checked as it is copied: the sha256 compared with
+the manifest is that of the copied bytes, so swapping the file after the check
+changes nothing that is shipped. The file and its manifest are opened without
+blocking and without following a final symlink, must be regular files of
+bounded size, and neither they nor any directory on their (resolved) path may
+be changed by another user: owned by root or by us, and not writable by every
+user (a sticky directory such as /tmp is accepted, as there only the owner of
+an entry can rename it, and the entry on the path is checked to be ours or
+root's). `-provisioner-binary` (no manifest) is read and copied the same way.
+Dry runs make the same checks on the same code path, writing no copy.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import importlib.metadata
 import json
@@ -32,8 +46,9 @@ import shutil
 import stat
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import cos_customizer
 from cos_customizer.errors import CustomizerError, ValidationError
@@ -43,6 +58,8 @@ log = logging.getLogger("cos_customizer")
 
 EPOCH = "1700000000"
 MAX_SIZE = 40 << 20
+BINARY_MAX_SIZE = 256 << 20  # -provisioner-binary: the user's own build, bounded all the same
+MANIFEST_MAX_SIZE = 64 << 10
 PREBUILT_ENV = "COS_CUSTOMIZER_PROVISIONER"
 PREBUILT_PATH = Path("/usr/lib/cos-customizer/provisioner")
 MANIFEST_SUFFIX = ".json"  # the manifest of PATH is PATH.json
@@ -171,54 +188,229 @@ def manifest(binary: Path) -> dict[str, str]:
     }
 
 
+# Opens never block (a FIFO), never follow a final symlink, and are not kept by children.
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_CHUNK = 1 << 20
+_KEEP_APART = "keep it in directories only root or you can write"
+
+
+def _trusted(uid: int) -> bool:
+    return uid in (0, os.geteuid())
+
+
+def _file_problem(info: os.stat_result) -> str | None:
+    """Why another user could change this file, or None."""
+    if not _trusted(info.st_uid):
+        return f"belongs to uid {info.st_uid}, who could change it: use a copy owned by root or you"
+    if info.st_mode & stat.S_IWOTH:
+        return "is writable by every user, so anyone could change it: chmod o-w it"
+    return None
+
+
+def _open_directory(directory: str, subject: str) -> int:
+    """`directory` (absolute, resolved) opened from / one component at a time, following no symlink.
+
+    Refused when another user could swap what it holds: a directory on the way belongs to a user other
+    than root or us, or every user can write it and it is not sticky (in a sticky one only an entry's
+    owner can rename it, and each entry on the way is checked to be root's or ours).
+    """
+    fd = os.open("/", _DIR_FLAGS)
+    where = "/"
+    try:
+        for part in [*Path(directory).parts[1:], ""]:
+            info = os.fstat(fd)
+            if not _trusted(info.st_uid):
+                raise ValidationError(
+                    f"{subject} is in {where}, which belongs to uid {info.st_uid}, who could swap the file: "
+                    + _KEEP_APART
+                )
+            if info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
+                raise ValidationError(
+                    f"{subject} is in {where}, which every user can write, so anyone could swap the file: "
+                    + _KEEP_APART
+                )
+            if not part:
+                return fd
+            child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd, where = child, os.path.join(where, part)
+    except BaseException:
+        os.close(fd)
+        raise
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _opened(path: Path, subject: str, unreadable: Callable[[OSError], str]) -> Iterator[tuple[int, int, Path]]:
+    """(its directory's descriptor, its descriptor, its resolved path) for `path`, symlinks resolved first."""
+    resolved = Path(os.path.realpath(path))
+    try:
+        dir_fd = _open_directory(str(resolved.parent), subject)
+    except OSError as err:
+        raise ValidationError(unreadable(err)) from err
+    try:
+        try:
+            fd = os.open(resolved.name, _READ_FLAGS, dir_fd=dir_fd)
+        except OSError as err:
+            raise ValidationError(unreadable(err)) from err
+        try:
+            yield dir_fd, fd, resolved
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def _copy_to(into: Path | None) -> Iterator[BinaryIO | None]:
+    """A new executable file `into` (none: a check that copies nothing), removed unless the block succeeds."""
+    if into is None:
+        yield None
+        return
+    fd = os.open(into, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o700)
+    done = False
+    try:
+        with open(fd, "wb") as sink:
+            os.fchmod(fd, 0o755)
+            yield sink
+        done = True
+    finally:
+        if not done:
+            into.unlink(missing_ok=True)
+
+
+def _stream(fd: int, limit: int, sink: BinaryIO | None, over: str) -> tuple[str, bytes]:
+    """(sha256, first 20 bytes) of what is read from `fd` and written to `sink`: the same bytes."""
+    digest, head, total = hashlib.sha256(), b"", 0
+    while chunk := os.read(fd, _CHUNK):
+        total += len(chunk)
+        if total > limit:
+            raise ValidationError(over)
+        head += chunk[: max(0, 20 - len(head))]
+        digest.update(chunk)
+        if sink is not None:
+            sink.write(chunk)
+    return digest.hexdigest(), head
+
+
+def _read_manifest(dir_fd: int, path: Path, where: str) -> object:
+    """The manifest `path` (in the directory `dir_fd`) as JSON: a regular file of at most MANIFEST_MAX_SIZE."""
+    subject = f"the prebuilt provisioner's manifest {path}"
+    remake = "make both with python -m cos_customizer.provisioner_build DIR"
+    try:
+        fd = os.open(path.name, _READ_FLAGS, dir_fd=dir_fd)
+    except OSError as err:
+        raise ValidationError(
+            f"the prebuilt provisioner {where} has no readable manifest {path} ({err.strerror}): {remake}"
+        ) from err
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValidationError(f"{subject} is not a regular file: {remake}")
+        too_big = f"{subject} is over the {MANIFEST_MAX_SIZE >> 10} KiB limit: {remake}"
+        if info.st_size > MANIFEST_MAX_SIZE:
+            raise ValidationError(too_big)
+        problem = _file_problem(info)
+        if problem:
+            raise ValidationError(f"{subject} {problem}")
+        data = os.read(fd, MANIFEST_MAX_SIZE + 1)
+        if len(data) > MANIFEST_MAX_SIZE:
+            raise ValidationError(too_big)
+    finally:
+        os.close(fd)
+    try:
+        return json.loads(data)
+    except ValueError as err:
+        raise ValidationError(f"{subject} is not JSON") from err
+
+
+def _take_prebuilt(binary: Path, how: str, into: Path | None) -> None:
+    """Check the prebuilt `binary` (`check_prebuilt`), copying the bytes checked into `into` when given."""
+    where = f"{binary} ({how})"
+    subject = f"the prebuilt provisioner {where}"
+    with (
+        _opened(binary, subject, lambda err: f"{subject} cannot be read: {err.strerror}") as (dir_fd, fd, resolved),
+        _copy_to(into) as sink,
+    ):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or not info.st_mode & stat.S_IXUSR:
+            raise ValidationError(f"{subject} is not an executable file")
+        over = f"{subject} is over the {MAX_SIZE >> 20} MiB limit"
+        if info.st_size > MAX_SIZE:
+            raise ValidationError(over)
+        problem = _file_problem(info)
+        if problem:
+            raise ValidationError(f"{subject} {problem}")
+        sha256, header = _stream(fd, MAX_SIZE, sink, over)
+        magic, machine = ELF_X86_64
+        if not header.startswith(magic) or int.from_bytes(header[18:20], "little") != machine:
+            raise ValidationError(f"{subject} is not an x86-64 ELF executable")
+        recorded_path = manifest_path(resolved)
+        recorded = _read_manifest(dir_fd, recorded_path, where)
+        if not isinstance(recorded, dict) or not all(
+            isinstance(recorded.get(key), str) for key in ("cos_customizer", "sources", "sha256")
+        ):
+            raise ValidationError(
+                f"the prebuilt provisioner's manifest {recorded_path} lacks cos_customizer, sources or sha256"
+            )
+        version, sources = cos_customizer.__version__, package_digest()
+        if (recorded["cos_customizer"], recorded["sources"]) != (version, sources):
+            raise ValidationError(
+                f"{subject} is stale: built from cos-customizer {recorded['cos_customizer']} "
+                f"(sources {recorded['sources'][:12]}), this is {version} (sources {sources[:12]}): rebuild it with "
+                "python -m cos_customizer.provisioner_build DIR (or rebuild the step image)"
+            )
+        if sha256 != recorded["sha256"]:
+            raise ValidationError(f"{subject} is not the file its manifest {recorded_path} describes (sha256 differs)")
+
+
 def check_prebuilt(binary: Path, how: str) -> Path:
     """`binary` if it is a prebuilt provisioner made from this very package; else one ValidationError line.
 
-    Only reads: the file (a regular executable x86-64 ELF of at most MAX_SIZE), its manifest, and this
-    package's sources. `how` says how it was chosen, for the message.
+    Only reads: the file (a regular executable x86-64 ELF of at most MAX_SIZE that no other user can
+    change), its manifest, and this package's sources. `how` says how it was chosen, for the message.
+    A build ships a copy checked the same way as it is made (`ship`), never the file checked here.
     """
-    where = f"{binary} ({how})"
-    try:
-        info = binary.stat()
-    except OSError as err:
-        raise ValidationError(f"the prebuilt provisioner {where} cannot be read: {err.strerror}") from None
-    if not stat.S_ISREG(info.st_mode) or not info.st_mode & stat.S_IXUSR:
-        raise ValidationError(f"the prebuilt provisioner {where} is not an executable file")
-    if info.st_size > MAX_SIZE:
-        raise ValidationError(f"the prebuilt provisioner {where} is over the {MAX_SIZE >> 20} MiB limit")
-    with open(binary, "rb") as f:
-        header = f.read(20)
-    magic, machine = ELF_X86_64
-    if not header.startswith(magic) or int.from_bytes(header[18:20], "little") != machine:
-        raise ValidationError(f"the prebuilt provisioner {where} is not an x86-64 ELF executable")
-    recorded_path = manifest_path(binary)
-    try:
-        recorded = json.loads(recorded_path.read_text())
-    except OSError as err:
-        raise ValidationError(
-            f"the prebuilt provisioner {where} has no readable manifest {recorded_path} ({err.strerror}): "
-            "make both with python -m cos_customizer.provisioner_build DIR"
-        ) from None
-    except ValueError:
-        raise ValidationError(f"the prebuilt provisioner's manifest {recorded_path} is not JSON") from None
-    if not isinstance(recorded, dict) or not all(
-        isinstance(recorded.get(key), str) for key in ("cos_customizer", "sources", "sha256")
-    ):
-        raise ValidationError(
-            f"the prebuilt provisioner's manifest {recorded_path} lacks cos_customizer, sources or sha256"
-        )
-    version, sources = cos_customizer.__version__, package_digest()
-    if (recorded["cos_customizer"], recorded["sources"]) != (version, sources):
-        raise ValidationError(
-            f"the prebuilt provisioner {where} is stale: built from cos-customizer {recorded['cos_customizer']} "
-            f"(sources {recorded['sources'][:12]}), this is {version} (sources {sources[:12]}): rebuild it with "
-            "python -m cos_customizer.provisioner_build DIR (or rebuild the step image)"
-        )
-    if _file_sha256(binary) != recorded["sha256"]:
-        raise ValidationError(
-            f"the prebuilt provisioner {where} is not the file its manifest {recorded_path} describes (sha256 differs)"
-        )
+    _take_prebuilt(binary, how, None)
     return binary
+
+
+def _take_binary(binary: Path, into: Path | None) -> None:
+    """Check -provisioner-binary's file (no manifest: a regular file no other user can change, of bounded
+    size), copying what was read into `into` when given."""
+    subject = f"-provisioner-binary={binary}"
+
+    def unreadable(err: OSError) -> str:
+        return f"{subject}: no such file" if err.errno == errno.ENOENT else f"{subject} cannot be read: {err.strerror}"
+
+    with _opened(binary, subject, unreadable) as (_, fd, _), _copy_to(into) as sink:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValidationError(f"{subject} is not a regular file")
+        over = f"{subject} is over the {BINARY_MAX_SIZE >> 20} MiB limit"
+        if info.st_size > BINARY_MAX_SIZE:
+            raise ValidationError(over)
+        problem = _file_problem(info)
+        if problem:
+            raise ValidationError(f"{subject} {problem}")
+        _stream(fd, BINARY_MAX_SIZE, sink, over)
+
+
+def check_binary(binary: Path) -> Path:
+    """`binary` (-provisioner-binary, absolute) if a build can ship it, checked as `ship` checks it."""
+    _take_binary(binary, None)
+    return binary
+
+
+def _choose(environ: Mapping[str, str], default: Path) -> tuple[Path, str] | None:
+    """The prebuilt provisioner named (${PREBUILT_ENV}, else `default` when it exists) and how; not checked."""
+    named = environ.get(PREBUILT_ENV, "")
+    if named:
+        return Path(os.path.abspath(named)), f"${PREBUILT_ENV}"
+    if os.path.lexists(default):
+        return default, "the prebuilt default"
+    return None
 
 
 def prebuilt(environ: Mapping[str, str], default: Path = PREBUILT_PATH) -> Path | None:
@@ -226,26 +418,48 @@ def prebuilt(environ: Mapping[str, str], default: Path = PREBUILT_PATH) -> Path 
 
     ${PREBUILT_ENV} names one (it must then exist); else `default` is used when it exists.
     """
-    named = environ.get(PREBUILT_ENV, "")
-    if named:
-        return check_prebuilt(Path(os.path.abspath(named)), f"${PREBUILT_ENV}")
-    if os.path.lexists(default):
-        return check_prebuilt(default, "the prebuilt default")
-    return None
+    chosen = _choose(environ, default)
+    return None if chosen is None else check_prebuilt(*chosen)
 
 
-def provide(output: Path, environ: Mapping[str, str]) -> tuple[Path, str]:
+def check_choice(binary: Path | None, environ: Mapping[str, str], default: Path = PREBUILT_PATH) -> Path | None:
+    """What `ship` would copy, checked as `ship` checks it, copying nothing (dry runs, early refusals):
+    `binary` (-provisioner-binary), else the prebuilt provisioner; None when the build makes its own."""
+    return check_binary(binary) if binary is not None else prebuilt(environ, default)
+
+
+def ship(into: Path, binary: Path | None, environ: Mapping[str, str], default: Path = PREBUILT_PATH) -> Path | None:
+    """The provisioner executable a build puts on CIDATA: `into` (a new file in the build's own directory),
+    a copy of `binary` (-provisioner-binary) or of the prebuilt provisioner made through one descriptor and
+    checked as it is made; None when there is neither (the build makes its own with `build`)."""
+    if binary is not None:
+        _take_binary(binary, into)
+        return into
+    chosen = _choose(environ, default)
+    if chosen is None:
+        return None
+    _take_prebuilt(*chosen, into)
+    return into
+
+
+def provide(output: Path, environ: Mapping[str, str], default: Path = PREBUILT_PATH) -> tuple[Path, str]:
     """The provisioner executable written to `output`: the prebuilt one if there is one, else `build`'s.
 
     Returns (output, where it came from: "prebuilt PATH", "from the cache" or "built").
     """
-    chosen = prebuilt(environ)
+    chosen = _choose(environ, default)
     if chosen is None:
         path, hit = build(output, dict(environ))
         return path, "from the cache" if hit else "built"
-    log.info("Using the prebuilt provisioner %s (cos-customizer %s)", chosen, cos_customizer.__version__)
-    _copy_executable(chosen, output)
-    return output, f"prebuilt {chosen}"
+    partial = output.with_name(f".{output.name}.partial")
+    partial.unlink(missing_ok=True)
+    try:
+        _take_prebuilt(*chosen, partial)  # the checked bytes are those written
+        log.info("Using the prebuilt provisioner %s (cos-customizer %s)", chosen[0], cos_customizer.__version__)
+        partial.replace(output)
+    finally:
+        partial.unlink(missing_ok=True)
+    return output, f"prebuilt {chosen[0]}"
 
 
 def install(directory: Path, environ: Mapping[str, str]) -> Path:

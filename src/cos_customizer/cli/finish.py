@@ -314,8 +314,9 @@ def _check_gce_flags(args: Parsed) -> None:
 
 
 def _check_provisioner_binary(args: Parsed) -> None:
-    if args["provisioner-binary"] and not Path(args["provisioner-binary"]).is_file():
-        raise ValidationError(f"-provisioner-binary={args['provisioner-binary']}: no such file")
+    """-provisioner-binary's file, checked as the build checks the copy it ships (`provisioner_build.ship`)."""
+    if args["provisioner-binary"]:
+        provisioner_build.check_binary(Path(args["provisioner-binary"]).absolute())
 
 
 def choose_executor(source: SourceImage, value: str) -> Executor:
@@ -426,7 +427,9 @@ def make_plan(context: Context, args: Parsed) -> FinishPlan:
                           containers=args["containers"], sbom=data, epoch=epoch)  # fmt: skip
     binary = Path(args["provisioner-binary"]).absolute() if args["provisioner-binary"] else None
     if executor is Executor.QEMU:
-        return _qemu_plan(source, build, config, args, output, binary)
+        # The rehearsal ships what a GCE build ships: its dry run checks the prebuilt provisioner as the run does.
+        prebuilt = provisioner_build.prebuilt(context.environ) if binary is None else None
+        return _qemu_plan(source, build, config, args, output, binary, prebuilt)
     build = build.model_copy(
         update={
             "Project": args["project"],
@@ -470,6 +473,7 @@ def _qemu_plan(
     args: Parsed,
     output: Output | None,
     binary: Path | None,
+    prebuilt: Path | None,
 ) -> FinishPlan:
     """A rehearsal: the GCE build's workflow and provisioner config, with local defaults for what GCE needs."""
     assert output is not None
@@ -497,7 +501,7 @@ def _qemu_plan(
     }
     return FinishPlan(
         Executor.QEMU, source, build, _gce_provisioner(config, build), output=output, output_image=output_image,
-        disk_plan=disk_plan, provisioner_binary=binary,
+        disk_plan=disk_plan, provisioner_binary=binary, prebuilt=prebuilt,
     )  # fmt: skip
 
 
@@ -623,8 +627,6 @@ def _run_gce(context: Context, finish: FinishPlan, args: Parsed) -> int:
         data = sbom.load_input(context.workspace.build_context_archive, args["sbom-input-path"])
         job = dataclasses.replace(job, sbom=(data, args["sbom-output-path"]))
     preload.daisy_binary(dict(context.environ))  # refuse early, before anything is touched
-    if finish.provisioner_binary is None:
-        provisioner_build.prebuilt(context.environ)  # a stale prebuilt provisioner too
     try:
         made = preload.finish(job, dict(context.environ), context.compute_endpoint)
     finally:
@@ -697,8 +699,6 @@ def _run_qemu(context: Context, finish: FinishPlan, args: Parsed) -> int:
         timeout=args["timeout"] / 1e9,
         accel=context.environ.get(rehearsal.ACCEL_ENV, ""),
     )
-    if finish.provisioner_binary is None:
-        provisioner_build.prebuilt(context.environ)  # refuse a stale prebuilt provisioner before anything
     for warning in finish.disk_plan.warnings:
         log.warning("warning: %s", warning)
     try:

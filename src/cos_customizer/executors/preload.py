@@ -126,7 +126,13 @@ def upload(bucket: Any, build: BuildConfig, build_context: Path) -> None:
 
 
 def cidata_disk(work: Path, binary: Path, config: ProvisionerConfig) -> Path:
-    """The CIDATA FAT disk as a `.tar.gz` holding disk.raw."""
+    """The CIDATA FAT disk as a `.tar.gz` holding disk.raw.
+
+    `binary` is the build's own file in `work` (`provisioner_build.ship`'s checked copy, or `build`'s): what
+    is checked is what is shipped, never a file another path names.
+    """
+    if binary.parent != work:
+        raise AssertionError(f"the provisioner shipped must be the build's own copy in {work}, not {binary}")
     directory = work / "cidata"
     directory.mkdir()
     disk = directory / "disk.raw"
@@ -213,8 +219,9 @@ def run_daisy(argv: list[str], timeout: float, env: dict[str, str] | None = None
 def finish(job: GceBuild, environ: dict[str, str], compute_endpoint: str) -> bool:
     """Run the GCE build; returns False when the output image already existed (nothing done)."""
     daisy = daisy_binary(environ)
-    # The step image's prebuilt provisioner, checked before anything is made (a stale one is refused).
-    prebuilt = provisioner_build.prebuilt(environ) if job.provisioner_binary is None else None
+    # What CIDATA will hold, checked before anything is made (a stale prebuilt one is refused); the copy
+    # shipped is made and checked again below.
+    provisioner_build.check_choice(job.provisioner_binary, environ)
     build = job.build
     images = gce.images_client(compute_endpoint)
     if job.enable_cleanup:
@@ -233,9 +240,9 @@ def finish(job: GceBuild, environ: dict[str, str], compute_endpoint: str) -> boo
     if job.inherit_labels:
         inherited = gce.image_labels(images, job.source.Project, job.source.Name)
         image = dataclasses.replace(image, labels=tuple({**inherited, **dict(image.labels)}.items()))
-    binary = job.provisioner_binary or prebuilt
     with tempfile.TemporaryDirectory(prefix="cos-customizer-gce.") as tmp, managed_directory(build) as bucket:
         work = Path(tmp)
+        binary = provisioner_build.ship(work / "provisioner", job.provisioner_binary, environ)
         if binary is None:
             binary, _ = provisioner_build.build(work / "provisioner", dict(environ))
         upload(bucket, build, job.build_context)
