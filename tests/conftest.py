@@ -105,6 +105,14 @@ def sample_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def containers_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample image with this machine's docker.io and containerd (`sample-image -with-containers`)."""
+    path = tmp_path_factory.mktemp("sample-containers") / "cos.raw"
+    sample_image.build(path, with_containers=True)
+    return path
+
+
+@pytest.fixture(scope="session")
 def sample_raw_dm_mod(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One sample COS image whose grub.cfg uses the upstream `dm-mod.create=` form; tests must not write it."""
     path = tmp_path_factory.mktemp("sample-dm-mod") / "cos.raw"

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pytest
 
-from cos_customizer import sample_image
 from cos_customizer.disk import ext, gpt, loop
 from cos_customizer.executors import sandbox
 from tests import registry
@@ -74,13 +73,6 @@ def inner_processes(seconds: float = 10.0) -> list[str]:
         if not found or time.monotonic() > deadline:
             return found
         time.sleep(0.1)
-
-
-@pytest.fixture(scope="session")
-def containers_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("sample-containers") / "cos.raw"
-    sample_image.build(path, with_containers=True)
-    return path
 
 
 @pytest.fixture(scope="module")

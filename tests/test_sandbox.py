@@ -43,6 +43,7 @@ say dev "$(cd /dev && echo *)"
 $P mknod
 $P modules
 $P mounts
+$P cgroupns "$VICTIM_CGROUP"
 if (echo "$SYS_VALUE" > "$SYS_FILE") 2>/dev/null; then say sys-write ok; else say sys-write refused; fi
 if (echo 1 > /proc/sys/kernel/sysrq) 2>/dev/null; then say proc-sys-write ok; else say proc-sys-write refused; fi
 say cgroup-dir "$(ls -A /sys/fs/cgroup | tr '\n' ' ')empty"
@@ -121,6 +122,27 @@ class Listener:
         self.thread.join(5)
 
 
+VICTIM_CGROUP = f"cos-test-victim-{os.getpid()}"
+
+
+def host_cgroups(pid: int) -> list[Path]:
+    """A cgroup of this machine's beside the test's own one (so beside the build's too), in the cgroup2 tree and
+    the v1 name=systemd and memory hierarchies, holding the process `pid`: what a script must neither see nor kill."""
+    mine = dict(line.split(":", 2)[1:] for line in Path("/proc/self/cgroup").read_text().splitlines())
+    made: list[Path] = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        fstype, options = fields[fields.index("-") + 1], fields[fields.index("-") + 3].split(",")
+        key = "" if fstype == "cgroup2" else next((o for o in options if o in ("name=systemd", "memory")), None)
+        if fstype not in ("cgroup", "cgroup2") or key is None or key not in mine or fields[3] != "/":
+            continue
+        path = Path(fields[4]) / mine.pop(key).lstrip("/") / VICTIM_CGROUP
+        path.mkdir()
+        made.append(path)
+        (path / "cgroup.procs").write_text(f"{pid}\n")
+    return made
+
+
 @dataclass(frozen=True)
 class Run:
     code: int
@@ -149,10 +171,12 @@ def build(tmp: Path, sample: Path, probe: Probe, *finish: str) -> Run:
     env = {**os.environ, "HOME": str(tmp), "COS_CUSTOMIZER_WORKDIR": str(tmp / "ws")}
     host_marker = tmp / "escaped"
     victim = subprocess.Popen(["sleep", "600"])
+    victim_cgroups = host_cgroups(victim.pid)
     listener = Listener()
     dev_before = sorted(os.listdir("/dev"))
     try:
         script_env = [
+            f"VICTIM_CGROUP={VICTIM_CGROUP}",
             f"HOST_MARKER={host_marker}",
             f"BLOCK_DEVICES={' '.join(BLOCK_DEVICES)}",
             f"SYS_FILE={SYS_FILE}",
@@ -178,6 +202,8 @@ def build(tmp: Path, sample: Path, probe: Probe, *finish: str) -> Run:
     finally:
         victim.kill()
         victim.wait()
+        for path in victim_cgroups:
+            path.rmdir()
         listener.close()
     results = dict(re.findall(r"\] RESULT (\S+) ?(.*)$", result.stderr, re.MULTILINE))
     return Run(
@@ -252,6 +278,17 @@ def test_no_file_system_of_the_host_can_be_mounted(confined: Run) -> None:
 def test_host_processes_cannot_be_killed(confined: Run) -> None:
     assert confined.results["kill"] == "refused"
     assert confined.results["cgroup-procs"] == "no"
+    assert confined.victim_alive
+
+
+def test_a_cgroup_namespace_of_the_script_shows_no_cgroup_of_the_host(confined: Run) -> None:
+    # A script may make a cgroup namespace and mount cgroup file systems in it (it is root of its own user
+    # namespace), but the namespace is rooted at the build's own cgroups: the host's cgroup beside them
+    # (holding a process of this test) is not there, so it cannot be killed through cgroup.kill.
+    assert confined.results["unshare-cgroupns"] == "ok"
+    for index in range(3):
+        assert confined.results[f"sees-victim-{index}"] == "ENOENT", confined.err
+    assert confined.results["cgroup-kill"] == "ENOENT"
     assert confined.victim_alive
 
 

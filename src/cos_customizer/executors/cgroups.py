@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 PREFIX = "cos-customizer-"
@@ -44,7 +45,9 @@ class Hierarchy:
 
 
 def hierarchies() -> list[Hierarchy]:
-    """The host's cgroup hierarchies as this process sees them (from /proc/self/mountinfo and /proc/self/cgroup)."""
+    """The host's cgroup hierarchies as this process sees them (from /proc/self/mountinfo and /proc/self/cgroup),
+    all of them: a hybrid host's cgroup2 too, so that no process of the build stays in a cgroup of the host
+    there (a cgroup namespace made from it would show the host's whole tree)."""
     mine: dict[frozenset[str], str] = {}
     for line in Path("/proc/self/cgroup").read_text().splitlines():
         number, listed, path = line.split(":", 2)
@@ -74,8 +77,13 @@ def hierarchies() -> list[Hierarchy]:
             continue
         seen.add(key)
         found.append(Hierarchy(point, fstype, data, mine[key]))
+    return found
+
+
+def for_containers(found: Sequence[Hierarchy]) -> list[Hierarchy]:
+    """The hierarchies runc is shown: hybrid hosts' containers use the v1 ones, as docker does there."""
     v1 = [h for h in found if h.fstype == "cgroup"]
-    return v1 if v1 else found  # hybrid hosts: containers use the v1 hierarchies, as docker does there
+    return v1 if v1 else list(found)
 
 
 def _unescape(path: str) -> str:

@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from cos_customizer.executors import cgroups, daemon_units, idmap, relay, sandbox
+from cos_customizer.executors import cgroups, daemon_units, relay, sandbox
 
 CLONE_NEWCGROUP = 0x02000000
 DOCKER_SOCKET = "/var/run/docker.sock"  # as docker.socket and COS's unit name it
@@ -78,40 +78,41 @@ def find(root: Path) -> tuple[daemon_units.Daemon, ...]:
 class DaemonHost:
     """The daemons' sandbox, waiting; `start()` (from any thread) starts them, `stop()` stops everything.
 
-    `root`: the runtime tree (the stage's mounts), `work`: a private directory for the view and the
-    logs, `cgroup`: the build's cgroup name (see `cgroups.NAME`).
+    `root`: the runtime tree (the stage's mounts), `view`: its idmapped copy (`idmap.make_view`) the
+    daemons run in, `work`: a private directory for their logs, `group`: the build's cgroups, which
+    their PID 1 joins (its cgroup namespace is rooted there).
     """
 
     def __init__(
         self,
         root: Path,
+        view: Path,
         spaces: sandbox.Namespaces,
         work: Path,
-        cgroup: str,
+        group: cgroups.BuildCgroup,
         daemons: tuple[daemon_units.Daemon, ...],
         say: Callable[[str], None],
     ) -> None:
-        self.root, self.work, self.cgroup, self.daemons, self.say = root, work, cgroup, daemons, say
+        self.root, self.work, self.daemons, self.say = root, work, daemons, say
         self.started = False
         self.failed: str | None = None
         self._lock = threading.Lock()
         work.mkdir(parents=True, exist_ok=True)
         self.logs = {d.name: work / f"{d.name}.log" for d in daemons}
         _var_run(root)
-        (root / "run/containerd").mkdir(mode=0o711, parents=True, exist_ok=True)
-        # Socket paths are short (108 bytes): the tree's /run is reached through a descriptor of it.
-        self._run_dir = os.open(root / "run", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.docker_listener = _listen(self._in_run(RUN_DOCKER_SOCKET), _docker_gid(root))
-        self.containerd_listener = _listen(self._in_run(CONTAINERD_SOCKET), 0)
-        group = cgroups.create(cgroup, sandbox.INNER_BASE)
+        # Held from before any script runs: a script may replace /run/containerd (or a socket in it) with
+        # a link to this machine's files, and the stage, as this machine's root, goes through these only.
+        self._run_dir = os.open(root / "run", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._containerd_dir = _own_directory(self._run_dir, "containerd")
+        self.docker_listener = _listen(self._run_dir, RUN_DOCKER_SOCKET.removeprefix("run/"), _docker_gid(root))
+        self.containerd_listener = _listen(self._containerd_dir, CONTAINERD_SOCKET.rsplit("/", 1)[1], 0)
         self._cmd_r, self._cmd_w = os.pipe()
         self._status_r, self._status_w = os.pipe()
         spec = _InitSpec(
-            root=str(root),
-            view=str(work / "view"),
+            view=str(view),
             net=spaces.net,
             inner=spaces.inner,
-            cgroup_mounts=[(h.fstype, h.options, h.label) for h in group.hierarchies],
+            cgroup_mounts=[(h.fstype, h.options, h.label) for h in cgroups.for_containers(group.hierarchies)],
             daemons=[{"name": d.name, "argv": list(d.argv), "env": dict(d.env)} for d in daemons],
         )
         log_fds = [
@@ -137,15 +138,11 @@ class DaemonHost:
         os.close(self._status_w)
         self._watch = relay.Watcher(self._first_use, [self.docker_listener, self.containerd_listener])
 
-    def _in_run(self, path: str) -> str:
-        """A short path to `path` (/run/... or run/...) of the tree, for bind and connect."""
-        return f"/proc/self/fd/{self._run_dir}/{path.lstrip('/').removeprefix('run/')}"
-
     def _first_use(self) -> None:
         """A client is waiting on one of the sockets: start the daemons (once) for it."""
         pending = relay.accept_pending(self.containerd_listener)
         self.containerd_listener.close()
-        (self.root / CONTAINERD_SOCKET.lstrip("/")).unlink(missing_ok=True)
+        _unlink_at(self._containerd_dir, CONTAINERD_SOCKET.rsplit("/", 1)[1])
         try:
             self.start()
         except ContainersError as err:
@@ -153,12 +150,11 @@ class DaemonHost:
             for conn in pending:
                 conn.close()
             self.docker_listener.close()  # its waiting client gets an error instead of waiting forever
-            (self.root / RUN_DOCKER_SOCKET).unlink(missing_ok=True)
+            _unlink_at(self._run_dir, RUN_DOCKER_SOCKET.removeprefix("run/"))
             return
         self.docker_listener.close()  # dockerd has it now
-        target = self._in_run(CONTAINERD_SOCKET)
         for conn in pending:
-            relay.splice_to_unix(conn, target)
+            relay.splice_to_unix_at(conn, self._containerd_dir, CONTAINERD_SOCKET.rsplit("/", 1)[1])
 
     def start(self) -> None:
         with self._lock:
@@ -203,11 +199,9 @@ class DaemonHost:
             notes.extend(json.loads(answer[1:].decode(errors="replace")))
         os.close(self._status_r)
         _wait_exit(self.pid, 10.0)  # their PID 1 exits last, once every process of its namespace is gone
-        left = cgroups.remove(self.cgroup)
-        if left:
-            raise ContainersError(f"the build's cgroup {left[0]} could not be removed")
-        for relative in (RUN_DOCKER_SOCKET, CONTAINERD_SOCKET.lstrip("/")):
-            (self.root / relative).unlink(missing_ok=True)
+        _unlink_at(self._run_dir, RUN_DOCKER_SOCKET.removeprefix("run/"))
+        _unlink_at(self._containerd_dir, CONTAINERD_SOCKET.rsplit("/", 1)[1])
+        os.close(self._containerd_dir)
         os.close(self._run_dir)
         if self.started:  # the daemons and the scripts are gone: nothing changes the tree under this walk
             real = [self.root / d for d in DATA_DIRS if (self.root / d).resolve() == self.root.resolve() / d]
@@ -250,11 +244,28 @@ def _docker_gid(root: Path) -> int:
     return 0
 
 
-def _listen(path: str, gid: int) -> socket.socket:
-    Path(path).unlink(missing_ok=True)
+def _own_directory(parent: int, name: str) -> int:
+    """A descriptor of the directory `name` in `parent` (made, owned by the sandbox's root), never through a link."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, 0o711, dir_fd=parent)
+    fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+    os.chown(f"/proc/self/fd/{fd}", sandbox.INNER_BASE, sandbox.INNER_BASE)
+    return fd
+
+
+def _unlink_at(directory: int, name: str) -> None:
+    """Remove `name` from the directory held by `directory` (not through a link: unlink never follows the last one)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=directory)
+
+
+def _listen(directory: int, name: str, gid: int) -> socket.socket:
+    """A listening socket `name` in the held `directory`, owned by the sandbox's root and `gid` (as it sees them)."""
+    _unlink_at(directory, name)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path = f"/proc/self/fd/{directory}/{name}"  # short, and the held directory itself, whatever its name now
     listener.bind(path)
-    os.chown(path, 0, gid)
+    os.chown(path, sandbox.INNER_BASE, sandbox.INNER_BASE + gid)
     os.chmod(path, 0o660)
     listener.listen(128)
     return listener
@@ -293,7 +304,6 @@ def rootful_overlay_markers(tops: Iterable[Path]) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class _InitSpec:
-    root: str
     view: str
     net: str
     inner: str
@@ -307,16 +317,23 @@ def _host(spec: _InitSpec, cmd_r: int, status_w: int, docker_fd: int, log_fds: l
     sandbox.setns(spec.net, sandbox.CLONE_NEWNET)
     sandbox.unshare(sandbox.CLONE_NEWNS | sandbox.CLONE_NEWPID)
     sandbox.mount(None, "/", None, sandbox.MS_REC | sandbox.MS_PRIVATE)
-    _make_view(spec.root, spec.view, spec.inner)
+    alive_r, alive_w = os.pipe()  # PID 1 sees EOF once this host is gone
     pid = os.fork()
     if pid == 0:
         try:
-            sandbox.prctl(sandbox.PR_SET_PDEATHSIG, signal.SIGKILL)
+            os.close(alive_w)
             _enter(spec)
+            # Set after the last change of credentials (becoming the inner root clears it), then checked: the
+            # daemons' PID 1 must die with its host, and with it every process of its PID namespace.
+            sandbox.prctl(sandbox.PR_SET_PDEATHSIG, signal.SIGKILL)
+            if select.select([alive_r], [], [], 0)[0]:
+                os._exit(137)
+            os.close(alive_r)
             os._exit(_init(spec.daemons, cmd_r, status_w, docker_fd, log_fds))
         except BaseException as err:  # noqa: BLE001
             os.write(status_w, f"f{err}".encode())
             os._exit(1)
+    os.close(alive_r)
     os.close(docker_fd)  # PID 1 has it: a client waiting on it must see it closed when the daemons cannot start
     signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGTERM))
     while True:
@@ -325,48 +342,6 @@ def _host(spec: _InitSpec, cmd_r: int, status_w: int, docker_fd: int, log_fds: l
             return os.waitstatus_to_exitcode(status)
         except InterruptedError:
             continue
-
-
-def _mounts_under(root: str) -> list[tuple[str, str]]:
-    """(mount point, file system type) of `root` and every mount under it, in the order they were made."""
-    found = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        point = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-        if point == root or point.startswith(root + "/"):
-            found.append((point, fields[fields.index("-") + 1]))
-    return found
-
-
-def _make_view(root: str, view: str, inner: str) -> None:  # pragma: no cover - in the host child
-    """The runtime tree again at `view`, every mount an idmapped copy; the /etc overlay remade over the copy."""
-    os.makedirs(view, exist_ok=True)
-    layers = f"{view}.etc"
-    for point, fstype in _mounts_under(root):
-        target = view + point[len(root) :]
-        if fstype == "overlay":  # overlayfs cannot be idmapped: a new overlay on the idmapped lower, its own upper
-            os.makedirs(layers, exist_ok=True)
-            sandbox.mount("tmpfs", layers, "tmpfs", sandbox.MS_NOSUID | sandbox.MS_NODEV, "mode=0755,size=16m")
-            for name in ("upper", "work"):
-                os.mkdir(f"{layers}/{name}")
-            for name in ("upper", "work"):  # the merged /etc is the inner root's, as the lower one appears
-                os.chown(f"{layers}/{name}", sandbox.INNER_BASE, sandbox.INNER_BASE)
-            data = f"lowerdir={target},upperdir={layers}/upper,workdir={layers}/work"
-            sandbox.mount("overlay", target, "overlay", 0, data)
-            continue
-        if point != root:
-            _mount_point_for(point, target)
-        idmap.idmapped_copy(point, target, inner)
-
-
-def _mount_point_for(source: str, target: str) -> None:
-    if os.path.isdir(source):
-        if not os.path.isdir(target):
-            os.makedirs(target, exist_ok=True)
-    elif not os.path.isfile(target) or os.path.islink(target):
-        if os.path.lexists(target):
-            os.unlink(target)
-        Path(target).touch()
 
 
 def _enter(spec: _InitSpec) -> None:  # pragma: no cover - PID 1, still host root until setns

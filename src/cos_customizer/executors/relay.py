@@ -15,6 +15,7 @@ import contextlib
 import os
 import select
 import socket
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -96,6 +97,29 @@ def splice_to_unix(conn: socket.socket, path: str) -> None:
     except OSError:
         conn.close()
         return
+    splice(conn, peer)
+
+
+def splice_to_unix_at(conn: socket.socket, directory: int, name: str) -> None:
+    """Relay `conn` to the socket `name` in the held `directory`; never through a link a script put there."""
+    try:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+    except OSError:
+        conn.close()
+        return
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            conn.close()
+            return
+        peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            peer.connect(f"/proc/self/fd/{fd}")  # the very inode checked above
+        except OSError:
+            peer.close()
+            conn.close()
+            return
+    finally:
+        os.close(fd)
     splice(conn, peer)
 
 

@@ -18,6 +18,12 @@ that tree, a user namespace, the build's network namespace with
 slirp4netns), in the build context directory, its output streamed line by
 line; its `-env` reaches only the sandbox.
 
+The stage leaves nothing on the host's file systems: the working copy is the
+local executor's unnamed file (`image` is a /proc/PID/fd path), the spec and
+the result are memory files it inherits (/proc/self/fd paths), and the
+directory of its mount points (`workdir`, an empty directory shared by every
+build) gets a tmpfs of its own in this mount namespace (`private_workdir`).
+
 Usage: python -m cos_customizer.executors.runtime SPEC.json
 """
 
@@ -27,7 +33,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -35,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from cos_customizer.disk import loop
-from cos_customizer.executors import containers, daemon_units, relay, sandbox
+from cos_customizer.executors import cgroups, containers, daemon_units, idmap, relay, sandbox
 from cos_customizer.provisioner import steps
 from cos_customizer.provisioner.cleanup import STATE_DIR, clean
 from cos_customizer.provisioner.config import ProvisionerConfig, RunScriptArgs
@@ -48,6 +53,9 @@ EXEC_DIRS = ("google", "docker", "toolbox")
 MiB = 1 << 20
 GiB = 1 << 30
 SMALL_TMPFS = 64 * MiB  # /run, /var/lib/cloud, the /etc overlay's upper layer
+# The tree's tmpfs belong to the sandbox's root (a high host uid, `sandbox.INNER_BASE`): scripts and daemons
+# see them through plain binds in the view, and their content is never part of the image.
+OWNED = (f"uid={sandbox.INNER_BASE}", f"gid={sandbox.INNER_BASE}")
 
 
 def large_tmpfs_size() -> int:
@@ -186,7 +194,7 @@ def layout(spec: StageSpec) -> Iterator[Path]:
             path.mkdir(parents=True, exist_ok=True)
             _bind(stack, path, path, "nosuid", "nodev", "exec")
         _real(root, "var/lib/cloud").mkdir(parents=True, exist_ok=True)
-        _mount(stack, "tmpfs", root / "var/lib/cloud", "mode=0755", f"size={SMALL_TMPFS}", fstype="tmpfs")
+        _mount(stack, "tmpfs", root / "var/lib/cloud", "mode=0755", f"size={SMALL_TMPFS}", *OWNED, fstype="tmpfs")
         _rw_partition(stack, spec, spec.oem, _mountpoint(root, "usr/share/oem"))
         layers = work / "etc-layers"
         layers.mkdir(exist_ok=True)
@@ -209,7 +217,7 @@ def layout(spec: StageSpec) -> Iterator[Path]:
             ("mnt/disks", large, ()),
         ):
             mode = "mode=1777" if relative == "tmp" else "mode=0755"
-            _mount(stack, "tmpfs", _mountpoint(root, relative), mode, f"size={size}", *options, fstype="tmpfs")
+            _mount(stack, "tmpfs", _mountpoint(root, relative), mode, f"size={size}", *OWNED, *options, fstype="tmpfs")
         for relative in ("dev", "sys", "proc"):  # each script's sandbox mounts its own
             _mountpoint(root, relative)
         yield root
@@ -235,20 +243,38 @@ def _daemons(spec: StageSpec, root: Path) -> tuple[daemon_units.Daemon, ...]:
     return found
 
 
+@dataclasses.dataclass(frozen=True)
+class Services:
+    spaces: sandbox.Namespaces
+    view: Path  # the runtime tree as the scripts and the daemons see it (`idmap.make_view`)
+    cgroups: tuple[str, ...]  # the build's cgroup directories, one per hierarchy, that each script joins
+
+
 @contextmanager
-def build_services(spec: StageSpec, root: Path) -> Iterator[sandbox.Namespaces]:
-    """The build's namespaces, the image's container daemons (waiting for first use), slirp4netns and,
-    with -allow-host-loopback, the host's loopback services; all stopped when the block ends.
+def build_services(spec: StageSpec, root: Path) -> Iterator[Services]:
+    """The build's namespaces, its view of the tree and its cgroups, the image's container daemons (waiting
+    for first use), slirp4netns and, with -allow-host-loopback, the host's loopback services; all stopped
+    when the block ends.
 
     The daemons' host is forked before any thread of this process starts (the forwarder's)."""
     work = Path(spec.workdir)
     spaces = sandbox.make_namespaces(work / "ns")
     daemons = _daemons(spec, root)
     with ExitStack() as stack:
-        if daemons:
+        view = work / "view"
+        stack.callback(_unmount_view, view)
+        idmap.make_view(
+            str(root), str(view), spaces.inner, mount=sandbox.mount, bind=sandbox.bind, owner=sandbox.INNER_BASE
+        )
+        group = _build_cgroups(spec)
+        if group is not None:
+            stack.callback(_remove_cgroups, spec.cgroup)
+        if daemons and group is None and spec.containers == "on":
+            raise StageError("-containers=on, but this machine cannot run the image's daemons: no cgroup file system")
+        if daemons and group is not None:
             try:
-                host = containers.DaemonHost(root, spaces, work / "daemons", spec.cgroup, daemons, _say)
-            except OSError as err:  # this machine cannot host them (no cgroup file system, an old kernel)
+                host = containers.DaemonHost(root, view, spaces, work / "daemons", group, daemons, _say)
+            except OSError as err:  # this machine cannot host them (an old kernel)
                 if spec.containers == "on":
                     raise StageError(f"-containers=on, but this machine cannot run the image's daemons: {err}") from err
                 _say(f"cos-customizer: note: no container daemons for scripts on this machine: {err}")
@@ -260,7 +286,30 @@ def build_services(spec: StageSpec, root: Path) -> Iterator[sandbox.Namespaces]:
         stack.callback(network.close)
         if spec.allow_host_loopback:
             stack.callback(relay.LoopbackForwarder(spaces.net).close)
-        yield spaces
+        yield Services(spaces, view, tuple(str(p) for p in group.paths()) if group is not None else ())
+
+
+def _build_cgroups(spec: StageSpec) -> cgroups.BuildCgroup | None:
+    """The build's cgroups in every hierarchy, delegated to the sandbox's root; None where there are none."""
+    if not spec.cgroup:
+        return None
+    try:
+        return cgroups.create(spec.cgroup, sandbox.INNER_BASE)
+    except OSError as err:
+        _say(f"cos-customizer: note: the build runs in no cgroup of its own: {err}")
+        return None
+
+
+def _remove_cgroups(name: str) -> None:
+    left = cgroups.remove(name)
+    if left:
+        raise StageError(f"the build's cgroup {left[0]} could not be removed")
+
+
+def _unmount_view(view: Path) -> None:
+    for path in (view, view.with_name(f"{view.name}.etc")):
+        if os.path.ismount(path):
+            loop.unmount(path)
 
 
 def _say(line: str) -> None:
@@ -274,7 +323,7 @@ def _stop_daemons(host: containers.DaemonHost) -> None:
         raise StageError(host.failed)
 
 
-def run_script(root: Path, script: Script, spaces: sandbox.Namespaces, work: Path) -> None:
+def run_script(root: Path, services: Services, script: Script, work: Path) -> None:
     """`/bin/bash FILE` by the provisioner's own step code, in the sandbox on `root`, output streamed with its name.
 
     The step's -env goes to the sandbox in its spec file, never into the environment of a host-side process.
@@ -288,9 +337,13 @@ def run_script(root: Path, script: Script, spaces: sandbox.Namespaces, work: Pat
 
     extra = {key: value for key, _, value in (item.partition("=") for item in script.env)}
     spec_path = work / "sandbox.json"
-    sandbox.SandboxSpec(root=str(root), user=spaces.user, net=spaces.net, env={**steps.SCRIPT_ENV_BASE, **extra}).write(
-        spec_path
-    )
+    sandbox.SandboxSpec(
+        root=str(services.view),
+        user=services.spaces.inner,
+        net=services.spaces.net,
+        env={**steps.SCRIPT_ENV_BASE, **extra},
+        cgroups=list(services.cgroups),
+    ).write(spec_path)
     target = Target(
         root=root,
         disk=root,
@@ -312,11 +365,11 @@ def stage(spec: StageSpec) -> dict[str, Any]:
     with layout(spec) as root:
         unpack_contexts(root, spec.contexts)
         if spec.scripts:
-            with build_services(spec, root) as spaces:
+            with build_services(spec, root) as services:
                 for index, script in enumerate(spec.scripts):
                     started = time.monotonic()
                     try:
-                        run_script(root, script, spaces, work)
+                        run_script(root, services, script, work)
                     except StageError as err:
                         err.info["index"] = index
                         raise
@@ -325,17 +378,31 @@ def stage(spec: StageSpec) -> dict[str, Any]:
     return {"ok": True, "steps": timings, "cleanup": cleaned}
 
 
+def private_workdir(path: Path) -> None:
+    """A tmpfs on `path` in this process's mount namespace, which must be its own: the stage's mount points,
+    the namespaces' bind mounts, the daemons' logs and the sandbox's spec live there and vanish with the
+    namespace, whatever ends the stage. Nothing is written to the directory itself."""
+    try:
+        shared = os.readlink("/proc/self/ns/mnt") == os.readlink("/proc/1/ns/mnt")
+    except OSError:
+        shared = False  # PID 1 is not ours to look at (another PID namespace)
+    if shared:
+        raise StageError("the stage runs in this machine's mount namespace: start it with unshare --mount")
+    options = f"mode=0700,size={large_tmpfs_size()}"
+    run([require_tool("mount", "mount"), "-t", "tmpfs", "-o", options, "cos-customizer", str(path)])
+
+
 def main(argv: list[str]) -> int:
     spec = StageSpec.from_json(json.loads(Path(argv[0]).read_text()))
     try:
+        private_workdir(Path(spec.workdir))
         result = stage(spec)
     except StageError as err:
         result = {"ok": False, **err.info}
     except (CommandError, OSError, containers.ContainersError) as err:
         result = {"ok": False, "message": str(err)}
-    with tempfile.NamedTemporaryFile("w", dir=Path(spec.result).parent, delete=False) as out:
-        json.dump(result, out)
-    os.replace(out.name, spec.result)
+    # Read by the local executor once this process has ended: written in place (a memory file it gave us).
+    Path(spec.result).write_text(json.dumps(result))
     return 0 if result["ok"] else 1
 
 

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
@@ -322,6 +323,7 @@ class SandboxSpec:
     net: str  # Namespaces.net
     env: dict[str, str]  # the script's whole environment
     hostname: str = "cos-customizer"
+    cgroups: list[str] = dataclasses.field(default_factory=list)  # the build's cgroup directories, one per hierarchy
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(dataclasses.asdict(self)))
@@ -353,7 +355,8 @@ def _setup_mounts(root: str) -> None:
             bind("/dev/null", path)
     mount("sysfs", f"{root}/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
     dev = f"{root}/dev"
-    mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=256k,nr_inodes=256")
+    owner = f"uid={INNER_BASE},gid={INNER_BASE}"  # the sandbox's root (the script's /dev is its own)
+    mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, f"mode=0755,size=256k,nr_inodes=256,{owner}")
     for name in DEV_NODES:
         Path(f"{dev}/{name}").touch()
         bind(f"/dev/{name}", f"{dev}/{name}", MS_NOSUID | MS_NOEXEC)
@@ -362,10 +365,10 @@ def _setup_mounts(root: str) -> None:
     os.symlink("/proc/self/fd", f"{dev}/fd")
     os.symlink("/proc/kcore", f"{dev}/core")
     os.mkdir(f"{dev}/pts", 0o755)
-    mount("devpts", f"{dev}/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620,gid=5")
+    mount("devpts", f"{dev}/pts", "devpts", MS_NOSUID | MS_NOEXEC, f"newinstance,ptmxmode=0666,mode=0620,gid={INNER_BASE + 5}")
     os.symlink("pts/ptmx", f"{dev}/ptmx")
     os.mkdir(f"{dev}/shm")
-    mount("tmpfs", f"{dev}/shm", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={DEV_SHM_SIZE}")
+    mount("tmpfs", f"{dev}/shm", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={DEV_SHM_SIZE},{owner}")
 
 
 def _enter(spec: SandboxSpec, workdir: str) -> None:
@@ -403,18 +406,31 @@ def main(argv: list[str]) -> int:
     spec = SandboxSpec.read(Path(argv[0]))
     workdir, command_argv = argv[1][len("--wd=") :], argv[3:]
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the stage gone, this helper goes too
-    unshare(CLONE_NEWNS | CLONE_NEWPID)
+    for directory in spec.cgroups:  # the build's cgroups, in every hierarchy: no cgroup of the host is ours
+        Path(directory, "cgroup.procs").write_text(f"{os.getpid()}\n")
+    # A cgroup namespace owned by this machine's user namespace and rooted at the build's cgroups: no cgroup
+    # file system can be mounted from it by the script (that needs CAP_SYS_ADMIN over its owner), and one
+    # the script makes for itself is rooted at the build's cgroups too, showing nothing of the host's.
+    unshare(CLONE_NEWNS | CLONE_NEWPID | (CLONE_NEWCGROUP if spec.cgroups else 0))
+    alive_r, alive_w = os.pipe()  # PID 1 sees EOF once this helper is gone
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - PID 1 of the sandbox
         try:
-            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            os.close(alive_w)
             _enter(spec, workdir)
+            # Set after the last change of credentials (the kernel clears it on one), then checked: a helper
+            # that died before it was set would otherwise leave the script running.
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if select.select([alive_r], [], [], 0)[0]:
+                os._exit(137)
+            os.close(alive_r)
             os.execve(command_argv[0], command_argv, spec.env)
         except BaseException as err:  # noqa: BLE001
             os.write(2, f"sandbox: {err}\n".encode())
         os._exit(127)
+    os.close(alive_r)
 
     def stop(number: int, _frame: object) -> None:
         os.kill(pid, signal.SIGKILL)  # PID 1 gone, the kernel kills the rest of its namespace
