@@ -41,9 +41,10 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from cos_customizer import workspace
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import BOOL_TEXTS, Flag, Kind, Parsed, parse, set_value
-from cos_customizer.errors import EXIT_USAGE, CustomizerError, UsageError
+from cos_customizer.errors import EXIT_USAGE, CustomizerError, UsageError, WorkspaceError
 from cos_customizer.units import format_duration
 
 log = logging.getLogger(__name__)
@@ -362,10 +363,17 @@ def read(path: str, table: Table, *, dry_run: bool = False) -> BuildFile:
 
 
 @contextlib.contextmanager
-def _workspace(context: Context) -> Iterator[Path]:
-    """The chosen -local-state-workdir, or a fresh temporary one removed at the end whatever happens."""
+def _workspace(context: Context, build: BuildFile) -> Iterator[Path]:
+    """The chosen -local-state-workdir (never one holding the build file), or a fresh temporary one of the
+    tool's own, removed at the end whatever happens."""
     if context.workdir_given:
-        yield context.workspace_root
+        root = context.workspace_root
+        if workspace.contains(root, build.directory / Path(build.name).name):
+            raise WorkspaceError(
+                f"{build.name} is inside the workspace {root}, which the build replaces and removes: move the "
+                "build file out of it, or choose another -local-state-workdir"
+            )
+        yield root
         return
     scratch = Path(tempfile.mkdtemp(prefix="cos-customizer-build.", dir=context.environ.get("TMPDIR") or None))
     try:
@@ -376,7 +384,7 @@ def _workspace(context: Context) -> Iterator[Path]:
 
 def run(context: Context, build: BuildFile) -> int:
     """Run the build's commands in order with their own handlers; an error names the command's line."""
-    with _workspace(context) as root, contextlib.chdir(build.directory):
+    with _workspace(context, build) as root, contextlib.chdir(build.directory):
         step_context = dataclasses.replace(context, workspace_root=root)
         for number, invocation in enumerate(build.invocations, 1):
             log.info("%s:%d: %s (%d of %d)", build.name, invocation.line, invocation.command.name, number,

@@ -100,6 +100,8 @@ def _check_image_file(path: Path, root: Path) -> Path:
 def handle(context: Context, args: Parsed) -> int:
     root = context.workspace_root
     requested = _requested_source(args, root)
+    home = context.environ.get("HOME")
+    workspace.check_replaceable(root, home)  # before anything is written there, even a lock file
     source = requested if requested.is_local else gce.resolve_source_image(requested, context.compute_endpoint)
     build_context = Path(args["build-context"])
     members = 0
@@ -113,7 +115,7 @@ def handle(context: Context, args: Parsed) -> int:
         new.save_provisioner(ProvisionerConfig())
 
     with context.workspace.lock():  # a finish-image-build still running on the old workspace keeps it
-        workspace.create(root, fill)
+        workspace.create(root, fill, home)
     log.info(
         "Started an image build from %s (build context %s: %d %s; state in %s)",
         source.describe(),
@@ -130,7 +132,8 @@ COMMAND = Command(
     synopsis="Start a COS image build.",
     description=(
         "Start a COS image build: record the source image and archive the build context in a fresh "
-        "workspace (replacing any previous one). Creates no cloud resource."
+        "workspace (replacing a previous one this tool made; any other directory but an empty one is refused). "
+        "Creates no cloud resource."
     ),
     flags=FLAGS,
     handler=handle,
