@@ -10,10 +10,10 @@ How (the rootless engines' way, with the image's own files):
   `inner`, whose root is a high host uid (`sandbox.INNER_BASE`), not 0. dockerd's bridge, veths and
   iptables rules are made there; the host's network and firewall are never touched.
 * `DaemonHost` (a child of the stage, host root) joins that network namespace, makes its own mount
-  and PID namespaces and an idmapped copy of the runtime tree (`idmap`: files owned by uid N on disk
-  are the inner namespace's uid N, and what the daemons write is owned by N on disk), with a fresh
-  /proc, /sys, /dev and the build's cgroups (`cgroups`, delegated to the inner root, in a cgroup
-  namespace). Its child, PID 1 there, pivot_roots into the copy, becomes the inner root and waits.
+  and PID namespaces on the build's idmapped view of the runtime tree, the one the scripts run in
+  (`idmap.make_view`: files owned by uid N on disk are the inner namespace's uid N, and what the
+  daemons write is owned by N on disk), with a fresh /proc, /sys, /dev and the build's cgroups
+  (`cgroups`, delegated to the inner root, in a cgroup namespace). Its child, PID 1 there, pivot_roots into the copy, becomes the inner root and waits.
 * Socket activation, as COS's docker.socket: the stage listens on /run/docker.sock and
   /run/containerd/containerd.sock in the runtime tree. The first connection starts containerd, then
   dockerd with the docker socket passed as `-H fd://` (it accepts the waiting connection itself);
@@ -24,7 +24,7 @@ How (the rootless engines' way, with the image's own files):
   wrote (`user.overlay.*` xattrs) become the ones a root daemon reads (`trusted.overlay.*`).
 
 Differences from a booted COS: no systemd (a script cannot `systemctl restart docker`), no metadata
-server; edits a script makes to /etc after the daemons started are not seen by them.
+server. The scripts and the daemons share one /etc overlay (discarded at the end, as before).
 """
 
 from __future__ import annotations

@@ -5,29 +5,35 @@ Two parts, both standard library only (this file also runs on its own, as
 import):
 
 * `Namespaces` (once per build, in the stage): a user namespace mapping every
-  id to itself (root inside is uid 0 on disk, so file ownership in the image
-  is exact) and a network namespace owned by it, kept alive by bind mounts
-  of their /proc/PID/ns files in the stage's private mount namespace (they
-  vanish with it). `Network` gives that namespace outbound access through
-  slirp4netns (the host's loopback refused unless allowed).
+  id to itself, and its child `inner`, whose root is a high host uid
+  (`INNER_BASE`), never 0; a network namespace owned by `inner`; all kept
+  alive by bind mounts of their /proc/PID/ns files in the stage's private
+  mount namespace (they vanish with it). `Network` gives that namespace
+  outbound access through slirp4netns (the host's loopback refused unless
+  allowed).
 * `main` (once per script): the sandbox itself, as bubblewrap and mkosi's
-  sandbox build theirs (read, not copied). As the host's root, in a new
-  mount and PID namespace joined to the build's network namespace, it mounts
-  on the runtime tree a fresh /proc (its /sys, sysrq-trigger and the other
-  host-wide knobs read-only or masked), a fresh read-only sysfs of the
-  sandbox's network namespace (so no cgroup tree at all), and a private /dev
-  (a small tmpfs with null, zero, full, random, urandom and tty bound from the
-  host, a private devpts with ptmx, a size-limited /dev/shm, the fd links);
-  it pivot_roots into the tree and detaches the old root. Then it joins the
-  build's user namespace and unshares a mount, IPC and UTS namespace owned
-  by it: every mount it inherited is locked (cannot be unmounted,
-  revealed or made writable), and root's capabilities count only for what
-  that user namespace owns (mounts inside the stage, its network). Last it
-  drops CAP_MKNOD, CAP_SYS_MODULE, CAP_SYS_RAWIO, CAP_SYS_BOOT, CAP_SYS_TIME
-  and a few more from the bounding set, sets no_new_privs, and executes the
-  script with the environment from the spec (never the one this helper was
-  started with), as PID 1 of its PID namespace. If the helper dies, the
-  kernel kills PID 1 (PR_SET_PDEATHSIG) and with it the whole namespace.
+  sandbox build theirs (read, not copied). As the host's root it joins the
+  build's cgroups (every hierarchy) and, in a new cgroup, mount and PID
+  namespace joined to the build's network namespace, it mounts on the build's
+  view of the runtime tree (`idmap.make_view`: the image's files with their
+  own owners as `inner` sees them) a fresh /proc (its /sys, sysrq-trigger and
+  the other host-wide knobs read-only or masked), a fresh read-only sysfs of
+  the sandbox's network namespace (so no cgroup tree at all), and a private
+  /dev (a small tmpfs with null, zero, full, random, urandom and tty bound
+  from the host, a private devpts with ptmx, a size-limited /dev/shm, the fd
+  links); it pivot_roots into the tree and detaches the old root. Then it
+  joins `inner` and unshares a mount, IPC and UTS namespace owned by it:
+  every mount it inherited is locked (cannot be unmounted, revealed or made
+  writable), root's capabilities count only for what `inner` owns (mounts
+  inside the stage, its network), and the kernel's checks for "uid 0" (host
+  sysctls through any /proc, even one a container hands over) fail for it.
+  Last it drops CAP_MKNOD, CAP_SYS_MODULE, CAP_SYS_RAWIO, CAP_SYS_BOOT,
+  CAP_SYS_TIME and a few more from the bounding set, sets no_new_privs and
+  its parent-death signal (after the last change of credentials, which
+  clears it), and executes the script with the environment from the spec
+  (never the one this helper was started with), as PID 1 of its PID
+  namespace. If the helper dies, the kernel kills PID 1 and with it the
+  whole namespace.
 """
 
 from __future__ import annotations
@@ -318,8 +324,8 @@ class Network:
 
 @dataclasses.dataclass(frozen=True)
 class SandboxSpec:
-    root: str  # the runtime tree (a mount point)
-    user: str  # Namespaces.user
+    root: str  # the build's view of the runtime tree (a mount point)
+    user: str  # the user namespace the script runs in: Namespaces.inner
     net: str  # Namespaces.net
     env: dict[str, str]  # the script's whole environment
     hostname: str = "cos-customizer"
