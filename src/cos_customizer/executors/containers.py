@@ -13,7 +13,8 @@ How (the rootless engines' way, with the image's own files):
   and PID namespaces on the build's idmapped view of the runtime tree, the one the scripts run in
   (`idmap.make_view`: files owned by uid N on disk are the inner namespace's uid N, and what the
   daemons write is owned by N on disk), with a fresh /proc, /sys, /dev and the build's cgroups
-  (`cgroups`, delegated to the inner root, in a cgroup namespace). Its child, PID 1 there, pivot_roots into the copy, becomes the inner root and waits.
+  (`cgroups`, delegated to the inner root, in a cgroup namespace). Its child, PID 1 there,
+  pivot_roots into the view, becomes the inner root and waits.
 * Socket activation, as COS's docker.socket: the stage listens on /run/docker.sock and
   /run/containerd/containerd.sock in the runtime tree. The first connection starts containerd, then
   dockerd with the docker socket passed as `-H fd://` (it accepts the waiting connection itself);

@@ -371,7 +371,8 @@ def _setup_mounts(root: str) -> None:
     os.symlink("/proc/self/fd", f"{dev}/fd")
     os.symlink("/proc/kcore", f"{dev}/core")
     os.mkdir(f"{dev}/pts", 0o755)
-    mount("devpts", f"{dev}/pts", "devpts", MS_NOSUID | MS_NOEXEC, f"newinstance,ptmxmode=0666,mode=0620,gid={INNER_BASE + 5}")
+    pts = f"newinstance,ptmxmode=0666,mode=0620,gid={INNER_BASE + 5}"  # tty, as the sandbox's root sees it
+    mount("devpts", f"{dev}/pts", "devpts", MS_NOSUID | MS_NOEXEC, pts)
     os.symlink("pts/ptmx", f"{dev}/ptmx")
     os.mkdir(f"{dev}/shm")
     mount("tmpfs", f"{dev}/shm", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={DEV_SHM_SIZE},{owner}")
