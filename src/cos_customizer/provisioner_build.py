@@ -268,7 +268,10 @@ def _copy_to(into: Path | None) -> Iterator[BinaryIO | None]:
     if into is None:
         yield None
         return
-    fd = os.open(into, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o700)
+    try:
+        fd = os.open(into, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o700)
+    except OSError as err:
+        raise CustomizerError(f"cannot write the provisioner executable {into}: {err.strerror}") from err
     done = False
     try:
         with open(fd, "wb") as sink:
