@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cos_customizer.workspace import MARKER, Workspace
+from cos_customizer.workspace import Workspace
 from tests.conftest import CLI, Result
 
 GCE_START = [
@@ -27,6 +27,7 @@ GCE_START = [
     "-gcs-bucket=bucket",
     "-gcs-workdir=build-1",
 ]
+MARKER = ".cos-customizer-workspace"
 MARKER_TEXT = (
     b"cos-customizer workspace: made by start-image-build, which replaces it; finish-image-build removes it.\n"
 )
@@ -285,3 +286,15 @@ def test_remove_takes_only_the_tools_own_files(
         assert left == [MARKER, "config"]
         note = "it holds config, which cos-customizer did not make; only its own files were removed"
     assert [r.getMessage() for r in caplog.records] == [f"note: left the workspace {workspace_root}: {note}"]
+
+
+def test_a_workspace_named_through_itself_is_replaced_in_place(
+    cli: CLI, tmp_path: Path, workspace_root: Path, context_dir: Path
+) -> None:
+    """ws/../ws: moving the old workspace aside must not lose the path the new one goes to."""
+    given = f"-local-state-workdir={workspace_root}/../{workspace_root.name}"
+    for _ in range(2):
+        result = cli(given, "start-image-build", f"-build-context={context_dir}", *GCE_START)
+        assert result.code == 0, result.err
+    assert sorted(p.name for p in workspace_root.iterdir()) == [MARKER, "config", "user_build_context.tar"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["context", "home", "ws"]

@@ -496,6 +496,7 @@ def create(root: Path, fill: Callable[[Workspace], None], home: str | None = Non
     previous workspace, which is then removed as `Workspace.remove` does.
     """
     existing = check_replaceable(root, home)
+    root = _located(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.new.", dir=root.parent))
     try:
@@ -514,6 +515,14 @@ def create(root: Path, fill: Callable[[Workspace], None], home: str | None = Non
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return Workspace(root)
+
+
+def _located(root: Path) -> Path:
+    """`root` with its parent resolved (links and '..' followed) and its last part kept as it is: moving the
+    workspace aside then cannot change what the other paths name (as it did for ws/../ws)."""
+    if root.name in ("", ".", ".."):
+        return Path(os.path.realpath(root))
+    return Path(os.path.realpath(root.parent)) / root.name
 
 
 def _changed(root: Path) -> WorkspaceError:
