@@ -44,7 +44,7 @@ from cos_customizer.disk import mover
 from cos_customizer.disk.gpt import SECTOR, GptError, Table, read_table
 from cos_customizer.disk.mover import Progress
 from cos_customizer.errors import CustomizerError
-from cos_customizer.runner import CommandError, require_tool
+from cos_customizer.runner import CommandError, die_with_us, require_tool
 
 GPT_HEAD = 34 * SECTOR  # protective MBR, primary header and entry array
 TAR_MEMBER = "disk.raw"
@@ -265,7 +265,7 @@ def _qemu_input(path: Path, source: BinaryIO, allowed: bool) -> tuple[str, tuple
 
 
 def _qemu_img(argv: list[str], pass_fds: tuple[int, ...]) -> None:
-    result = subprocess.run(argv, pass_fds=pass_fds, capture_output=True, check=False)
+    result = subprocess.run(argv, pass_fds=pass_fds, capture_output=True, check=False, preexec_fn=die_with_us())
     if result.returncode != 0:
         raise CommandError(argv, result.returncode, result.stderr.decode(errors="replace"))
 
@@ -352,7 +352,7 @@ def check_room(source: Path, directory: Path) -> None:
                 _check_room(source, _first_member(source, tar), directory)
 
 
-def _extract(path: Path, source: BinaryIO, target: Path, progress: Progress | None) -> None:
+def _extract(path: Path, source: BinaryIO, target: Path, progress: Progress | None, into: int | None) -> None:
     """Stream disk.raw's bytes into `target`, a new file we name; holes and zero runs stay holes."""
     with _tar(path, source) as tar:
         member = _first_member(path, tar)
@@ -361,7 +361,8 @@ def _extract(path: Path, source: BinaryIO, target: Path, progress: Progress | No
         total = sum(length for _, length in regions)
         reader = tar.extractfile(member)
         assert reader is not None  # a regular file
-        out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        out = os.open(target, flags, 0o600) if into is None else os.dup(into)
         try:
             done = 0
             for offset, length in regions:
@@ -467,21 +468,30 @@ _FICLONE = 0x40049409
 
 
 def working_copy(
-    source: Path, target: Path, progress: Progress | None = None, *, allow_backing_file: bool | None = None
+    source: Path,
+    target: Path,
+    progress: Progress | None = None,
+    *,
+    allow_backing_file: bool | None = None,
+    into: int | None = None,
 ) -> None:
-    """Make a sparse raw copy of `source` (any format) at `target`; the source is opened read-only."""
+    """Make a sparse raw copy of `source` (any format) at `target`; the source is opened read-only.
+
+    With `into`, an open empty file (the local build's unnamed working copy, in `target`'s directory), the
+    copy is written there and `target` only names it."""
     allowed = _allowed(allow_backing_file)
     with _opened(source) as opened:
         fmt = _detect(opened)
         if fmt is ImageFormat.QCOW2:
             _check_qcow2(source, opened, allowed)
             name, fds = _qemu_input(source, opened, allowed)
-            _qemu_img([require_tool("qemu-img", "qemu-utils"), "convert", "-f", "qcow2", "-O", "raw", name,
-                       str(target)], fds)  # fmt: skip
+            out, fds = (str(target), fds) if into is None else (f"/proc/self/fd/{into}", (*fds, into))
+            _qemu_img([require_tool("qemu-img", "qemu-utils"), "convert", "-f", "qcow2", "-O", "raw", name, out],
+                      fds)  # fmt: skip
         elif fmt is ImageFormat.TAR_GZ:
-            _extract(source, opened, target, progress)
+            _extract(source, opened, target, progress, into)
         else:
-            _copy_raw(source, opened, target, progress)
+            _copy_raw(source, opened, target, progress, into)
 
 
 def _copy_piece(src: int, dst: int, length: int, offset: int) -> int:
@@ -499,8 +509,8 @@ def _copy_piece(src: int, dst: int, length: int, offset: int) -> int:
     return len(data)
 
 
-def _copy_raw(source: Path, src: BinaryIO, target: Path, progress: Progress | None) -> None:
-    with open(target, "wb") as dst:
+def _copy_raw(source: Path, src: BinaryIO, target: Path, progress: Progress | None, into: int | None) -> None:
+    with open(target, "wb") if into is None else os.fdopen(os.dup(into), "wb") as dst:
         size = os.fstat(src.fileno()).st_size
         try:
             fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())  # a reflink: instant, shares blocks

@@ -81,22 +81,24 @@ def _load_prctl() -> Callable[..., int] | None:
 _prctl = _load_prctl()  # resolved once here: a preexec_fn must do as little as possible
 
 
-def die_with_parent(parent: int = 0) -> None:
-    """Ask the kernel to SIGKILL this process when its parent (thread) dies. Usable as a `preexec_fn`.
+def die_with_parent(parent: int = 0, sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send `sig` (SIGKILL) to this process when its parent (thread) dies. Usable as a
+    `preexec_fn`.
 
     With `parent` (the pid of the process that forked this one, taken before
-    the fork), a parent that died before the call is noticed: then die now.
+    the fork), a parent that died before the call is noticed: then `sig` now.
     """
     if _prctl is None:
         return
-    _prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    _prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     if parent and os.getppid() != parent:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), sig)
 
 
-def die_with_us() -> Callable[[], None]:
-    """A `preexec_fn` for a child that must die with this process (see `die_with_parent`)."""
-    return functools.partial(die_with_parent, os.getpid())
+def die_with_us(sig: int = signal.SIGKILL) -> Callable[[], None]:
+    """A `preexec_fn` for a child that must die with this process (see `die_with_parent`); a child that must
+    clean up first (daisy deletes what it made on SIGINT) gets its own `sig`."""
+    return functools.partial(die_with_parent, os.getpid(), sig)
 
 
 def require_tool(name: str, package: str) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cos_customizer import images, plan, provisioner_build, report, workspace
+from cos_customizer import output as output_file
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import Flag, Kind, Parsed
 from cos_customizer.config import BuildConfig, SourceImage
@@ -374,11 +375,6 @@ def _check_output_absent(output: Output, flag_value: str) -> None:
         raise ValidationError(f"-output={flag_value} already exists: remove it or choose another name")
 
 
-def output_lock(output: Path) -> Path:
-    """The lock file beside the output, held while a build writes it."""
-    return output.with_name(f".{output.name}.lock")
-
-
 def _gce_provisioner(config: ProvisionerConfig, build: BuildConfig) -> ProvisionerConfig:
     """The provisioner config as the preload VM will see it."""
     managed = workflow.managed_dir(build)
@@ -599,7 +595,7 @@ def handle(context: Context, args: Parsed) -> int:
             )
 
         with (
-            workspace.hold_lock(output_lock(output.path), busy),
+            output_file.held(output.path, busy),  # no lock file: a name in the kernel, gone with this process
             images.backing_files_allowed(args["allow-backing-file"]),
         ):
             _check_output_absent(output, args["output"])  # again, now that no other build can be writing it
