@@ -162,7 +162,7 @@ def write_tar_gz(path: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> Pa
         ([("disk.raw", tarfile.FIFOTYPE, "")], "disk.raw (a FIFO)"),
         ([("disk.raw", tarfile.DIRTYPE, "")], "disk.raw (a directory)"),
         ([("other.raw", tarfile.REGTYPE, "")], "other.raw"),
-        ([("x\ndisk.raw", tarfile.REGTYPE, "")], "'x\\ndisk.raw'"),
+        ([("x\ndisk.raw", tarfile.REGTYPE, "")], '"x\\ndisk.raw"'),
     ],
     ids=[
         "absolute",

@@ -13,7 +13,7 @@ import tarfile
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
-from cos_customizer.errors import CustomizerError, ValidationError
+from cos_customizer.errors import CustomizerError, ValidationError, shown
 
 
 def create_archive(source: Path, destination: Path, exclude: Collection[Path] = ()) -> int:
@@ -24,11 +24,11 @@ def create_archive(source: Path, destination: Path, exclude: Collection[Path] = 
     """
     if not source.exists() and not source.is_symlink():
         raise ValidationError(
-            f"build context {source} does not exist: pass -build-context=DIR, "
+            f"build context {shown(source)} does not exist: pass -build-context=DIR, "
             "the directory holding your scripts and files"
         )
     if not (source.is_dir() or source.is_file()):
-        raise ValidationError(f"build context {source} is neither a directory nor a regular file")
+        raise ValidationError(f"build context {shown(source)} is neither a directory nor a regular file")
     excluded = {path.resolve() for path in exclude}
     count = 0
     try:
@@ -40,7 +40,7 @@ def create_archive(source: Path, destination: Path, exclude: Collection[Path] = 
                 tar.add(path, arcname=path.relative_to(source).as_posix(), recursive=False)
                 count += 1
     except OSError as err:
-        raise CustomizerError(f"cannot archive build context {source}: {err.strerror or err}") from err
+        raise CustomizerError(f"cannot archive build context {shown(source)}: {err.strerror or err}") from err
     return count
 
 
@@ -66,25 +66,31 @@ def normalize_member(path: str, flag: str) -> str:
     if not path:
         raise ValidationError(f"{flag} must be set")
     if path.startswith("/"):
-        raise ValidationError(f"{flag}={path}: give a path relative to the build context, not an absolute path")
+        raise ValidationError(f"{flag}={shown(path)}: give a path relative to the build context, not an absolute path")
     normal = posixpath.normpath(path)
     if normal == ".." or normal.startswith("../"):
-        raise ValidationError(f"{flag}={path}: the path leaves the build context")
+        raise ValidationError(f"{flag}={shown(path)}: the path leaves the build context")
     return normal
 
 
 def find_member(archive: Path, name: str) -> tarfile.TarInfo | None:
-    """The archive's entry for `name` (a file, link or directory), if any."""
+    """The archive's entry for `name` (a file, link or directory), if any.
+
+    The archive is the plain tar start-image-build wrote: it is opened as one (mode "r:"), so a damaged one
+    is one error, not one per compression method tried.
+    """
     try:
-        with tarfile.open(archive, "r") as tar:
+        with tarfile.open(archive, "r:") as tar:
             for member in tar:
                 if member.name.rstrip("/") == name:
                     return member
                 if name == "." or member.name.startswith(name + "/"):
                     return _implicit_dir(name)
     except (OSError, tarfile.TarError) as err:
+        detail = err.strerror if isinstance(err, OSError) and err.strerror else " ".join(str(err).split())
         raise CustomizerError(
-            f"cannot read the build context archive {archive} ({err}): run start-image-build again"
+            f"cannot read the build context archive {shown(archive)} ({detail or type(err).__name__}): "
+            "run start-image-build again"
         ) from err
     return None
 

@@ -31,7 +31,6 @@ import os
 import stat
 import struct
 import subprocess
-import tarfile
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -40,10 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
 
+from cos_customizer import tarstream
 from cos_customizer.disk import mover
 from cos_customizer.disk.gpt import SECTOR, GptError, Table, read_table
 from cos_customizer.disk.mover import Progress
-from cos_customizer.errors import CustomizerError
+from cos_customizer.errors import CustomizerError, shown
 from cos_customizer.runner import CommandError, die_with_us, require_tool
 
 GPT_HEAD = 34 * SECTOR  # protective MBR, primary header and entry array
@@ -77,11 +77,6 @@ def backing_files_allowed(allowed: bool) -> Iterator[None]:
 
 def _allowed(allow_backing_file: bool | None) -> bool:
     return BACKING_FILES_ALLOWED.get() if allow_backing_file is None else allow_backing_file
-
-
-def shown(name: str) -> str:
-    """A name from an untrusted file as it can appear inside a one-line message."""
-    return name if name.isprintable() else ascii(name)
 
 
 # What the path is, and opening it safely
@@ -130,10 +125,10 @@ def check_source(path: Path) -> None:
         return
     if what == MISSING:
         raise CustomizerError(
-            f"the source image {path} does not exist any more: put it back or run start-image-build again"
+            f"the source image {shown(path)} does not exist any more: put it back or run start-image-build again"
         )
     raise CustomizerError(
-        f"the source image {path} is {what}, not a disk image file: give a regular raw, .qcow2 or .tar.gz "
+        f"the source image {shown(path)} is {what}, not a disk image file: give a regular raw, .qcow2 or .tar.gz "
         "image file to start-image-build -image-file"
     )
 
@@ -145,12 +140,12 @@ def _opened(path: Path) -> Iterator[BinaryIO]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as err:
-        raise CustomizerError(f"cannot open the source image {path}: {err.strerror}") from err
+        raise CustomizerError(f"cannot open the source image {shown(path)}: {err.strerror}") from err
     try:
         what = _mode_kind(os.fstat(fd).st_mode)
         if what != REGULAR:  # replaced between the check and the open
             raise CustomizerError(
-                f"the source image {path} is {what}, not a disk image file: give a regular raw, .qcow2 or "
+                f"the source image {shown(path)} is {what}, not a disk image file: give a regular raw, .qcow2 or "
                 ".tar.gz image file to start-image-build -image-file"
             )
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
@@ -214,19 +209,19 @@ def _qcow2_header(path: Path, source: BinaryIO) -> Qcow2Header:
     head = source.read(1 << 16)
     source.seek(0)
     if len(head) < 72:
-        raise CustomizerError(f"{path} is not a readable qcow2 image: its header is cut short")
+        raise CustomizerError(f"{shown(path)} is not a readable qcow2 image: its header is cut short")
     _, version, backing_offset, backing_size, _, size = struct.unpack_from(">IIQIIQ", head)
     backing = ""
     if backing_offset:
         if backing_size > 1023 or backing_offset + backing_size > len(head):
-            raise CustomizerError(f"{path} is not a readable qcow2 image: its backing file name is out of place")
+            raise CustomizerError(f"{shown(path)} is not a readable qcow2 image: its backing file name is out of place")
         backing = head[backing_offset : backing_offset + backing_size].decode(errors="replace")
         backing = backing or "<unnamed>"
     data_file = ""
     header_length = 72
     if version >= 3:
         if len(head) < 104:
-            raise CustomizerError(f"{path} is not a readable qcow2 image: its header is cut short")
+            raise CustomizerError(f"{shown(path)} is not a readable qcow2 image: its header is cut short")
         incompatible = struct.unpack_from(">Q", head, 72)[0]
         header_length = struct.unpack_from(">I", head, 100)[0]
         if incompatible & _QCOW2_DATA_FILE_BIT:
@@ -249,7 +244,7 @@ def _check_qcow2(path: Path, source: BinaryIO, allowed: bool) -> Qcow2Header:
     for what, name in (("a backing file", header.backing_file), ("an external data file", header.data_file)):
         if name:
             raise CustomizerError(
-                f"{path} is a qcow2 image with {what} {shown(name)}: building it would read that file of this "
+                f"{shown(path)} is a qcow2 image with {what} {shown(name)}: building it would read that file of this "
                 "machine into the image; flatten it (qemu-img convert -O qcow2) or, if you trust it, pass "
                 "-allow-backing-file to finish-image-build"
             )
@@ -270,77 +265,68 @@ def _qemu_img(argv: list[str], pass_fds: tuple[int, ...]) -> None:
         raise CommandError(argv, result.returncode, result.stderr.decode(errors="replace"))
 
 
-# .tar.gz
+# .tar.gz: read by our own bounded reader (cos_customizer.tarstream), never by tarfile
 
 
 @contextlib.contextmanager
-def _tar(path: Path, source: BinaryIO) -> Iterator[tarfile.TarFile]:
-    """The archive opened for reading; a corrupt or truncated gzip or tar becomes one clear error."""
+def _tar(path: Path, source: BinaryIO) -> Iterator[tarstream.Reader]:
+    """The archive's members, streamed; a corrupt, truncated or unsupported archive becomes one clear error."""
     source.seek(0)
     try:
-        with tarfile.open(fileobj=source, mode="r:gz") as tar:
-            yield tar
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:
-        if isinstance(err, EOFError) or str(err).startswith("unexpected end of data"):
+        with gzip.GzipFile(fileobj=source, mode="rb") as stream:
+            yield tarstream.Reader(cast(BinaryIO, stream))
+    except tarstream.Unsupported as err:
+        raise CustomizerError(
+            f"{shown(path)}: the archive holds {err}: a GCE image archive holds one regular file disk.raw "
+            "(tar --format=oldgnu -Sczf IMAGE.tar.gz disk.raw writes one)"
+        ) from err
+    except (tarstream.FormatError, tarstream.EndsEarly, EOFError, zlib.error, gzip.BadGzipFile) as err:
+        if isinstance(err, (tarstream.EndsEarly, EOFError)):
             detail = "it ends too early"
         elif isinstance(err, (zlib.error, gzip.BadGzipFile)):
             detail = "its compressed data is damaged"
         else:
-            detail = "not a valid tar archive: " + (" ".join(str(err).split()) or type(err).__name__)
+            detail = f"not a valid tar archive: {err}"
         raise CustomizerError(
-            f"{path} is a corrupt or truncated .tar.gz ({detail}): export or download the image again"
+            f"{shown(path)} is a corrupt or truncated .tar.gz ({detail}): export or download the image again"
         ) from err
 
 
-def _member_kind(member: tarfile.TarInfo) -> str:
-    if member.isreg():
-        return "a regular file"
-    if member.issym():
-        return f"a symlink to {shown(member.linkname)}"
-    if member.islnk():
-        return f"a hard link to {shown(member.linkname)}"
-    if member.isdir():
-        return "a directory"
-    if member.ischr() or member.isblk():
-        return "a device"
-    if member.isfifo():
-        return "a FIFO"
-    return "not a regular file"
+def _member_kind(member: tarstream.Member) -> str:
+    kinds = {b"2": "a symlink to", b"1": "a hard link to"}
+    if member.kind in kinds:
+        return f"{kinds[member.kind]} {shown(member.linkname)}"
+    others = {b"5": "a directory", b"3": "a device", b"4": "a device", b"6": "a FIFO"}
+    return others.get(member.kind, "not a regular file")
 
 
-def _refuse_member(path: Path, member: tarfile.TarInfo, why: str = "") -> CustomizerError:
-    detail = f" ({_member_kind(member)})" if not member.isreg() else ""
+def _refuse_member(path: Path, member: tarstream.Member, why: str = "") -> CustomizerError:
+    detail = f" ({_member_kind(member)})" if not member.is_regular else ""
     return CustomizerError(
-        f"{path}: the archive's member {shown(member.name)}{detail} is not a regular file named disk.raw"
+        f"{shown(path)}: the archive's member {shown(member.name)}{detail} is not a regular file named disk.raw"
         f"{why}: a GCE image archive holds one regular file disk.raw"
     )
 
 
-def _first_member(path: Path, tar: tarfile.TarFile) -> tarfile.TarInfo:
+def _first_member(path: Path, tar: tarstream.Reader) -> tarstream.Member:
     member = tar.next()
     if member is None:
-        raise CustomizerError(f"{path} holds no disk.raw: a GCE image archive is a .tar.gz with one member disk.raw")
-    if member.name not in TAR_NAMES or not member.isreg():
+        raise CustomizerError(
+            f"{shown(path)} holds no disk.raw: a GCE image archive is a .tar.gz with one member disk.raw"
+        )
+    if member.name not in TAR_NAMES or not member.is_regular:
         raise _refuse_member(path, member)
     return member
 
 
-def _data_regions(member: tarfile.TarInfo) -> list[tuple[int, int]]:
-    """The (offset, length) runs of `member` the archive stores: all of it, or its sparse map."""
-    if member.sparse is not None:
-        sparse = cast(list[tuple[int, int]], member.sparse)  # (offset, length) pairs; typeshed says list[int]
-        return [(offset, length) for offset, length in sparse if length]
-    return [(0, member.size)] if member.size else []
-
-
-def _check_room(path: Path, member: tarfile.TarInfo, directory: Path) -> None:
-    declared = sum(length for _, length in _data_regions(member))
+def _check_room(path: Path, member: tarstream.Member, directory: Path) -> None:
+    declared = member.stored
     stats = os.statvfs(directory)
     free = stats.f_bavail * stats.f_frsize
     if declared > free:
         raise CustomizerError(
-            f"{path}: its disk.raw declares {declared} bytes of data, more than the {free} bytes free in "
-            f"{directory}: free some space or write -output on a larger file system"
+            f"{shown(path)}: its disk.raw declares {declared} bytes of data, more than the {free} bytes free in "
+            f"{shown(directory)}: free some space or write -output on a larger file system"
         )
 
 
@@ -357,37 +343,24 @@ def _extract(path: Path, source: BinaryIO, target: Path, progress: Progress | No
     with _tar(path, source) as tar:
         member = _first_member(path, tar)
         _check_room(path, member, target.parent)
-        regions = _data_regions(member)
-        total = sum(length for _, length in regions)
-        reader = tar.extractfile(member)
-        assert reader is not None  # a regular file
+        total = member.stored
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         out = os.open(target, flags, 0o600) if into is None else os.dup(into)
         try:
             done = 0
-            for offset, length in regions:
-                reader.seek(offset)
-                position, end = offset, offset + length
-                while position < end:
-                    chunk = reader.read(min(CHUNK, end - position))
-                    if not chunk:
-                        raise tarfile.ReadError(f"unexpected end of data in disk.raw at byte {position}")
-                    if chunk != (_ZERO if len(chunk) == CHUNK else bytes(len(chunk))):
-                        _write(target, out, chunk, position)
-                    position += len(chunk)
-                    done += len(chunk)
-                    if progress is not None:
-                        progress(done, total)
+            for position, chunk in tar.data():
+                if chunk != (_ZERO if len(chunk) == CHUNK else bytes(len(chunk))):
+                    _write(target, out, chunk, position)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
             _sync(target, out, member.size)
         finally:
             os.close(out)
         extra = tar.next()
         if extra is not None:
             raise _refuse_member(path, extra, " after disk.raw")
-        fileobj = tar.fileobj
-        assert fileobj is not None
-        while fileobj.read(CHUNK):  # to the end, so gzip checks its length and CRC
-            pass
+        tar.drain()  # to the end, so gzip checks its length and CRC
 
 
 def _write(target: Path, fd: int, data: bytes, offset: int) -> None:
@@ -409,7 +382,7 @@ def _sync(target: Path, fd: int, size: int) -> None:
 
 def _write_error(target: Path, err: OSError) -> CustomizerError:
     hint = "free some space or write -output elsewhere" if err.errno == errno.ENOSPC else "check the file system"
-    return CustomizerError(f"cannot write the working copy {target}: {err.strerror}; {hint}")
+    return CustomizerError(f"cannot write the working copy {shown(target)}: {err.strerror}; {hint}")
 
 
 # The partition table
@@ -436,9 +409,7 @@ def read_source_table(path: Path, *, allow_backing_file: bool | None = None) -> 
                 else:
                     with _tar(path, source) as tar:
                         member = _first_member(path, tar)
-                        reader = tar.extractfile(member)
-                        assert reader is not None
-                        head.write_bytes(reader.read(GPT_HEAD))
+                        head.write_bytes(tar.head(GPT_HEAD))
                     size, holder = member.size, "its disk.raw has"
                 table = _read(head, path)
     # "Describes": the disk ends with the backup GPT header, at the primary header's AlternateLBA (the
@@ -446,7 +417,7 @@ def read_source_table(path: Path, *, allow_backing_file: bool | None = None) -> 
     described = table.disk_sectors * SECTOR
     if size < described:
         raise CustomizerError(
-            f"{path}: truncated: the partition table describes {described} bytes, {holder} {size}; "
+            f"{shown(path)}: truncated: the partition table describes {described} bytes, {holder} {size}; "
             "the image is incomplete: copy or download it again"
         )
     return table
@@ -456,9 +427,9 @@ def _read(file: Path, source: Path) -> Table:
     try:
         return read_table(file)
     except GptError as err:
-        message = str(err).replace(str(file), str(source))
-        if str(source) not in message:
-            message = f"{source}: {message}"
+        message = str(err).replace(str(file), shown(source))
+        if shown(source) not in message:
+            message = f"{shown(source)}: {message}"
         raise CustomizerError(f"{message} (a COS disk image has a GPT partition table)") from err
 
 
@@ -526,7 +497,9 @@ def _copy_raw(source: Path, src: BinaryIO, target: Path, progress: Progress | No
             while copied < length:
                 n = _copy_piece(src.fileno(), dst.fileno(), length - copied, offset + copied)
                 if n == 0:
-                    raise CustomizerError(f"{source} changed while it was being copied (short copy at byte {offset})")
+                    raise CustomizerError(
+                        f"{shown(source)} changed while it was being copied (short copy at byte {offset})"
+                    )
                 copied += n
                 done += n
                 if progress is not None:

@@ -43,8 +43,8 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from cos_customizer import workspace
 from cos_customizer.cli.command import Command, Context
-from cos_customizer.cli.flags import BOOL_TEXTS, Flag, Kind, Parsed, parse, set_value
-from cos_customizer.errors import EXIT_USAGE, CustomizerError, UsageError, WorkspaceError
+from cos_customizer.cli.flags import BOOL_TEXTS, INT_TEXT_LIMIT, Flag, Kind, Parsed, check_text, parse, set_value
+from cos_customizer.errors import EXIT_USAGE, CustomizerError, UsageError, WorkspaceError, quoted, shown
 from cos_customizer.units import format_duration
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,9 @@ START = "start-image-build"
 FINISH = "finish-image-build"
 TOP_KEYS = ("source", "build-context", "steps", "finish")
 MAX_SIZE = 1 << 20  # a build file is a few lines; refuse anything that is not
+# How deep a build file's collections may nest; it needs 5 (steps, a step, its flags, -env's list, an item).
+# Deeper is refused as it is read, before the (recursive) composer could exhaust Python's stack.
+MAX_DEPTH = 16
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 SCHEMA_FILE = "build-file.schema.json"  # shipped beside the package's modules
 
@@ -126,14 +129,28 @@ class _AliasRefused(yaml.MarkedYAMLError):
 
 
 class _Loader(yaml.SafeLoader):
-    """The safe loader, refusing aliases: a build file spells every value out."""
+    """The safe loader, refusing aliases (a build file spells every value out) and nesting deeper than
+    MAX_DEPTH (the composer recurses once per level: it is stopped before Python's stack runs out)."""
+
+    depth = 0
 
     def compose_node(self, parent: Node | None, index: int) -> Node | None:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()  # type: ignore[no-untyped-call]
             problem = f"the YAML alias *{event.anchor} is not accepted in a build file: write the value out"
             raise _AliasRefused(problem=problem, problem_mark=event.start_mark)
-        return super().compose_node(parent, index)
+        if self.depth >= MAX_DEPTH:
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            problem = (
+                f"lists and mappings nested more than {MAX_DEPTH} deep are not accepted in a build file "
+                "(it needs 5 levels at most): write each step as '- run-script: {script: a.sh}'"
+            )
+            raise _AliasRefused(problem=problem, problem_mark=event.start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 class _Reader:
@@ -144,13 +161,13 @@ class _Reader:
         self.table = table
 
     def error(self, node: Node, key: str, message: str, exit_code: int = EXIT_USAGE) -> LocatedError:
-        where = f"{self.name}:{node.start_mark.line + 1}:"
+        where = f"{shown(self.name)}:{node.start_mark.line + 1}:"
         return LocatedError(f"{where} {key}: {message}" if key else f"{where} {message}", exit_code)
 
     def kind(self, node: Node, key: str) -> str:
         kind = _KINDS.get(node.tag)
         if kind is None:
-            raise self.error(node, key, f"the YAML tag {node.tag} is not accepted in a build file")
+            raise self.error(node, key, f"the YAML tag {shown(node.tag)} is not accepted in a build file")
         return kind
 
     def mapping(self, node: Node, key: str) -> list[tuple[str, Node, Node]]:
@@ -171,11 +188,12 @@ class _Reader:
     def read(self, root: Node | None) -> tuple[Invocation, ...]:
         shape = "a build file is a mapping with source, steps and finish (see cos-customizer build -print-schema)"
         if root is None or self.kind(root, "") != "mapping":
-            raise LocatedError(f"{self.name}:{1 if root is None else root.start_mark.line + 1}: {shape}", EXIT_USAGE)
+            line = 1 if root is None else root.start_mark.line + 1
+            raise LocatedError(f"{shown(self.name)}:{line}: {shape}", EXIT_USAGE)
         top: dict[str, tuple[Node, Node]] = {}
         for name, key_node, value_node in self.mapping(root, ""):
             if name not in TOP_KEYS:
-                known = f'unknown key "{name}"{_suggest(name, TOP_KEYS)}; a build file has {", ".join(TOP_KEYS)}'
+                known = f"unknown key {quoted(name)}{_suggest(name, TOP_KEYS)}; a build file has {', '.join(TOP_KEYS)}"
                 raise self.error(key_node, name, known)
             top[name] = (key_node, value_node)
         for required, example in (("source", "source: {image-file: cos.raw}"), ("finish", "finish: {output: out.raw}")):
@@ -227,7 +245,7 @@ class _Reader:
         if name == FINISH:
             return f"{FINISH} is the file's finish, not a step"
         known = ", ".join(self.table.steps)
-        return f'unknown step "{name}"{_suggest(name, self.table.steps)}; the steps are {known}'
+        return f"unknown step {quoted(name)}{_suggest(name, self.table.steps)}; the steps are {known}"
 
     def flags(self, command: Command, node: Node | None, key: str) -> Parsed:
         """The command's flags from a mapping (empty or null: none given), as its command line would give them."""
@@ -243,7 +261,7 @@ class _Reader:
         for name, key_node, value_node in self.mapping(node, key):
             flag = by_name.get(name)
             if flag is None:
-                raise self.error(key_node, _join(key, name), f"{command.name} has no flag -{name}"
+                raise self.error(key_node, _join(key, name), f"{command.name} has no flag -{shown(name)}"
                                  f"{_suggest(name, by_name)}; see cos-customizer {command.name} --help")  # fmt: skip
             self.value(flag, value_node, _join(key, name), parsed)
         return parsed
@@ -258,6 +276,10 @@ class _Reader:
             items = ["true" if SafeConstructor.bool_values[node.value.lower()] else "false"]
         elif flag.kind is Kind.INT and kind == "integer":
             assert isinstance(node, ScalarNode)
+            if len(node.value) > INT_TEXT_LIMIT:  # before any conversion: int() refuses 4300 digits
+                raise self.error(
+                    node, key, f"invalid value {quoted(node.value, 40)} for flag -{flag.name}: value out of range"
+                )
             items = [str(SafeConstructor().construct_yaml_int(node))]
         elif kind == "string" and flag.kind in (Kind.BOOL, Kind.INT, Kind.DURATION, Kind.MAP, Kind.LIST):
             items = [node.value]
@@ -293,12 +315,17 @@ class _Reader:
             kind = self.kind(value_node, _join(key, name))
             if kind not in ("string", "integer", "number", "boolean"):
                 raise self.error(value_node, _join(key, name), f"expected a value, not {_describe(value_node, kind)}")
+            for text, text_node in ((name, key_node), (value_node.value, value_node)):
+                try:
+                    check_text(text)
+                except ValueError as err:
+                    raise self.error(text_node, _join(key, name), f"invalid value {quoted(text)}: {err}") from None
             values[name] = value_node.value
         parsed.given.add(flag.name)
 
 
 def _join(key: str, name: str) -> str:
-    return f"{key}.{name}" if key else name
+    return f"{key}.{shown(name)}" if key else shown(name)
 
 
 def _flag(command: Command, name: str) -> Flag:
@@ -310,13 +337,13 @@ def _describe(node: Node, kind: str) -> str:
         return f"a {kind}"
     if kind == "null":
         return "nothing (null)"
-    return f"the {kind} {node.value}" if kind != "string" else f"the string {node.value!r}"
+    return f"the {kind} {shown(node.value)}" if kind != "string" else f"the string {node.value!r}"
 
 
 def _quote_hint(node: Node, kind: str, flag: Flag) -> str:
     """For a scalar YAML read as something else than text: quoting it makes it text."""
     if kind in ("boolean", "number", "integer") and flag.kind in (Kind.STRING, Kind.MAP, Kind.LIST, Kind.DURATION):
-        return f' (quote it to give the text: "{node.value}")'
+        return f" (quote it to give the text: {quoted(node.value)})"
     return ""
 
 
@@ -331,28 +358,28 @@ def read(path: str, table: Table, *, dry_run: bool = False) -> BuildFile:
     try:
         info = file.stat()
     except OSError as err:
-        raise UsageError(f"{path}: cannot read the build file: {err.strerror}") from None
+        raise UsageError(f"{shown(path)}: cannot read the build file: {err.strerror}") from None
     if not stat.S_ISREG(info.st_mode):
-        raise UsageError(f"{path}: not a regular file; give a YAML build file")
+        raise UsageError(f"{shown(path)}: not a regular file; give a YAML build file")
     if info.st_size > MAX_SIZE:
-        raise UsageError(f"{path}: {info.st_size} bytes is too large for a build file (at most {MAX_SIZE})")
+        raise UsageError(f"{shown(path)}: {info.st_size} bytes is too large for a build file (at most {MAX_SIZE})")
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise UsageError(f"{path}: not UTF-8 text; a build file is YAML") from None
+        raise UsageError(f"{shown(path)}: not UTF-8 text; a build file is YAML") from None
     except OSError as err:
-        raise UsageError(f"{path}: cannot read the build file: {err.strerror}") from None
+        raise UsageError(f"{shown(path)}: cannot read the build file: {err.strerror}") from None
     try:
         root = yaml.compose(text, Loader=_Loader)
     except _AliasRefused as err:
         line = err.problem_mark.line + 1 if err.problem_mark else 1
-        raise UsageError(f"{path}:{line}: {err.problem}") from None
+        raise UsageError(f"{shown(path)}:{line}: {err.problem}") from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         problem = "; ".join(part for part in (err.context, err.problem) if part)
-        raise UsageError(f"{path}:{mark.line + 1 if mark else 1}: not valid YAML: {problem}") from None
+        raise UsageError(f"{shown(path)}:{mark.line + 1 if mark else 1}: not valid YAML: {problem}") from None
     except yaml.YAMLError as err:
-        raise UsageError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+        raise UsageError(f"{shown(path)}: not valid YAML: {' '.join(str(err).split())}") from None
     invocations = _Reader(path, table).read(root)
     if dry_run:
         set_value(_flag(table.finish, "dry-run"), "true", invocations[-1].parsed)
@@ -393,7 +420,7 @@ def run(context: Context, build: BuildFile) -> int:
                 code = invocation.command.handler(step_context, invocation.parsed)
             except CustomizerError as err:
                 located = _failed_step(build, invocation, err)
-                where = f"{build.name}:{located.line}: {located.key}"
+                where = f"{shown(build.name)}:{located.line}: {located.key}"
                 raise LocatedError(f"{where}: {err}", err.exit_code) from err
             if code:
                 return code

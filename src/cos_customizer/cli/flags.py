@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cos_customizer.errors import UsageError, ValidationError
+from cos_customizer.errors import UsageError, ValidationError, quoted, shown
 from cos_customizer.units import parse_duration
 
 
@@ -77,8 +77,15 @@ def parse_bool(text: str) -> bool:
     raise ValueError("parse error")
 
 
+# The longest text an int64 takes (a sign, 0b and 64 binary digits, with room for Go's underscores):
+# longer is refused before any conversion (Python's int() refuses more than 4300 digits).
+INT_TEXT_LIMIT = 100
+
+
 def parse_int(text: str) -> int:
     """Go's strconv.ParseInt(s, 0, 64): decimal, 0x, 0o, 0b, and leading-0 octal."""
+    if len(text) > INT_TEXT_LIMIT:
+        raise ValueError("value out of range")
     body = text.lstrip("+-")
     if len(body) > 1 and body[0] == "0" and body[1].isdigit():
         text = text.replace("0", "0o", 1)
@@ -105,6 +112,20 @@ def parse_map(text: str, into: dict[str, str]) -> None:
             raise ValueError(f"item {piece!r} is improperly formatted; does it have an '=' character?")
 
 
+def check_text(text: str) -> None:
+    """Refuse what no program, file name or environment variable can hold: a NUL, a lone surrogate.
+
+    A command line never holds them; a build file can write them as escapes ("\\0", "\\ud800"). Bytes that
+    are not UTF-8 on the command line are kept (as the surrogates 0xDC80-0xDCFF, which encode back).
+    """
+    if "\0" in text:
+        raise ValueError("a NUL character cannot be passed to a program, a file name or an environment variable")
+    try:
+        text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise ValueError("it holds a lone surrogate, which is not text: write the character itself") from None
+
+
 def set_value(flag: Flag, raw: str, parsed: Parsed) -> None:
     """Take `raw` as the value of one `-name=raw` on the command line: converted, checked, accumulated."""
     if raw == "" and flag.kind is Kind.STRING:
@@ -113,6 +134,7 @@ def set_value(flag: Flag, raw: str, parsed: Parsed) -> None:
         parsed.values[flag.name] = flag.initial
         return
     try:
+        check_text(raw)
         if flag.kind is Kind.BOOL:
             value: Any = parse_bool(raw)
         elif flag.kind is Kind.INT:
@@ -130,7 +152,7 @@ def set_value(flag: Flag, raw: str, parsed: Parsed) -> None:
             value = raw
     except ValueError as err:
         what = "boolean value" if flag.kind is Kind.BOOL else "value"
-        message = f'invalid {what} "{raw}" for flag -{flag.name}: {err}'
+        message = f"invalid {what} {quoted(raw)} for flag -{flag.name}: {err}"
         if flag.kind is Kind.STRING:  # Go's parser takes any string; the original refuses it later (exit 1)
             raise ValidationError(message) from None
         raise UsageError(message) from None
@@ -161,19 +183,19 @@ def parse(flags: Sequence[Flag], args: Sequence[str], *, command: str, intersper
             break
         name = arg[2:] if arg.startswith("--") else arg[1:]
         if not name or name[0] in "-=":
-            raise UsageError(f"bad flag syntax: {arg}")
+            raise UsageError(f"bad flag syntax: {shown(arg)}")
         name, has_value, value = name.partition("=")
         flag = by_name.get(name)
         if flag is None:
             if name in ("h", "help"):
                 raise HelpRequested()
             where = f"cos-customizer {command} --help" if command else "cos-customizer --help"
-            raise UsageError(f"flag provided but not defined: -{name} (see {where})")
+            raise UsageError(f"flag provided but not defined: -{shown(name)} (see {where})")
         if flag.kind is Kind.BOOL and not has_value:
             value = "true"
         elif not has_value:
             if not rest:
-                raise UsageError(f"flag needs an argument: -{name}")
+                raise UsageError(f"flag needs an argument: -{shown(name)}")
             value = rest.pop(0)
         set_value(flag, value, parsed)
     return parsed

@@ -20,7 +20,7 @@ from cos_customizer import __version__
 from cos_customizer.cli import buildfile, completion, extra, finish, start, steps
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import Flag, HelpRequested, Kind, describe, parse
-from cos_customizer.errors import EXIT_FAILURE, EXIT_OK, CustomizerError, UsageError
+from cos_customizer.errors import EXIT_FAILURE, EXIT_OK, CustomizerError, UsageError, escaped, quoted, shown
 from cos_customizer.workspace import DEFAULT_WORKDIR, WORKDIR_ENV, resolve_root
 
 log = logging.getLogger("cos_customizer")
@@ -110,7 +110,7 @@ def _split(argv: Sequence[str]) -> Invocation:
         name, rest = rest[0], ["--help"]
     command = COMMANDS.get(name)
     if command is None:
-        raise UsageError(f'unknown step "{name}": run cos-customizer --help for the list of steps')
+        raise UsageError(f"unknown step {quoted(name)}: run cos-customizer --help for the list of steps")
     return Invocation(command, rest, {k: v for k, v in parsed.values.items() if k in parsed.given})
 
 
@@ -156,7 +156,8 @@ def _check_positional(command: Command, positional: Sequence[str]) -> None:
     if len(positional) > len(command.positional):
         unexpected = positional[len(command.positional)]
         raise UsageError(
-            f'unexpected argument "{unexpected}": usage: cos-customizer {command.usage} (flags are written -name=value)'
+            f"unexpected argument {quoted(unexpected)}: usage: cos-customizer {command.usage} "
+            "(flags are written -name=value)"
         )
     required = len(command.positional) if command.required_positional is None else command.required_positional
     if len(positional) < required:
@@ -175,7 +176,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except CustomizerError as err:
         if session.debug:
             log.exception("cos-customizer failed")
-        sys.stderr.write(f"cos-customizer: error: {err}\n")
+        sys.stderr.write(f"cos-customizer: error: {escaped(str(err))}\n")
         return err.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("cos-customizer: interrupted (Ctrl-C); nothing was left half-written\n")
@@ -186,13 +187,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except OSError as err:
         if session.debug:
             log.exception("cos-customizer failed")
-        sys.stderr.write(f"cos-customizer: error: {describe_os_error(err)}\n")
+        sys.stderr.write(f"cos-customizer: error: {escaped(describe_os_error(err))}\n")
         return EXIT_FAILURE
     except Exception as err:
         if session.debug:
             log.exception("cos-customizer failed")
         sys.stderr.write(
-            f"cos-customizer: internal error: {type(err).__name__}: {err} (run again with -debug for the traceback)\n"
+            f"cos-customizer: internal error: {type(err).__name__}: {escaped(str(err))} "
+            "(run again with -debug for the traceback)\n"
         )
         return EXIT_FAILURE
     finally:
@@ -216,11 +218,21 @@ def describe_os_error(err: OSError) -> str:
     if err.errno in (errno.EEXIST, errno.ENOTDIR) and err.filename:
         blocker = _non_directory(Path(os.fsdecode(err.filename)))
         if blocker is not None:
-            return f"{blocker} is not a directory (the path {err.filename} goes through it): choose another path"
+            return (
+                f"{shown(blocker)} is not a directory (the path {_name(err.filename)} goes through it): choose "
+                "another path"
+            )
     what = err.strerror or str(err)
-    where = " -> ".join(str(name) for name in (err.filename, err.filename2) if name is not None)
+    where = " -> ".join(_name(name) for name in (err.filename, err.filename2) if name is not None)
     hint = OS_ERROR_HINTS.get(err.errno or 0, "")
     return what + (f": {where}" if where else "") + (f" ({hint})" if hint else "")
+
+
+def _name(filename: object) -> str:
+    """A file name an OSError carries (text, bytes or a descriptor), as a message shows it."""
+    if isinstance(filename, (str, bytes, os.PathLike)):
+        return shown(os.fsdecode(filename))
+    return str(filename)
 
 
 def _non_directory(path: Path) -> Path | None:
@@ -244,10 +256,16 @@ class _StderrHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
+            if isinstance(record.args, tuple):  # the values a message names: one line, nothing a terminal acts on
+                record.args = tuple(_escaped_arg(arg) for arg in record.args)
             sys.stderr.write(self.format(record) + "\n")
             sys.stderr.flush()
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)
+
+
+def _escaped_arg(arg: object) -> object:
+    return escaped(os.fspath(arg)) if isinstance(arg, (str, os.PathLike)) else arg
 
 
 def _setup_logging(debug: bool) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from cos_customizer import buildcontext
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import Flag, Kind, Parsed
-from cos_customizer.errors import ValidationError
+from cos_customizer.errors import ValidationError, quoted, shown
 from cos_customizer.executors import STEP_COMMANDS, gce
 from cos_customizer.provisioner import gpu
 from cos_customizer.provisioner.config import (
@@ -67,7 +67,7 @@ def _script_member(context: Context, path: str, flag: str, *, kinds: tuple[bytes
     member = buildcontext.find_member(context.workspace.build_context_archive, name)
     if member is None or member.type not in kinds:
         raise ValidationError(
-            f"could not find {path} in the build context; the build context is the -build-context "
+            f"could not find {shown(path)} in the build context; the build context is the -build-context "
             "of start-image-build, and paths are relative to it"
         )
     return name
@@ -119,24 +119,24 @@ def _check_gpu_version(version: str, deps_dir: str) -> None:
             raise ValidationError('"-deps-dir" must be set when the version is specified as an nvidia installer file')
         installer = Path(deps_dir) / version
         if not installer.exists():
-            raise ValidationError(f'nvidia installer file at "{installer}" does not exist')
+            raise ValidationError(f"nvidia installer file at {quoted(installer)} does not exist")
         if installer.is_dir():
-            raise ValidationError(f'nvidia installer file at "{installer}" is a directory')
+            raise ValidationError(f"nvidia installer file at {quoted(installer)} is a directory")
         if gpu.driver_version(version) is None:
             raise ValidationError(
-                f"-version={version}: cannot read the driver version from the installer name; "
+                f"-version={shown(version)}: cannot read the driver version from the installer name; "
                 "expected a name like NVIDIA-Linux-x86_64-450.51.06.run"
             )
     elif not _DRIVER_VERSION.match(version):
         raise ValidationError(
-            f"driver version {version} is not valid: give a version such as 535.104.05, or the name of an "
+            f"driver version {shown(version)} is not valid: give a version such as 535.104.05, or the name of an "
             "NVIDIA installer file in -deps-dir such as NVIDIA-Linux-x86_64-450.51.06.run"
         )
     else:  # as the original: a version must be one NVIDIA's public bucket has
         valid = gce.valid_driver_versions()
         if version not in valid:
             raise ValidationError(
-                f"driver version {version} is not valid; valid driver versions are: [{' '.join(valid)}] "
+                f"driver version {shown(version)} is not valid; valid driver versions are: [{' '.join(valid)}] "
                 "(or give an NVIDIA .run installer in -deps-dir)"
             )
 
@@ -144,7 +144,7 @@ def _check_gpu_version(version: str, deps_dir: str) -> None:
 def _deps_files(deps_dir: str) -> tuple[str, ...]:
     directory = Path(deps_dir)
     if not directory.is_dir():
-        raise ValidationError(f"-deps-dir={deps_dir}: not a directory")
+        raise ValidationError(f"-deps-dir={shown(deps_dir)}: not a directory")
     return tuple(str(path.resolve()) for path in sorted(directory.iterdir()) if path.is_file())
 
 
@@ -164,10 +164,10 @@ def handle_install_gpu(context: Context, args: Parsed) -> int:
         )
     _check_gpu_version(version, deps_dir)
     if args["md5sum"] and not _MD5.match(args["md5sum"]):
-        raise ValidationError(f"-md5sum={args['md5sum']}: expected 32 hexadecimal digits")
+        raise ValidationError(f"-md5sum={shown(args['md5sum'])}: expected 32 hexadecimal digits")
     if not args["install-dir"].startswith("/"):
         raise ValidationError(
-            f"-install-dir={args['install-dir']}: give an absolute path on the image, like /var/lib/nvidia"
+            f"-install-dir={shown(args['install-dir'])}: give an absolute path on the image, like /var/lib/nvidia"
         )
     build = ws.build()
     files = _deps_files(deps_dir) if deps_dir else ()
@@ -283,7 +283,8 @@ def handle_anthos(context: Context, args: Parsed) -> int:
     if "://" in url:
         if not _REMOTE.match(url):
             raise ValidationError(
-                f"-pkgspec-url={url}: use a gs://, http:// or https:// address, or a path inside the build context"
+                f"-pkgspec-url={shown(url)}: use a gs://, http:// or https:// address, or a path inside the build "
+                "context"
             )
     else:
         url = _script_member(context, url, "-pkgspec-url", kinds=(tarfile.REGTYPE, tarfile.SYMTYPE, tarfile.DIRTYPE))

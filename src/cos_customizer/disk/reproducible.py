@@ -61,12 +61,13 @@ def epoch_from(environ: Mapping[str, str]) -> int | None:
     text = environ.get(EPOCH_ENV, "")
     if not text:
         return None
-    if not (text.isascii() and text.isdigit()) or int(text) > MAX_EPOCH:
+    digits = text.lstrip("0") or "0"  # its length is checked before int() reads it (int() refuses 4300 digits)
+    if not (text.isascii() and text.isdigit()) or len(digits) > len(str(MAX_EPOCH)) or int(digits) > MAX_EPOCH:
         raise UsageError(
             f"{EPOCH_ENV}={text!r} is not a time this build can record: set it to whole seconds since 1970 "
             f"up to {MAX_EPOCH} (2038-01-19), e.g. {EPOCH_ENV}=$(git log -1 --format=%ct), or unset it"
         )
-    return int(text)
+    return int(digits)
 
 
 @dataclasses.dataclass(frozen=True)
