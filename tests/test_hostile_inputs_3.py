@@ -365,11 +365,11 @@ def test_a_dry_run_refuses_an_env_value_with_a_nul(
 FORGED = "\ncos-customizer: error: forged"
 
 
-def test_a_newline_in_image_file_is_escaped(cli: CLI, context_dir: Path) -> None:
+def test_a_newline_in_image_file_is_quoted(cli: CLI, context_dir: Path) -> None:
     result = cli("start-image-build", f"-build-context={context_dir}", f"-image-file=/nonexistent{FORGED}")
     assert result.code == 1
     assert one_line(result) == (
-        r"cos-customizer: error: -image-file=/nonexistent\ncos-customizer: error: forged: no such file; "
+        r'cos-customizer: error: -image-file="/nonexistent\ncos-customizer: error: forged": no such file; '
         "give a raw, .qcow2 or .tar.gz COS disk image\n"
     )
 
@@ -394,12 +394,12 @@ def test_a_newline_in_script_is_quoted(local_build: CLI) -> None:
     )
 
 
-def test_a_newline_in_output_is_escaped(local_build: CLI, tmp_path: Path) -> None:
+def test_a_newline_in_output_is_quoted(local_build: CLI, tmp_path: Path) -> None:
     result = local_build("finish-image-build", f"-output={tmp_path}/none{FORGED}/out.raw", "-dry-run")
     assert result.code == 1
     forged = r"\ncos-customizer: error: forged"
     assert one_line(result) == (
-        f"cos-customizer: error: -output={tmp_path}/none{forged}/out.raw: the directory {tmp_path}/none{forged} "
+        f'cos-customizer: error: -output="{tmp_path}/none{forged}/out.raw": the directory "{tmp_path}/none{forged}" '
         "does not exist\n"
     )
 
@@ -417,7 +417,7 @@ def test_terminal_controls_in_keys_and_values_are_escaped(cli: CLI, tmp_path: Pa
     result = cli("build", "-dry-run", str(path))
     assert result.code == 1
     assert result.err.endswith(
-        rf"cos-customizer: error: {path}:1: source: -image-file=/x\x1b]0;title\x07\r.raw: no such file; "
+        rf'cos-customizer: error: {path}:1: source: -image-file="/x\x1b]0;title\x07\r.raw": no such file; '
         "give a raw, .qcow2 or .tar.gz COS disk image\n"
     )
     assert "\x1b" not in result.err and "\x07" not in result.err and "\r" not in result.err

@@ -22,7 +22,7 @@ from cos_customizer.config import BuildConfig, SourceImage
 from cos_customizer.disk import planner, reproducible
 from cos_customizer.disk.gpt import SECTOR
 from cos_customizer.disk.planner import DiskPlan
-from cos_customizer.errors import ValidationError
+from cos_customizer.errors import ValidationError, shown
 from cos_customizer.executors import (
     STEP_COMMANDS,
     Executor,
@@ -357,22 +357,24 @@ def _check_local_flags(args: Parsed, source: SourceImage, workspace_root: Path, 
     output = Output.from_flag(args["output"])
     if output.path.resolve() == Path(source.ImageFile).resolve():
         raise ValidationError(
-            f"-output={args['output']} is the source image; the source is never written, choose another name"
+            f"-output={shown(args['output'])} is the source image; the source is never written, choose another name"
         )
     if workspace.contains(workspace_root, output.path):
         raise ValidationError(
-            f"-output={args['output']} is inside the workspace {workspace_root}, which finish-image-build removes "
-            "when it ends: write the image outside the workspace"
+            f"-output={shown(args['output'])} is inside the workspace {shown(workspace_root)}, which "
+            "finish-image-build removes when it ends: write the image outside the workspace"
         )
     _check_output_absent(output, args["output"])
     if not output.path.parent.is_dir():
-        raise ValidationError(f"-output={args['output']}: the directory {output.path.parent} does not exist")
+        raise ValidationError(
+            f"-output={shown(args['output'])}: the directory {shown(output.path.parent)} does not exist"
+        )
     return output
 
 
 def _check_output_absent(output: Output, flag_value: str) -> None:
     if output.path.exists() or output.path.is_symlink():
-        raise ValidationError(f"-output={flag_value} already exists: remove it or choose another name")
+        raise ValidationError(f"-output={shown(flag_value)} already exists: remove it or choose another name")
 
 
 def _gce_provisioner(config: ProvisionerConfig, build: BuildConfig) -> ProvisionerConfig:
@@ -590,7 +592,7 @@ def handle(context: Context, args: Parsed) -> int:
 
         def busy(holder: str) -> str:
             return (
-                f"-output={args['output']} is in use by another cos-customizer ({holder}) writing the same "
+                f"-output={shown(args['output'])} is in use by another cos-customizer ({holder}) writing the same "
                 "output: wait for it to finish, or choose another -output"
             )
 

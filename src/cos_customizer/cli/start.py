@@ -10,7 +10,7 @@ from cos_customizer import buildcontext, images, workspace
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import Flag, Kind, Parsed
 from cos_customizer.config import BuildConfig, SourceImage
-from cos_customizer.errors import ValidationError
+from cos_customizer.errors import ValidationError, shown
 from cos_customizer.executors import gce
 from cos_customizer.provisioner.config import ProvisionerConfig
 
@@ -84,14 +84,16 @@ def _check_image_file(path: Path, root: Path) -> Path:
     """A regular file outside the workspace; found with stat alone (a FIFO or a device is never opened)."""
     what = images.kind(path)
     if what == images.MISSING:
-        raise ValidationError(f"-image-file={path}: no such file; give a raw, .qcow2 or .tar.gz COS disk image")
+        raise ValidationError(f"-image-file={shown(path)}: no such file; give a raw, .qcow2 or .tar.gz COS disk image")
     if what != images.REGULAR:
-        raise ValidationError(f"-image-file={path}: {what}, not a file; give a raw, .qcow2 or .tar.gz COS disk image")
+        raise ValidationError(
+            f"-image-file={shown(path)}: {what}, not a file; give a raw, .qcow2 or .tar.gz COS disk image"
+        )
     if not os.access(path, os.R_OK):
-        raise ValidationError(f"-image-file={path}: not readable by this user")
+        raise ValidationError(f"-image-file={shown(path)}: not readable by this user")
     if workspace.contains(root, path):
         raise ValidationError(
-            f"-image-file={path} is inside the workspace {root}, which start-image-build replaces and "
+            f"-image-file={shown(path)} is inside the workspace {shown(root)}, which start-image-build replaces and "
             "finish-image-build removes: move the image out of it, or choose another -local-state-workdir"
         )
     return path.resolve()
