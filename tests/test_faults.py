@@ -1,9 +1,10 @@
-"""Hard faults of a local build: SIGKILL, SIGTERM and -timeout at any moment, huge output, full and
-read-only file systems, an output on another file system.
+"""Hard faults of a local build: SIGTERM and -timeout at any moment, huge output, full and read-only
+file systems, an output on another file system, the sweep of what older or killed builds left.
+SIGKILL at each phase: tests/test_sigkill.py (which uses the helpers here).
 
 Each test asserts the host side: no process, loop device or mount of the build left (only the
-build's own objects are looked at: other work may run on this machine), no work directory after
-the next build's sweep, and exactly one `cos-customizer: error:` line naming the problem.
+build's own objects are looked at: other work may run on this machine), nothing beside the output,
+and exactly one `cos-customizer: error:` line naming the problem.
 
 Needs root (loop devices, mounts, namespaces): CI runs as root.
 """
@@ -82,10 +83,6 @@ def mounts_of(tmp: Path) -> list[str]:
         for line in Path("/proc/self/mountinfo").read_text().splitlines()
         if str(tmp) in line and not line.split()[4].endswith(FS_MOUNT)
     ]
-
-
-def work_dirs(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir() if local.WORK_NAME.fullmatch(p.name))
 
 
 def leftovers(token: str, tmp: Path, *, loops: bool = True, seconds: float = 15.0) -> list[str]:
@@ -205,42 +202,6 @@ def kill_when(proc: subprocess.Popen[str], seen: Callable[[str], bool], sig: int
     finally:
         watchdog.cancel()
     return lines
-
-
-# The points of a local build to kill it at, by its output lines; each with the steps of the killed build.
-KILL_POINTS = {
-    "copying": ("==> copy ", STEPS_OK),
-    "partition-moves": ("==> apply the disk plan", STEPS_OK),
-    "resize2fs-on-a-loop-device": ("    resizing the OEM file system", STEPS_OK),
-    "script-running": ("looping", [["run-script", "-script={loop}"]]),
-    "script-with-daemon": ("daemon started", [["run-script", "-script={daemon}"]]),
-    "sealing": ("==> offline steps and checks", STEPS_OK),
-    "writing-output": ("==> write out.tar.gz", STEPS_OK),
-}
-
-
-@pytest.mark.parametrize("point", list(KILL_POINTS))
-def test_sigkill_at_any_point_leaves_nothing_and_the_next_build_sweeps(setup: Setup, point: str) -> None:
-    marker, steps = KILL_POINTS[point]
-    setup.start([[arg.format(loop=setup.loop_script, daemon=setup.daemon_script) for arg in s] for s in steps])
-    proc = setup.finish("out.tar.gz", *FINISH_SIZES)
-    lines = kill_when(proc, lambda line: marker in line, signal.SIGKILL)
-    assert proc.returncode == -signal.SIGKILL, lines
-
-    # The kernel takes the stage's whole process tree (the daemon too) and, with it, its mounts.
-    assert leftovers(setup.token, setup.tmp, loops=False) == []
-    killed = work_dirs(setup.outdir)
-    assert len(killed) == 1, killed  # all that may stay is the work directory, for the next build
-    (setup.outdir / "out.tar.gz").unlink(missing_ok=True)  # in case the kill came after the rename
-
-    setup.start(STEPS_OK)  # the next build in the same workspace and output directory
-    result = setup.cli("finish-image-build", f"-output={setup.outdir / 'out.tar.gz'}", *FINISH_SIZES)
-    assert result.returncode == 0, result.stderr
-    notes = [m.group(1) for m in map(NOTE.search, result.stderr.splitlines()) if m]
-    assert notes == [str(killed[0])], result.stderr
-    assert leftovers(setup.token, setup.tmp) == []
-    assert work_dirs(setup.outdir) == []
-    assert (setup.outdir / "out.tar.gz").stat().st_size > 0
 
 
 @pytest.mark.parametrize("script", ["loop", "daemon"])

@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cos_customizer.errors import CustomizerError
+from cos_customizer.runner import LINE_LIMIT
 from cos_customizer.units import parse_duration
 
 # Every step type Daisy knows (`step.go`, the fields of `Step`).
@@ -517,13 +518,24 @@ class SerialWatcher:
         self.status = str(_field(spec, "StatusMatch") or "")
         self.failures = [failure] if isinstance(failure, str) else [str(item) for item in failure or []]
         self.tail = ""
+        self.cut = False  # the tail is the start of a line longer than LINE_LIMIT: the rest of it is dropped
         self.result: Match = (None, "")
 
     def feed(self, chunk: str) -> list[Match]:
-        """The matches in `chunk`, in order; the last is the success or failure that ends the wait, if any."""
+        """The matches in `chunk`, in order; the last is the success or failure that ends the wait, if any.
+
+        Memory stays bounded: of a line longer than `runner.LINE_LIMIT` characters only the start is kept
+        and matched."""
         if self.result[0] is not None:
             return []
+        if self.cut:
+            end = chunk.find("\n")
+            if end < 0:
+                return []
+            chunk, self.cut = chunk[end:], False
         *lines, self.tail = (self.tail + chunk).split("\n")
+        if len(self.tail) > LINE_LIMIT:
+            self.tail, self.cut = self.tail[:LINE_LIMIT], True
         found: list[Match] = []
         for line in lines:
             if self.status and (at := line.find(self.status)) != -1:

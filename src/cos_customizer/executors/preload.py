@@ -196,15 +196,20 @@ def check_architecture(name: str, architecture: str) -> None:
 
 
 def run_daisy(argv: list[str], timeout: float, env: dict[str, str] | None = None) -> None:
-    """Run daisy with its output prefixed; on timeout or Ctrl-C it gets SIGINT and time to clean up."""
+    """Run daisy with its output prefixed; on timeout or Ctrl-C it gets SIGINT and time to clean up.
+
+    Should this process die, however (SIGKILL too), the kernel sends daisy SIGINT (`runner.die_with_us`): it
+    deletes what it made and exits. Its lines are read in bounded pieces (`runner.bounded_lines`).
+    """
     log.info("Running daisy (the preload VM builds the image; its status lines follow)")
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=runner.die_with_us(signal.SIGINT))  # fmt: skip
     assert proc.stdout is not None
     stop = ((signal.SIGINT, STOP_GRACE_SECONDS), (signal.SIGKILL, 10.0))  # on SIGINT daisy deletes what it made
     try:
         with runner.deadline(timeout, lambda: runner.stop_group(proc, stop[:1])) as expired:
-            for raw in proc.stdout:
-                log.info("daisy: %s", raw.decode(errors="replace").rstrip("\n"))
+            for line in runner.bounded_lines(proc.stdout.fileno()):
+                log.info("daisy: %s", line)
             status = proc.wait()
     finally:
         runner.stop_group(proc, stop)

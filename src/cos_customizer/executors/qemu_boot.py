@@ -59,12 +59,15 @@ from typing import Any
 from cos_customizer.disk import gpt
 from cos_customizer.errors import CustomizerError
 from cos_customizer.executors.loopback_http import SAFE_PATH
+from cos_customizer.runner import die_with_us
 
 QEMU = "qemu-system-x86_64"
 METADATA_IP = "169.254.169.254"
 GUEST_NET = "169.254.0.0/16"
 SERIAL_PORTS = 4  # GCE's serial ports 1..4 are the guest's ttyS0..ttyS3
 ACCELS = ("kvm", "tcg")
+# How much of the KVM probe's serial log is read for the kernel's banner (the guest writes as much as it likes).
+PROBE_READ = 1 << 20
 _KVM_GET_API_VERSION, _KVM_CREATE_VM, _KVM_API_VERSION = 0xAE00, 0xAE01, 12
 
 
@@ -348,12 +351,13 @@ def kvm_runs(kernel: Path, workdir: Path, *, timeout: float = 8.0, qemu: str = Q
     argv = [qemu, "-machine", "q35", "-accel", "kvm", "-cpu", "host", "-m", "256", "-nodefaults", "-display", "none",
             "-no-user-config", "-kernel", os.fspath(kernel), "-append", append,
             "-chardev", f"file,id=s,path={_opt(out)}", "-serial", "chardev:s", "-no-reboot"]  # fmt: skip
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=die_with_us())  # fmt: skip
     try:
         ends = time.monotonic() + timeout
         while time.monotonic() < ends and proc.poll() is None:
-            with contextlib.suppress(OSError):
-                if b"Linux version" in out.read_bytes():
+            with contextlib.suppress(OSError), open(out, "rb") as log:
+                if b"Linux version" in log.read(PROBE_READ):  # the banner is among the first lines: read no more
                     return True
             time.sleep(0.05)
         return False

@@ -54,6 +54,7 @@ from cos_customizer.executors.qemu_resources import Instance, Resources
 
 QUIT_GRACE = 5.0  # seconds QEMU gets to leave after QMP `quit` before it is killed
 POLL = 0.1  # seconds between looks at a serial port file
+SERIAL_READ = 1 << 20  # bytes of a serial port file read at a time
 RESET, POWEROFF = "guest-reset", "guest-shutdown"
 
 
@@ -400,7 +401,7 @@ class QemuInstances:
             try:
                 with open(path, "rb") as file:
                     file.seek(position)
-                    chunk = file.read()
+                    chunk = file.read(SERIAL_READ)
             except FileNotFoundError:
                 chunk = b""
             position += len(chunk)
@@ -412,10 +413,11 @@ class QemuInstances:
                 elif kind == "success":
                     context.status(text)  # the line the wait ends on is part of the guest's story too
                     return
-            if stopped:
+            full = len(chunk) == SERIAL_READ  # more is written already: read on before deciding anything
+            if stopped and not full:
                 detail = machine.error or f"the guest powered off after {machine.boots} boot(s)"
                 tail = machine.console_tail()
                 detail += f"; the console's last lines: {tail}" if tail else ""
                 raise InstanceError(f"instance {name} stopped before its serial port {port} matched: {detail}")
-            if context.sleep(POLL):
+            if context.sleep(0 if full else POLL):
                 return

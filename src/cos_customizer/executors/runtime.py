@@ -392,8 +392,19 @@ def private_workdir(path: Path) -> None:
     run([require_tool("mount", "mount"), "-t", "tmpfs", "-o", options, "cos-customizer", str(path)])
 
 
+def _inherited(path: str) -> int | None:
+    """The descriptor number of a /proc/self/fd/N path (what the local executor passes), else None."""
+    number = path.removeprefix("/proc/self/fd/")
+    return int(number) if number != path and number.isdigit() else None
+
+
 def main(argv: list[str]) -> int:
     spec = StageSpec.from_json(json.loads(Path(argv[0]).read_text()))
+    # No program the stage runs gets the spec (every script's -env) or the result file.
+    if (spec_fd := _inherited(argv[0])) is not None:
+        os.close(spec_fd)
+    if (result_fd := _inherited(spec.result)) is not None:
+        os.set_inheritable(result_fd, False)
     try:
         private_workdir(Path(spec.workdir))
         result = stage(spec)
