@@ -14,9 +14,12 @@ through an overlay whose upper layer is discarded; size-limited tmpfs on
 /tmp, /run, /mnt/disks and /var/lib/cloud (`large_tmpfs_size`, `SMALL_TMPFS`); the host's
 resolv.conf. Each script runs as `/bin/bash FILE` in the sandbox of
 `executors.sandbox` (its own /proc, /dev and read-only /sys, pivot_root into
-that tree, a user namespace, the build's network namespace with
-slirp4netns), in the build context directory, its output streamed line by
-line; its `-env` reaches only the sandbox.
+the build's idmapped view of that tree, root of the build's inner user
+namespace, the build's cgroups and network namespace with slirp4netns), in
+the build context directory, its output streamed line by line; its `-env`
+reaches only the sandbox. After the scripts the stage goes through nothing a
+script could have replaced by a link to this machine's files (descriptors
+held from before them, `unlink` at them; the cleanup resolves every parent).
 
 The stage leaves nothing on the host's file systems: the working copy is the
 local executor's unnamed file (`image` is a /proc/PID/fd path), the spec and
