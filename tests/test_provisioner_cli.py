@@ -159,7 +159,8 @@ def test_handle_disk_layout_on_a_block_device_runs_only_e2fsck_resize2fs_and_los
     out = capsys.readouterr().out
     assert "moving OEM\n" in out and "moving STATE\n" in out and out.endswith("Partitions relocated\n")
     ran = [record.getMessage().removeprefix("run: ").split()[0] for record in caplog.records]
-    assert {Path(tool).name for tool in ran} == set(COS_TOOLS), ran
+    # losetup only where the kernel cannot attach with LOOP_CONFIGURE (disk.loop attaches by ioctl since 5.8)
+    assert {"e2fsck", "resize2fs"} <= {Path(tool).name for tool in ran} <= set(COS_TOOLS), ran
 
     after = gpt.read_table(image)
     assert after == expected.after

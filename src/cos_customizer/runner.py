@@ -101,6 +101,21 @@ def die_with_us(sig: int = signal.SIGKILL) -> Callable[[], None]:
     return functools.partial(die_with_parent, os.getpid(), sig)
 
 
+@contextlib.contextmanager
+def memory_file(name: str, data: bytes) -> Iterator[Path]:
+    """`data` in a file in memory (memfd), which every process of this machine's root can open by the path
+    yielded (/proc/PID/fd/N) while the block runs: a command's input file that nothing has to remove, even
+    if this process is killed."""
+    fd = os.memfd_create(name)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        yield Path(f"/proc/{os.getpid()}/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
 def require_tool(name: str, package: str) -> str:
     """The path of `name`, or a clear error naming the Debian package that provides it."""
     path = shutil.which(name) or next((str(Path(d) / name) for d in FALLBACK_DIRS if (Path(d) / name).exists()), None)

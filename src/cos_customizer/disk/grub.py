@@ -10,11 +10,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from cos_customizer.errors import CustomizerError
-from cos_customizer.runner import require_tool, run
+from cos_customizer.runner import memory_file, require_tool, run
 
 GRUB_CFG = "::/efi/boot/grub.cfg"
 ANCHOR = "cros_efi"
@@ -193,8 +192,6 @@ def write_grub_cfg(image: Path, offset: int, text: str, epoch: int | None = None
     """Replace grub.cfg in the FAT file system at byte `offset` of `image`; dated `epoch` when set (mtools
     records SOURCE_DATE_EPOCH instead of the time)."""
     tool = require_tool("mcopy", "mtools")
-    with tempfile.TemporaryDirectory(prefix="cos-customizer-grub.") as tmp:
-        local = Path(tmp) / "grub.cfg"
-        local.write_text(text)
+    with memory_file("grub.cfg", text.encode()) as local:  # nothing to remove, even after a SIGKILL
         env = _mtools_env() if epoch is None else {**_mtools_env(), "SOURCE_DATE_EPOCH": str(epoch)}
         run([tool, "-o", "-i", f"{image}@@{offset}", str(local), GRUB_CFG], env=env)

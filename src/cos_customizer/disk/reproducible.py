@@ -35,13 +35,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import struct
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from cos_customizer.disk import ext, mover
 from cos_customizer.errors import CustomizerError, UsageError
-from cos_customizer.runner import CommandError, require_tool, run
+from cos_customizer.runner import CommandError, memory_file, require_tool, run
 
 EPOCH_ENV = "SOURCE_DATE_EPOCH"
 # ext4 inode times without the extra epoch bits are signed 32-bit seconds: up to 2038-01-19.
@@ -266,10 +265,8 @@ def normalize_ext(image: Path, offset: int, *, epoch: int, since: int) -> int:
         touched = list(_touched(fd, offset, fs, since))
         commands = _debugfs_commands(touched, epoch, since)
         if commands:
-            with tempfile.NamedTemporaryFile("w", prefix="cos-customizer-debugfs.", suffix=".cmd") as script:
-                script.write("\n".join(commands) + "\n")
-                script.flush()
-                result = run([require_tool("debugfs", ext.E2FSPROGS), "-w", "-f", script.name, device], env=env)
+            with memory_file("debugfs.cmd", ("\n".join(commands) + "\n").encode()) as script:
+                result = run([require_tool("debugfs", ext.E2FSPROGS), "-w", "-f", str(script), device], env=env)
             errors = [line for line in result.stderr.decode(errors="replace").splitlines() if ": " in line]
             if errors:
                 raise CustomizerError(f"debugfs could not normalize {device}: {errors[0]}")
