@@ -234,6 +234,26 @@ def test_the_output_lock_is_no_file_and_names_its_holder(tmp_path: Path) -> None
     assert os.listdir(tmp_path) == ["sub"]
 
 
+def test_a_lock_name_another_user_squats_stops_no_build(tmp_path: Path) -> None:
+    """Any local user can bind an abstract name: `nobody` holding the output's lock name (listening, as a build
+    would) does not keep root's build from its output."""
+    out = tmp_path / "out.raw"
+    squat = (
+        "import socket, sys, time\ns = socket.socket(socket.AF_UNIX)\ns.bind(bytes.fromhex(sys.argv[1]))\n"
+        "s.listen(1)\nprint('bound', flush=True)\ntime.sleep(60)\n"
+    )
+    name = output.lock_name(out).encode("latin-1").hex()  # public facts: the directory and the name
+    argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", squat, name]
+    squatter = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd="/")
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline() == "bound\n"
+        with output.held(out, str):
+            pass
+    finally:
+        squatter.kill()
+        squatter.wait()
+
+
 # Children started outside runner.run die with the tool too: qemu-img (a qcow2 source), daisy (SIGINT, so that it
 # deletes what it made), the KVM probe. Each is a stand-in on PATH that notes its pid and waits.
 

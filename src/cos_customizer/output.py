@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import secrets
 import shutil
@@ -44,6 +45,8 @@ from cos_customizer.disk import mover
 from cos_customizer.errors import CustomizerError
 from cos_customizer.images import ImageFormat
 from cos_customizer.runner import CommandError, die_with_us, require_tool, run
+
+log = logging.getLogger("cos_customizer")
 
 NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device"
 _COPY_CHUNK = 4 << 20
@@ -309,7 +312,13 @@ def held(output: Path, busy: Callable[[str], str]) -> Iterator[None]:
         except OSError as err:
             if err.errno != errno.EADDRINUSE:
                 raise OutputError(f"cannot lock -output={output}: {err.strerror}") from err
-            raise OutputError(busy(_holder(name))) from None
+            holder, uid = _holder(name)
+            if uid in (os.geteuid(), 0):
+                raise OutputError(busy(holder)) from None
+            # Any local user can bind an abstract name: one held by another user (neither ours nor root's) is
+            # no build of ours, so it stops nothing. The output is linked into place whole (`link`), so two
+            # writers still cannot mix their bytes.
+            log.debug("the lock name of %s is held by %s, not by us: ignored", output, holder)
         yield
     finally:
         sock.close()
@@ -322,14 +331,14 @@ def lock_name(output: Path) -> str:
     return "\0" + _LOCK_PREFIX + hashlib.sha256(key).hexdigest()
 
 
-def _holder(name: str) -> str:
-    """Who holds the lock `name`: "pid N" (its pid as this process sees it, and its uid if not ours)."""
+def _holder(name: str) -> tuple[str, int | None]:
+    """Who holds the lock `name`: "pid N" (its pid as this process sees it, and its uid if not ours), and its uid."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(2.0)
         try:
             probe.connect(name)
             pid, uid, _gid = struct.unpack("3i", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
         except OSError:
-            return "a process that did not answer"
+            return "a process that did not answer", None
     who = f"pid {pid}" if pid else "a process of another PID namespace"
-    return who if uid == os.geteuid() else f"{who}, user id {uid}"
+    return (who if uid == os.geteuid() else f"{who}, user id {uid}"), uid
