@@ -261,7 +261,6 @@ def test_qemu_argv_choices() -> None:
 def test_kvm_usable_is_false_without_a_kvm_device(tmp_path: Path) -> None:
     assert not qemu_boot.kvm_usable(str(tmp_path / "kvm"))
     assert not qemu_boot.kvm_usable("/dev/null")
-    assert qemu_boot.default_accel() in ("kvm", "tcg")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -300,7 +299,7 @@ def test_qemu_accepts_the_argv(short_dir: Path) -> None:
         qmp_socket=short_dir / "qmp.sock",
         metadata_socket=short_dir / "md.sock",
         console=short_dir / "console.log",
-        accel=qemu_boot.default_accel(),
+        accel="tcg",  # what is checked is the argv; KVM, where /dev/kvm opens, may still fail at start (an MSR)
         memory_mb=256,
         cpus=1,
     )

@@ -368,10 +368,6 @@ def kvm_runs(kernel: Path, workdir: Path, *, timeout: float = 8.0, qemu: str = Q
         out.unlink(missing_ok=True)
 
 
-def default_accel() -> str:
-    return "kvm" if kvm_usable() else "tcg"
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # QMP
 
