@@ -404,6 +404,18 @@ def test_a_newline_in_output_is_quoted(local_build: CLI, tmp_path: Path) -> None
     )
 
 
+def test_a_newline_in_an_env_value_makes_no_line_of_the_plan(local_build: CLI, tmp_path: Path) -> None:
+    # A value any process can receive (no NUL), shown in the dry run's plan: escaped, so it forges no line there.
+    result = local_build("run-script", "-script=preload.sh", f"-env=A=1{FORGED}\x1b[2J")
+    assert result.code == 0, result.err
+    result = local_build("finish-image-build", f"-output={tmp_path}/out.raw", "-dry-run")
+    assert result.code == 0, result.err
+    steps = [line for line in result.err.splitlines() if "run-script" in line]
+    assert steps == [r'    1. run-script preload.sh (env: "A=1\ncos-customizer: error: forged\x1b[2J")']
+    assert "forged" not in result.err.replace(steps[0], "")
+    assert "\x1b" not in result.err
+
+
 def test_terminal_controls_in_keys_and_values_are_escaped(cli: CLI, tmp_path: Path) -> None:
     path = build_file(tmp_path, 'source: {"im\\e[31mage\\a\\r": x}\nfinish: {output: o.raw}\n')
     result = cli("build", "-dry-run", str(path))

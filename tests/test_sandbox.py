@@ -58,6 +58,7 @@ if head -c $(( (TMP_CAP_MIB + 16) * 1048576 )) /dev/zero > /tmp/fill 2>/tmp/fill
 rm -f /tmp/fill
 say env "LD_PRELOAD=$LD_PRELOAD PATH=$PATH"
 say caps "$(grep CapBnd /proc/self/status | cut -f2)"
+printf 'RESULT terminal x\033[2J\r\a\tx\n'  # what a terminal would act on, in a script's output
 say nnp "$(grep NoNewPrivs /proc/self/status | cut -f2)"
 say pid1 "$(cat /proc/1/comm)"
 """
@@ -290,6 +291,11 @@ def test_a_cgroup_namespace_of_the_script_shows_no_cgroup_of_the_host(confined: 
         assert confined.results[f"sees-victim-{index}"] == "ENOENT", confined.err
     assert confined.results["cgroup-kill"] == "ENOENT"
     assert confined.victim_alive
+
+
+def test_a_scripts_output_cannot_drive_the_terminal(confined: Run) -> None:
+    assert confined.results["terminal"] == "x\\x1b[2J\\r\\x07\tx"  # escaped, but the tab
+    assert not any(char in confined.err for char in "\x1b\r\x07")
 
 
 def test_no_kernel_module_can_be_loaded(confined: Run, probe: Probe) -> None:

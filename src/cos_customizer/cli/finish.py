@@ -22,7 +22,7 @@ from cos_customizer.config import BuildConfig, SourceImage
 from cos_customizer.disk import planner, reproducible
 from cos_customizer.disk.gpt import SECTOR
 from cos_customizer.disk.planner import DiskPlan
-from cos_customizer.errors import ValidationError, shown
+from cos_customizer.errors import ValidationError, escaped, shown
 from cos_customizer.executors import (
     STEP_COMMANDS,
     Executor,
@@ -534,7 +534,8 @@ def _describe_step(step: Step) -> str:
     name = STEP_COMMANDS[step.type]
     if step.type is StepType.RUN_SCRIPT:
         env = getattr(step.args, "env", ())
-        return f"{name} {getattr(step.args, 'path', '')}" + (f" (env: {', '.join(env)})" if env else "")
+        shown_env = ", ".join(shown(item) for item in env)
+        return f"{name} {shown(getattr(step.args, 'path', ''))}" + (f" (env: {shown_env})" if env else "")
     if isinstance(step.args, InstallGPUArgs):
         return f"{name} {step.args.nvidia_driver_version}"
     if step.type is StepType.INSTALL_PACKAGES:
@@ -574,7 +575,7 @@ def describe(finish: FinishPlan) -> str:
         lines.extend(describe_disk_plan(finish.disk_plan))
     else:
         lines.append("  partitions: planned on the preload VM")
-    return "\n".join(lines) + "\n"
+    return "".join(escaped(line) + "\n" for line in lines)  # a value's newline or ESC never makes a line of its own
 
 
 def handle(context: Context, args: Parsed) -> int:

@@ -63,7 +63,7 @@ from cos_customizer.disk import apply, ext, loop, reproducible
 from cos_customizer.disk.gpt import SECTOR, Table
 from cos_customizer.disk.planner import OEM, ROOT_A, ROOT_B, STATE, DiskPlan
 from cos_customizer.disk.verity import VerityParams
-from cos_customizer.errors import CustomizerError, ValidationError
+from cos_customizer.errors import CustomizerError, ValidationError, escaped
 from cos_customizer.executors import STEP_COMMANDS, cgroups
 from cos_customizer.executors.runtime import Region, Script, StageSpec
 from cos_customizer.images import ImageFormat
@@ -359,6 +359,10 @@ def _stage_preexec(parent: int, procs: tuple[str, ...]) -> Callable[[], None]:
 
 
 def _echo(line: str) -> None:
+    """A line of the stage (a script's output among them) on this terminal: tabs kept, every other character a
+    terminal would act on (ESC, CR, BEL...) escaped, so a script cannot redraw or forge what the tool says."""
+    if not line.isprintable():
+        line = "\t".join(escaped(part) for part in line.split("\t"))
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
 
