@@ -162,6 +162,8 @@ def _convert(source: Path, out: int, fmt: ImageFormat, epoch: int | None) -> Non
     if fmt is ImageFormat.QCOW2:
         qemu_img = require_tool("qemu-img", "qemu-utils")
         run([qemu_img, "convert", "-f", "raw", "-O", "qcow2", str(source), str(fd_path(out))])
+        if epoch is not None:  # qemu-img leaves preallocated (unwritten) ranges: holes where the content is zero
+            mover.sparsify(fd_path(out))
     else:
         tar_gz(source, out, epoch)
     os.fsync(out)

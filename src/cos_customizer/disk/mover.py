@@ -147,7 +147,15 @@ def sparsify(path: Path, grain: int = 4096) -> None:
     fd = os.open(path, os.O_RDWR)
     try:
         size = os.fstat(fd).st_size
-        for start, length in list(data_extents(fd, 0, size)):
+        extents = list(data_extents(fd, 0, size))
+        # What SEEK_DATA calls a hole may be an unwritten (preallocated) extent, which turns into data for
+        # SEEK_DATA once its zero pages are in the page cache (a readahead next door does that): punched, it
+        # is a hole whatever is cached.
+        ends = [0] + [start + length for start, length in extents]
+        starts = [start for start, _ in extents] + [size]
+        for gap_start, gap_end in zip(ends, starts, strict=True):
+            zero_range(fd, gap_start, gap_end - gap_start)
+        for start, length in extents:
             pos = start - start % grain
             end = min(size, start + length)
             while pos < end:
