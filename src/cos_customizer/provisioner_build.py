@@ -199,6 +199,24 @@ def _trusted(uid: int) -> bool:
     return uid in (0, os.geteuid())
 
 
+def _check_file(fd: int, subject: str, limit: int, *, kind: str = "a regular file", hint: str = "") -> str:
+    """The checks every file we read makes before reading it: a regular file (executable where `kind` says
+    so), at most `limit` bytes, no other user able to change it. Returns the "over the limit" message for the
+    read that follows; `hint` ends each message."""
+    info = os.fstat(fd)
+    executable = kind != "a regular file"
+    if not stat.S_ISREG(info.st_mode) or (executable and not info.st_mode & stat.S_IXUSR):
+        raise ValidationError(f"{subject} is not {kind}{hint}")
+    unit, shift = ("KiB", 10) if limit < 1 << 20 else ("MiB", 20)
+    over = f"{subject} is over the {limit >> shift} {unit} limit{hint}"
+    if info.st_size > limit:
+        raise ValidationError(over)
+    problem = _file_problem(info)
+    if problem:
+        raise ValidationError(f"{subject} {problem}")
+    return over
+
+
 def _file_problem(info: os.stat_result) -> str | None:
     """Why another user could change this file, or None."""
     if not _trusted(info.st_uid):
@@ -308,15 +326,7 @@ def _read_manifest(dir_fd: int, path: Path, where: str) -> object:
             f"the prebuilt provisioner {where} has no readable manifest {path} ({err.strerror}): {remake}"
         ) from err
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ValidationError(f"{subject} is not a regular file: {remake}")
-        too_big = f"{subject} is over the {MANIFEST_MAX_SIZE >> 10} KiB limit: {remake}"
-        if info.st_size > MANIFEST_MAX_SIZE:
-            raise ValidationError(too_big)
-        problem = _file_problem(info)
-        if problem:
-            raise ValidationError(f"{subject} {problem}")
+        too_big = _check_file(fd, subject, MANIFEST_MAX_SIZE, hint=f": {remake}")
         data = os.read(fd, MANIFEST_MAX_SIZE + 1)
         if len(data) > MANIFEST_MAX_SIZE:
             raise ValidationError(too_big)
@@ -336,15 +346,7 @@ def _take_prebuilt(binary: Path, how: str, into: Path | None) -> None:
         _opened(binary, subject, lambda err: f"{subject} cannot be read: {err.strerror}") as (dir_fd, fd, resolved),
         _copy_to(into) as sink,
     ):
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or not info.st_mode & stat.S_IXUSR:
-            raise ValidationError(f"{subject} is not an executable file")
-        over = f"{subject} is over the {MAX_SIZE >> 20} MiB limit"
-        if info.st_size > MAX_SIZE:
-            raise ValidationError(over)
-        problem = _file_problem(info)
-        if problem:
-            raise ValidationError(f"{subject} {problem}")
+        over = _check_file(fd, subject, MAX_SIZE, kind="an executable file")
         sha256, header = _stream(fd, MAX_SIZE, sink, over)
         magic, machine = ELF_X86_64
         if not header.startswith(magic) or int.from_bytes(header[18:20], "little") != machine:
@@ -388,16 +390,7 @@ def _take_binary(binary: Path, into: Path | None) -> None:
         return f"{subject}: no such file" if err.errno == errno.ENOENT else f"{subject} cannot be read: {err.strerror}"
 
     with _opened(binary, subject, unreadable) as (_, fd, _), _copy_to(into) as sink:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ValidationError(f"{subject} is not a regular file")
-        over = f"{subject} is over the {BINARY_MAX_SIZE >> 20} MiB limit"
-        if info.st_size > BINARY_MAX_SIZE:
-            raise ValidationError(over)
-        problem = _file_problem(info)
-        if problem:
-            raise ValidationError(f"{subject} {problem}")
-        _stream(fd, BINARY_MAX_SIZE, sink, over)
+        _stream(fd, BINARY_MAX_SIZE, sink, _check_file(fd, subject, BINARY_MAX_SIZE))
 
 
 def check_binary(binary: Path) -> Path:
