@@ -207,17 +207,18 @@ def test_atomic_write_keeps_the_old_file_when_serialising_fails(tmp_path: Path) 
 
 def test_create_replaces_and_keeps_old_on_failure(tmp_path: Path) -> None:
     root = tmp_path / "ws"
+    archive = "user_build_context.tar"  # a file of the workspace's own layout (a user's file would stop a start)
 
     def fill(marker: str):
         def write(new: workspace.Workspace) -> None:
             new.root.mkdir(parents=True, exist_ok=True)
-            (new.root / "marker").write_text(marker)
+            (new.root / archive).write_text(marker)
 
         return write
 
     workspace.create(root, fill("one"))
     workspace.create(root, fill("two"))
-    assert (root / "marker").read_text() == "two"
+    assert (root / archive).read_text() == "two"
 
     def failing(new: workspace.Workspace) -> None:
         fill("three")(new)
@@ -225,5 +226,5 @@ def test_create_replaces_and_keeps_old_on_failure(tmp_path: Path) -> None:
 
     with pytest.raises(RuntimeError):
         workspace.create(root, failing)
-    assert (root / "marker").read_text() == "two"
+    assert (root / archive).read_text() == "two"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ws"]
