@@ -17,7 +17,7 @@ import pytest
 from cos_customizer.executors.gcs_server import GcsServer
 from cos_customizer.executors.metadata_server import MetadataServer
 from cos_customizer.provisioner import download
-from tests.local_attacker import attack, unreachable
+from tests.local_attacker import attack, own_socket_inodes, unreachable
 from tests.test_download import TOKEN, standins
 from tests.unix_http import UnixHTTPConnection, tcp_bridge
 
@@ -279,8 +279,9 @@ def test_other_local_users_get_neither_the_token_nor_the_user_data_nor_an_object
     (tmp_path / "gcs" / "cos-customizer-local" / "cos-customizer").mkdir(parents=True)
     (tmp_path / "gcs" / "cos-customizer-local" / "cos-customizer" / "user_build_context.tar").write_text(secret)
     user_data = "#cloud-config\nruncmd: [echo private]\n"
+    before = set(own_socket_inodes())  # other tests' servers in this process (a session's emulators) are not asked
     with MetadataServer({"user-data": user_data}, token=TOKEN) as md, GcsServer(tmp_path / "gcs", TOKEN) as gcs:
-        loot = attack(CONTEXT)
+        loot = attack(CONTEXT, [inode for inode in own_socket_inodes() if inode not in before])
         assert loot.leaked(TOKEN, user_data, secret) == []
         assert loot.targets and [target for target in loot.targets if target.startswith("tcp ")] == []
         # Each server's socket was seen in /proc/net/unix, and the kernel refused every connection (EACCES).
@@ -292,10 +293,11 @@ def test_other_local_users_get_neither_the_token_nor_the_user_data_nor_an_object
 @needs_root
 def test_a_connection_from_another_uid_is_not_served_even_where_it_can_connect() -> None:
     """Defence in depth: with the private directory opened up by mistake, the peer's uid is still refused."""
+    before = set(own_socket_inodes())
     with MetadataServer({"user-data": "#cloud-config\n"}, token=TOKEN) as md:
         md.socket.parent.chmod(0o755)
         md.socket.chmod(0o666)
-        loot = attack(CONTEXT)
+        loot = attack(CONTEXT, [inode for inode in own_socket_inodes() if inode not in before])
         mine = [a for a in loot.answers if a["target"] == f"unix {md.socket}"]
         assert mine and all(not a.get("status") and not a["body"] for a in mine), mine
         assert loot.leaked(TOKEN, "#cloud-config") == []

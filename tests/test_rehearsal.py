@@ -28,7 +28,7 @@ from cos_customizer.disk import ext, gpt, grub
 from cos_customizer.executors import qemu_instances, rehearsal
 from cos_customizer.executors.qemu_boot import BootChoice
 from tests.conftest import sh
-from tests.local_attacker import attack, unreachable
+from tests.local_attacker import attack, own_socket_inodes, unreachable
 from tests.shipped import shipped_provisioner
 from tests.test_local_build import cat, cli, copy_of, exists, leaks, start, verity_verify
 
@@ -264,11 +264,12 @@ def test_other_local_users_reach_none_of_the_rehearsals_services(
     assert main(["start-image-build", f"-build-context={tmp_path / 'context'}", f"-image-file={source}"], env) == 0
     assert main(["run-script", "-script=ok.sh"], env) == 0
     seen: dict[str, Any] = {}
+    before = set(own_socket_inodes())  # other tests' servers in this process (a session's emulators) are not asked
 
     def first_boot(machine: qemu_instances.Machine) -> None:
         metadata = machine.instance.metadata
         seen["token"], seen["user-data"] = metadata.token, metadata.attributes()["user-data"]
-        seen["loot"] = attack(CONTEXT_MEDIA)
+        seen["loot"] = attack(CONTEXT_MEDIA, [inode for inode in own_socket_inodes() if inode not in before])
         argv = machine._argv(BootChoice(0, "t", "/k", ""), machine.directory / "kernel", None)
         seen["sockets"] = [Path(arg.rsplit("UNIX-CONNECT:", 1)[1]) for arg in argv[argv.index("-netdev") + 1]
                            .split(",guestfwd=")[1:]]  # fmt: skip
