@@ -91,10 +91,12 @@ def splice(a: socket.socket, b: socket.socket) -> None:
 
 
 def splice_to_unix(conn: socket.socket, path: str) -> None:
+    """Relay `conn` to the unix socket at `path` (closed if nothing answers there)."""
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         peer.connect(path)
     except OSError:
+        peer.close()
         conn.close()
         return
     splice(conn, peer)
@@ -108,19 +110,12 @@ def splice_to_unix_at(conn: socket.socket, directory: int, name: str) -> None:
         conn.close()
         return
     try:
-        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        if stat.S_ISSOCK(os.fstat(fd).st_mode):
+            splice_to_unix(conn, f"/proc/self/fd/{fd}")  # the very inode checked
+        else:
             conn.close()
-            return
-        peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            peer.connect(f"/proc/self/fd/{fd}")  # the very inode checked above
-        except OSError:
-            peer.close()
-            conn.close()
-            return
     finally:
         os.close(fd)
-    splice(conn, peer)
 
 
 def loopback_ports() -> list[tuple[int, int]]:
