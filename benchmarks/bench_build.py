@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cos_customizer.disk import grub
-from cos_customizer.sample_image import LAYOUT
+from cos_customizer.sample.image import LAYOUT
 
 SPEED_TARGET = 10.0
 SIZE_TARGET = 50.0

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cos_customizer.disk import ext, gpt, mover
-from cos_customizer.sample_image import partitions
+from cos_customizer.sample.image import partitions
 
 TARGET = 20.0
 SECTOR = 512

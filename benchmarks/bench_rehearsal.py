@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from cos_customizer import provisioner_build, sample_image
+from cos_customizer import provisioner_build
+from cos_customizer.sample import image as sample_image
 
 TARGET_SECONDS = 600.0
 SCRIPT = """set -e

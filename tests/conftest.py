@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from cos_customizer import sample_image
 from cos_customizer.cli.main import main
 from cos_customizer.disk import mover
+from cos_customizer.sample import image as sample_image
 from tests.compute_standin import Compute, serve
 
 

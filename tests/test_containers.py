@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from cos_customizer.disk import ext, gpt, loop
-from cos_customizer.executors import sandbox
+from cos_customizer.executors.local import sandbox
 from tests import registry
 from tests.conftest import sh
 from tests.test_faults import MARK, force_cleanup, kill_when, leftovers

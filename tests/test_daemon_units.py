@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cos_customizer.executors import daemon_units as du
-from cos_customizer.executors.daemon_units import Absent, Daemon
+from cos_customizer.executors.local import daemon_units as du
+from cos_customizer.executors.local.daemon_units import Absent, Daemon
 
 DOCKER_SOCKET = "/run/build/docker.sock"
 CONTAINERD_SOCKET = "/run/build/containerd.sock"

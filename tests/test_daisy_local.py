@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from cos_customizer.executors import daisy_local, workflow
+from cos_customizer.executors import workflow
+from cos_customizer.executors.qemu import daisy as daisy_local
 from tests import test_workflow as rendering
 
 BOUND = 20.0  # seconds: generous; only "it fired before this" is asserted

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from cos_customizer import output, runner
-from cos_customizer.executors import local
+from cos_customizer.executors.local import build as local
 from cos_customizer.images import ImageFormat
 from tests.conftest import data_digest, sh
 

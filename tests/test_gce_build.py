@@ -383,7 +383,7 @@ def test_a_host_only_compute_endpoint_is_refused_with_one_line(cli: CLI, context
     ],
 )
 def test_milestone_resolution_is_the_originals(names: list[str], milestone: int, expected: str | None) -> None:
-    from cos_customizer.executors import gce
+    from cos_customizer.executors.gce import compute as gce
 
     found = gce.newest_on_milestone(names, milestone)
     assert (found[0] if found else None) == expected

@@ -22,9 +22,9 @@ import pytest
 from google.auth import compute_engine
 from google.cloud import storage  # type: ignore[attr-defined]
 
-from cos_customizer.executors import qemu_resources
-from cos_customizer.executors.gcs_server import BUCKET, GcsServer
-from cos_customizer.executors.metadata_server import MetadataServer
+from cos_customizer.executors.qemu import resources as qemu_resources
+from cos_customizer.executors.qemu.gcs_server import BUCKET, GcsServer
+from cos_customizer.executors.qemu.metadata_server import MetadataServer
 from cos_customizer.provisioner import download
 from tests.unix_http import UnixHTTPConnection, tcp_bridge
 

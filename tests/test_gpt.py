@@ -13,7 +13,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cos_customizer import sample_image
 from cos_customizer.disk import gpt, planner
 from cos_customizer.disk.gpt import (
     BIOS_BOOT,
@@ -27,6 +26,7 @@ from cos_customizer.disk.gpt import (
     Partition,
     Table,
 )
+from cos_customizer.sample import image as sample_image
 
 SGDISK = "/usr/sbin/sgdisk"
 GIB = 1024**3

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from cos_customizer.executors.gcs_server import GcsServer
-from cos_customizer.executors.metadata_server import MetadataServer
+from cos_customizer.executors.qemu.gcs_server import GcsServer
+from cos_customizer.executors.qemu.metadata_server import MetadataServer
 from cos_customizer.provisioner import download
 from tests.local_attacker import attack, own_socket_inodes, unreachable
 from tests.test_download import TOKEN, standins

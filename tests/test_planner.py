@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from cos_customizer.disk import gpt
 from cos_customizer.disk.planner import ALIGN, OEM, ROOT_A, ROOT_B, STATE, MoveKind, PlanError, plan
-from cos_customizer.sample_image import partitions
+from cos_customizer.sample.image import partitions
 
 GiB_SECTORS = (1 << 30) // 512
 MiB_SECTORS = (1 << 20) // 512

@@ -19,7 +19,7 @@ import pytest
 import cos_customizer
 from cos_customizer import provisioner_build
 from cos_customizer.errors import CustomizerError, ValidationError
-from cos_customizer.executors import preload
+from cos_customizer.executors import disks
 from tests.conftest import CLI
 from tests.test_gce_build import BUCKET, daisy, gcs, managed  # noqa: F401 (fixtures)
 
@@ -288,7 +288,7 @@ def swap_when_cidata_is_made(
     """Replace `named` (rename over it, its manifest left as it was) once every check is done, just before
     the CIDATA disk is made; returns the provisioner bytes CIDATA then got. `stop` ends the build there."""
     shipped: list[bytes] = []
-    real = preload.cidata_disk
+    real = disks.cidata_disk
 
     def swapping(work: Path, binary: Path, config: Any) -> Path:
         replacement = named.with_name("replacement")
@@ -303,7 +303,7 @@ def swap_when_cidata_is_made(
             raise CustomizerError("stopped by the test once CIDATA was made")
         return archive
 
-    monkeypatch.setattr(preload, "cidata_disk", swapping)
+    monkeypatch.setattr(disks, "cidata_disk", swapping)
     return shipped
 
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from cos_customizer import sample_image
 from cos_customizer.disk import gpt, grub
-from cos_customizer.executors import qemu_boot
-from cos_customizer.executors.qemu_boot import BootChoice, BootError, InstanceSpec, Qmp, choose_kernel, qemu_argv
+from cos_customizer.executors.qemu import boot as qemu_boot
+from cos_customizer.executors.qemu.boot import BootChoice, BootError, InstanceSpec, Qmp, choose_kernel, qemu_argv
+from cos_customizer.sample import image as sample_image
 from tests.conftest import SAMPLE_FIXTURES
 
 # dims/cos-tools src/cmd/cos_image_analyzer/internal/testdata/image1/efi/efi/boot/grub.cfg, verbatim: a real COS

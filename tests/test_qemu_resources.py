@@ -15,11 +15,15 @@ from typing import Any
 
 import pytest
 
-from cos_customizer import images, sample_image
+from cos_customizer import images
 from cos_customizer.disk import gpt
-from cos_customizer.executors import daisy_local, preload, qemu_boot, qemu_resources, startup, workflow
-from cos_customizer.executors.qemu_boot import InstanceSpec, Qmp, qemu_argv
+from cos_customizer.executors import disks, startup, workflow
+from cos_customizer.executors.qemu import boot as qemu_boot
+from cos_customizer.executors.qemu import daisy as daisy_local
+from cos_customizer.executors.qemu import resources as qemu_resources
+from cos_customizer.executors.qemu.boot import InstanceSpec, Qmp, qemu_argv
 from cos_customizer.images import ImageFormat
+from cos_customizer.sample import image as sample_image
 from tests import test_workflow as rendering
 from tests.unix_http import UnixHTTPConnection
 
@@ -29,7 +33,7 @@ GB = 1 << 30
 @dataclass(frozen=True)
 class Inputs:
     sample: Path
-    cidata: Path  # the real preload.cidata_disk .tar.gz
+    cidata: Path  # the real disks.cidata_disk .tar.gz
     cidata_raw: bytes  # the disk.raw inside it
     scratch: Path
 
@@ -40,8 +44,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
     binary = work / "provisioner-binary"
     binary.write_bytes(b"\x7fELF stand-in provisioner\n")
     config = rendering.provisioner_config(gpu=True, reclaim=False, oem="")
-    cidata = preload.cidata_disk(work, binary, config)
-    scratch = preload.scratch_disk(work)
+    cidata = disks.cidata_disk(work, binary, config)
+    scratch = disks.scratch_disk(work)
     sample = sample_image.build(work / "source.img").path
     return Inputs(sample, cidata, (work / "cidata" / "disk.raw").read_bytes(), scratch)
 

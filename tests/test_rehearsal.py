@@ -22,11 +22,12 @@ from typing import Any
 
 import pytest
 
-from cos_customizer import sample_image
 from cos_customizer.cli.main import main
 from cos_customizer.disk import ext, gpt, grub
-from cos_customizer.executors import qemu_instances, rehearsal
-from cos_customizer.executors.qemu_boot import BootChoice
+from cos_customizer.executors.qemu import instances as qemu_instances
+from cos_customizer.executors.qemu import rehearsal
+from cos_customizer.executors.qemu.boot import BootChoice
+from cos_customizer.sample import image as sample_image
 from tests.conftest import sh
 from tests.local_attacker import attack, own_socket_inodes, unreachable
 from tests.shipped import shipped_provisioner

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from cos_customizer.errors import ValidationError
-from cos_customizer.executors import Executor, check_supported, daisy_local, rehearsal
+from cos_customizer.executors import Executor, check_supported
+from cos_customizer.executors.qemu import daisy as daisy_local
+from cos_customizer.executors.qemu import rehearsal
 from cos_customizer.provisioner.config import InstallGPUArgs, ProvisionerConfig, Step
 from tests.conftest import CLI
 

@@ -32,12 +32,14 @@ from typing import Any
 
 import pytest
 
-from cos_customizer import sample_guest, sample_image
 from cos_customizer.disk import gpt, grub
-from cos_customizer.executors import daisy_local, qemu_boot
-from cos_customizer.executors.qemu_instances import QemuInstances
-from cos_customizer.executors.qemu_resources import Resources
+from cos_customizer.executors.qemu import boot as qemu_boot
+from cos_customizer.executors.qemu import daisy as daisy_local
+from cos_customizer.executors.qemu.instances import QemuInstances
+from cos_customizer.executors.qemu.resources import Resources
 from cos_customizer.images import ImageFormat
+from cos_customizer.sample import guest as sample_guest
+from cos_customizer.sample import image as sample_image
 from tests.conftest import CLI
 
 PROBE = r"""#!/bin/bash

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from cos_customizer import sample_containers, sample_image
 from cos_customizer.disk import ext, gpt, loop
 from cos_customizer.errors import ValidationError
-from cos_customizer.executors import daemon_units
+from cos_customizer.executors.local import daemon_units
+from cos_customizer.sample import containers as sample_containers
+from cos_customizer.sample import image as sample_image
 from tests import registry
 from tests.conftest import CLI, sh
 from tests.registry import Registry, ScratchContainerd, ScratchDockerd

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cos_customizer import sample_image
 from cos_customizer.disk import ext, gpt, grub, loop
 from cos_customizer.errors import ValidationError
+from cos_customizer.sample import image as sample_image
 from tests.conftest import CLI, SAMPLE_FIXTURES
 from tests.test_gpt import COS_LAYOUT
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from cos_customizer.executors.runtime import large_tmpfs_size
+from cos_customizer.executors.local.runtime import large_tmpfs_size
 
 pytestmark = [
     pytest.mark.root,

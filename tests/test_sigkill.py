@@ -62,7 +62,7 @@ def build_cgroups(token: str) -> set[Path]:
     for pid in marked(token):
         with contextlib.suppress(OSError):
             argv = (Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")).split("\0")
-            if "cos_customizer.executors.reaper" in argv:
+            if "cos_customizer.executors.local.reaper" in argv:
                 names.update(arg for arg in argv if arg.startswith("cos-customizer-"))
             for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
                 path = line.split(":", 2)[2]
@@ -320,21 +320,21 @@ def test_daisy_is_interrupted_when_the_tool_dies(tmp_path: Path) -> None:
     pidfile, said = tmp_path / "daisy.pid", tmp_path / "interrupted"
     body = f"trap 'echo interrupted > \"{said}\"; exit 130' INT\nwhile :; do sleep 0.1; done"
     daisy = stand_in(tmp_path, "daisy", pidfile, body)
-    code = f"from cos_customizer.executors import preload\npreload.run_daisy([{str(daisy)!r}], 600)\n"
+    code = f"from cos_customizer.executors.gce import preload\npreload.run_daisy([{str(daisy)!r}], 600)\n"
     pid = kill_the_tool_once_started(code, pidfile)
     assert gone_soon(pid)
     assert said.read_text() == "interrupted\n"
 
 
 def test_the_kvm_probe_dies_with_the_tool(tmp_path: Path) -> None:
-    from cos_customizer.executors import qemu_boot
+    from cos_customizer.executors.qemu import boot as qemu_boot
 
     if not qemu_boot.kvm_usable():
         pytest.skip("needs a usable /dev/kvm (the probe starts only then)")
     pidfile = tmp_path / "qemu.pid"
     qemu = stand_in(tmp_path, "qemu", pidfile)
     code = (
-        "from pathlib import Path\nfrom cos_customizer.executors import qemu_boot\n"
+        "from pathlib import Path\nfrom cos_customizer.executors.qemu import boot as qemu_boot\n"
         f"qemu_boot.kvm_runs(Path('/nonexistent-kernel'), Path({str(tmp_path)!r}), timeout=600, qemu={str(qemu)!r})\n"
     )
     assert gone_soon(kill_the_tool_once_started(code, pidfile))
@@ -350,7 +350,7 @@ def test_a_daisy_line_without_an_end_keeps_the_tool_small(tmp_path: Path) -> Non
     daisy.write_text(f"#!/bin/bash\nhead -c {HUGE} /dev/zero | tr '\\0' x\necho\necho after\n")
     daisy.chmod(0o755)
     code = (
-        "import logging, sys\nfrom cos_customizer.executors import preload\n"
+        "import logging, sys\nfrom cos_customizer.executors.gce import preload\n"
         "logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stdout)\n"
         "class Length(logging.Filter):\n"
         "    def filter(self, record):\n"
@@ -371,7 +371,7 @@ def test_a_daisy_line_without_an_end_keeps_the_tool_small(tmp_path: Path) -> Non
 
 
 def test_the_serial_watcher_keeps_a_line_without_an_end_bounded() -> None:
-    from cos_customizer.executors.daisy_local import SerialWatcher
+    from cos_customizer.executors.qemu.daisy import SerialWatcher
 
     watcher = SerialWatcher({"SuccessMatch": "BuildSucceeded", "StatusMatch": "BuildStatus"})
     piece = "x" * (1 << 20)

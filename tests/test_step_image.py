@@ -34,8 +34,9 @@ from pathlib import Path
 import pytest
 
 import cos_customizer
-from cos_customizer import provisioner_build, sample_guest
+from cos_customizer import provisioner_build
 from cos_customizer.disk import gpt
+from cos_customizer.sample import guest as sample_guest
 from tests.registry import DOCKER, DOCKERD, ScratchDockerd
 from tests.test_local_build import cat
 

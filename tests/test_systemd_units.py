@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cos_customizer.executors import systemd_units as su
+from cos_customizer.executors.local import systemd_units as su
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 

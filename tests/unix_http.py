@@ -1,4 +1,4 @@
-"""HTTP to the rehearsal's servers, which listen on unix sockets only (`executors.loopback_http`).
+"""HTTP to the rehearsal's servers, which listen on unix sockets only (`executors.qemu.loopback_http`).
 
 `UnixHTTPConnection` speaks to a socket directly. Clients that only take host:port (google-auth, the
 provisioner's `GCE_METADATA_HOST` and `STORAGE_EMULATOR_HOST`) go through `tcp_bridge`, a test-only
@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from cos_customizer.executors import relay
+from cos_customizer.executors.local import relay
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):

@@ -25,7 +25,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from cos_customizer.disk import gpt, loop
-from cos_customizer.executors.runtime import Region, StageSpec, layout
+from cos_customizer.executors.local.runtime import Region, StageSpec, layout
 from cos_customizer.executors.startup import LOADER_SETUP
 from cos_customizer.provisioner.agent import LAYOUT_UNIT
 from cos_customizer.provisioner.target import Target

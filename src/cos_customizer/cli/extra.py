@@ -6,10 +6,12 @@ import logging
 import time
 from pathlib import Path
 
-from cos_customizer import provisioner_build, sample_guest, sample_image
+from cos_customizer import provisioner_build
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import Flag, Kind, Parsed
 from cos_customizer.errors import ValidationError
+from cos_customizer.sample import guest as sample_guest
+from cos_customizer.sample import image as sample_image
 from cos_customizer.units import human_size
 
 log = logging.getLogger(__name__)

@@ -23,17 +23,10 @@ from cos_customizer.disk import planner, reproducible
 from cos_customizer.disk.gpt import SECTOR
 from cos_customizer.disk.planner import DiskPlan
 from cos_customizer.errors import ValidationError, escaped, shown
-from cos_customizer.executors import (
-    STEP_COMMANDS,
-    Executor,
-    check_supported,
-    executor_for,
-    local,
-    preload,
-    rehearsal,
-    sbom,
-    workflow,
-)
+from cos_customizer.executors import STEP_COMMANDS, Executor, check_supported, executor_for, sbom, workflow
+from cos_customizer.executors.gce import preload
+from cos_customizer.executors.local import build as local
+from cos_customizer.executors.qemu import rehearsal
 from cos_customizer.images import ImageFormat
 from cos_customizer.provisioner.config import InstallGPUArgs, ProvisionerConfig, Step, StepType
 from cos_customizer.units import GiB, format_duration, parse_size
@@ -43,7 +36,7 @@ log = logging.getLogger(__name__)
 FLAG_FORMATTERS = {Kind.DURATION: format_duration}
 BUILD_DIR = "<build-dir>"
 DEFAULT_TIMEOUT = 3600 * 10**9
-# -containers: the image's own containerd and dockerd for a local build's scripts (executors.containers).
+# -containers: the image's own containerd and dockerd for a local build's scripts (executors.local.containers).
 CONTAINERS_TEXT = {
     "auto": "auto (the image's containerd and dockerd, if it has them, start when a script first uses them)",
     "on": "on (the image's containerd and dockerd start when a script first uses them; the build fails without them)",
@@ -377,21 +370,6 @@ def _check_output_absent(output: Output, flag_value: str) -> None:
         raise ValidationError(f"-output={shown(flag_value)} already exists: remove it or choose another name")
 
 
-def _gce_provisioner(config: ProvisionerConfig, build: BuildConfig) -> ProvisionerConfig:
-    """The provisioner config as the preload VM will see it."""
-    managed = workflow.managed_dir(build)
-    steps = []
-    for step in config.steps:
-        if isinstance(step.args, InstallGPUArgs) and step.args.gcs_deps_prefix:
-            step = Step(dataclasses.replace(step.args, gcs_deps_prefix=f"{managed}/{workflow.DEPS_DIR}"))
-        steps.append(step)
-    return dataclasses.replace(
-        config.with_boot_disk(wait_for_disk_resize=plan.need_disk_resize(config.boot_disk, build.DiskSize)),
-        build_contexts=(("user", f"{managed}/{workflow.CONTEXT_OBJECT}"),),
-        steps=tuple(steps),
-    )
-
-
 def make_plan(context: Context, args: Parsed) -> FinishPlan:
     """Everything finish-image-build will do, validated; nothing is touched."""
     ws = context.workspace
@@ -457,7 +435,7 @@ def make_plan(context: Context, args: Parsed) -> FinishPlan:
         executor,
         source,
         build,
-        _gce_provisioner(config, build),
+        workflow.guest_provisioner(config, build),
         output_image=output_image,
         provisioner_binary=binary,
         prebuilt=prebuilt,
@@ -498,8 +476,8 @@ def _qemu_plan(
         "InheritLabels": False,
     }
     return FinishPlan(
-        Executor.QEMU, source, build, _gce_provisioner(config, build), output=output, output_image=output_image,
-        disk_plan=disk_plan, provisioner_binary=binary, prebuilt=prebuilt,
+        Executor.QEMU, source, build, workflow.guest_provisioner(config, build), output=output,
+        output_image=output_image, disk_plan=disk_plan, provisioner_binary=binary, prebuilt=prebuilt,
     )  # fmt: skip
 
 

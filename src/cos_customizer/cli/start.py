@@ -11,7 +11,7 @@ from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import Flag, Kind, Parsed
 from cos_customizer.config import BuildConfig, SourceImage
 from cos_customizer.errors import ValidationError, shown
-from cos_customizer.executors import gce
+from cos_customizer.executors.gce import compute as gce
 from cos_customizer.provisioner.config import ProvisionerConfig
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,8 @@ from cos_customizer import buildcontext
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import Flag, Kind, Parsed
 from cos_customizer.errors import ValidationError, quoted, shown
-from cos_customizer.executors import STEP_COMMANDS, gce
+from cos_customizer.executors import STEP_COMMANDS
+from cos_customizer.executors.gce import compute as gce
 from cos_customizer.provisioner import gpu
 from cos_customizer.provisioner.config import (
     DisableAutoUpdateArgs,

@@ -17,7 +17,7 @@ from typing import Any
 from cos_customizer.config import BuildConfig, SourceImage
 from cos_customizer.errors import ValidationError
 from cos_customizer.plan import IMAGE_SIZE_GB, need_disk_resize
-from cos_customizer.provisioner.config import ProvisionerConfig, StepType
+from cos_customizer.provisioner.config import InstallGPUArgs, ProvisionerConfig, Step, StepType
 
 SCOPES = ["https://www.googleapis.com/auth/devstorage.read_write", "https://www.googleapis.com/auth/cloud-platform"]
 CLEANUP_LABEL = "cos-customizer-cleanup"
@@ -237,3 +237,19 @@ def managed_object(build: BuildConfig, name: str) -> str:
 
 def managed_dir(build: BuildConfig) -> str:
     return f"gs://{build.GCSBucket}/{managed_prefix(build)}"
+
+
+def guest_provisioner(config: ProvisionerConfig, build: BuildConfig) -> ProvisionerConfig:
+    """The provisioner config as the preload VM sees it (GCE and qemu builds): the build context and the
+    GPU deps from the managed GCS directory, and a wait for the boot disk to grow when it will."""
+    managed = managed_dir(build)
+    steps = []
+    for step in config.steps:
+        if isinstance(step.args, InstallGPUArgs) and step.args.gcs_deps_prefix:
+            step = Step(dataclasses.replace(step.args, gcs_deps_prefix=f"{managed}/{DEPS_DIR}"))
+        steps.append(step)
+    return dataclasses.replace(
+        config.with_boot_disk(wait_for_disk_resize=need_disk_resize(config.boot_disk, build.DiskSize)),
+        build_contexts=(("user", f"{managed}/{CONTEXT_OBJECT}"),),
+        steps=tuple(steps),
+    )

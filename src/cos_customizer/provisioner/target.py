@@ -33,7 +33,7 @@ class Target:
     # How a script runs: the VM runs it directly; a test chroots into `root`.
     chroot: bool = False
     # With `chroot`: the argv prefix of a sandbox that runs `--wd=DIR -- ARGV` in `root` (the local
-    # executor's, executors/sandbox.py); empty: `unshare --root`. The sandbox gets the script's
+    # executor's, executors/local/sandbox.py); empty: `unshare --root`. The sandbox gets the script's
     # environment its own way: what this process passes reaches only the sandbox's host-side helper.
     sandbox: tuple[str, ...] = ()
     # The environment scripts start from: the one the VM gave the provisioner (less the loaders'

@@ -13,7 +13,7 @@ The layout is the one of 03-cos-disk.md: the root read-only; STATE at
 through an overlay whose upper layer is discarded; size-limited tmpfs on
 /tmp, /run, /mnt/disks and /var/lib/cloud (`large_tmpfs_size`, `SMALL_TMPFS`); the host's
 resolv.conf. Each script runs as `/bin/bash FILE` in the sandbox of
-`executors.sandbox` (its own /proc, /dev and read-only /sys, pivot_root into
+`executors.local.sandbox` (its own /proc, /dev and read-only /sys, pivot_root into
 the build's idmapped view of that tree, root of the build's inner user
 namespace, the build's cgroups and network namespace with slirp4netns), in
 the build context directory, its output streamed line by line; its `-env`
@@ -27,7 +27,7 @@ the result are memory files it inherits (/proc/self/fd paths), and the
 directory of its mount points (`workdir`, an empty directory shared by every
 build) gets a tmpfs of its own in this mount namespace (`private_workdir`).
 
-Usage: python -m cos_customizer.executors.runtime SPEC.json
+Usage: python -m cos_customizer.executors.local.runtime SPEC.json
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from cos_customizer.disk import loop
-from cos_customizer.executors import cgroups, containers, daemon_units, idmap, relay, sandbox
+from cos_customizer.executors.local import cgroups, containers, daemon_units, idmap, relay, sandbox
 from cos_customizer.provisioner import steps
 from cos_customizer.provisioner.cleanup import STATE_DIR, clean
 from cos_customizer.provisioner.config import ProvisionerConfig, RunScriptArgs

@@ -3,7 +3,7 @@
 `sample-image -bootable` puts this guest in the sample image: the root tree becomes ROOT-A (with the
 same dm-verity tree as the plain sample), the kernel and initramfs go on EFI-SYSTEM as
 `/syslinux/vmlinuz.A` and `/syslinux/initrd.A`, and grub.cfg's entries get an `initrd` line. The
-qemu executor then boots it as COS's GRUB would (`executors.qemu_boot`).
+qemu executor then boots it as COS's GRUB would (`executors.qemu.boot`).
 
 The guest (built once, cached under ~/.cache/cos-customizer/sample-guest/KEY; KEY is `RECIPE` and a
 digest of the os-release the image carries):
@@ -315,7 +315,7 @@ DM_MOD_AWK = r"""{
 """
 
 INIT = r"""#!/bin/busybox sh
-# /init of cos-customizer's bootable sample image (see cos_customizer/sample_guest.py): set up the
+# /init of cos-customizer's bootable sample image (see cos_customizer/sample/guest.py): set up the
 # verified root from dm="..." or dm-mod.create="..." as COS's kernel does, mount root= read-only,
 # make /etc writable and stateless, switch to init=. Never falls back to an unverified root.
 /bin/busybox mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev

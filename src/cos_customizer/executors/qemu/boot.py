@@ -58,7 +58,7 @@ from typing import Any
 
 from cos_customizer.disk import gpt
 from cos_customizer.errors import CustomizerError
-from cos_customizer.executors.loopback_http import SAFE_PATH
+from cos_customizer.executors.qemu.loopback_http import SAFE_PATH
 from cos_customizer.runner import die_with_us
 
 QEMU = "qemu-system-x86_64"

@@ -43,7 +43,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from cos_customizer.executors.loopback_http import PrivateHttpServer
+from cos_customizer.executors.qemu.loopback_http import PrivateHttpServer
 
 PREFIX = "/computeMetadata/v1/"
 FLAVOR = ("Metadata-Flavor", "Google")

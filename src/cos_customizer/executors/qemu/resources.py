@@ -55,10 +55,10 @@ from typing import Any
 
 from cos_customizer import images, output
 from cos_customizer.errors import CustomizerError
-from cos_customizer.executors import daisy_local
-from cos_customizer.executors.daisy_local import Handler, StepContext
-from cos_customizer.executors.metadata_server import MetadataServer
-from cos_customizer.executors.qemu_boot import Qmp
+from cos_customizer.executors.qemu import daisy as daisy_local
+from cos_customizer.executors.qemu.boot import Qmp
+from cos_customizer.executors.qemu.daisy import Handler, StepContext
+from cos_customizer.executors.qemu.metadata_server import MetadataServer
 from cos_customizer.images import ImageFormat
 
 GB = 1 << 30  # GCE's "GB" is a GiB

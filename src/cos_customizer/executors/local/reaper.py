@@ -10,7 +10,7 @@ there) and removes it, removes the work directory if the build had one, and
 exits. After a normal end the tool has done all of it already, and the
 helper finds nothing to do. Standard library only.
 
-Usage: python -m cos_customizer.executors.reaper CGROUP [WORKDIR]
+Usage: python -m cos_customizer.executors.local.reaper CGROUP [WORKDIR]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import signal
 import sys
 from pathlib import Path
 
-from cos_customizer.executors import cgroups
+from cos_customizer.executors.local import cgroups
 
 
 def wait_for_the_tool() -> None:

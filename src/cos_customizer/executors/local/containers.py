@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from cos_customizer.executors import cgroups, daemon_units, relay, sandbox
+from cos_customizer.executors.local import cgroups, daemon_units, relay, sandbox
 
 CLONE_NEWCGROUP = 0x02000000
 DOCKER_SOCKET = "/var/run/docker.sock"  # as docker.socket and COS's unit name it

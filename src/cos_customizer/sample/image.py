@@ -14,7 +14,7 @@ With `bootable=True` (`sample-image -bootable`), ROOT-A is instead a Debian syst
 as COS (`sample_guest`: built once with debootstrap and cached; needs root), EFI-SYSTEM carries a
 Debian kernel and initramfs as `/syslinux/vmlinuz.A|B` and `/syslinux/initrd.A|B`, and each grub.cfg
 entry has an `initrd` line; the partition table, ROOT-A's geometry and verity tree, STATE and OEM
-are the same, so the image boots under QEMU as COS would (`executors.qemu_boot`).
+are the same, so the image boots under QEMU as COS would (`executors.qemu.boot`).
 
 With `with_containers=True` (`sample-image -with-containers`), ROOT-A also has this machine's container
 runtime (Debian's docker.io, containerd, runc and legacy iptables with their libraries) at COS's paths,
@@ -33,7 +33,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from cos_customizer import sample_containers, sample_guest
 from cos_customizer.disk import grub
 from cos_customizer.disk.gpt import (
     BIOS_BOOT,
@@ -50,6 +49,8 @@ from cos_customizer.disk.gpt import (
 from cos_customizer.disk.verity import format_verity, random_salt
 from cos_customizer.errors import ValidationError
 from cos_customizer.runner import require_tool, run
+from cos_customizer.sample import containers as sample_containers
+from cos_customizer.sample import guest as sample_guest
 
 GiB = 1 << 30
 ROOT_FS_BLOCKS = 516096  # 2 GiB less 32 MiB: the hash tree follows the file system in ROOT-A

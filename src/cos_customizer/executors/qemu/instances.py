@@ -47,10 +47,11 @@ from typing import Any
 from cos_customizer import runner
 from cos_customizer.disk import gpt, grub
 from cos_customizer.errors import CustomizerError
-from cos_customizer.executors import daisy_local, qemu_boot
-from cos_customizer.executors.daisy_local import Handler, StepContext
-from cos_customizer.executors.qemu_boot import BootChoice, InstanceSpec, Qmp, QmpError
-from cos_customizer.executors.qemu_resources import Instance, Resources
+from cos_customizer.executors.qemu import boot as qemu_boot
+from cos_customizer.executors.qemu import daisy as daisy_local
+from cos_customizer.executors.qemu.boot import BootChoice, InstanceSpec, Qmp, QmpError
+from cos_customizer.executors.qemu.daisy import Handler, StepContext
+from cos_customizer.executors.qemu.resources import Instance, Resources
 
 QUIT_GRACE = 5.0  # seconds QEMU gets to leave after QMP `quit` before it is killed
 POLL = 0.1  # seconds between looks at a serial port file

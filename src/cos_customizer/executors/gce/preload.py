@@ -29,12 +29,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cos_customizer import output, provisioner_build, runner
+from cos_customizer import provisioner_build, runner
 from cos_customizer.config import BuildConfig, SourceImage
 from cos_customizer.errors import CustomizerError, ValidationError
-from cos_customizer.executors import gce, sbom, startup, workflow
+from cos_customizer.executors import disks, sbom, startup, workflow
+from cos_customizer.executors.gce import compute as gce
 from cos_customizer.provisioner.config import ProvisionerConfig
-from cos_customizer.runner import MissingToolError, require_tool, run
+from cos_customizer.runner import MissingToolError
 from cos_customizer.units import parse_duration
 
 log = logging.getLogger("cos_customizer")
@@ -43,7 +44,6 @@ DAISY_ENV = "COS_CUSTOMIZER_DAISY"
 # What build-provisioner makes (the original ships one provisioner per architecture; we ship this one).
 PROVISIONER_ARCH = "x86-64"
 STOP_GRACE_SECONDS = 600.0
-CIDATA_MARGIN = 16 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,47 +123,6 @@ def upload(bucket: Any, build: BuildConfig, build_context: Path) -> None:
         except (exceptions.GoogleAPIError, OSError) as err:
             raise CustomizerError(f"cannot upload {local} to gs://{build.GCSBucket}/{name}: {err}") from err
         log.info("Uploaded %s to gs://%s/%s", local.name, build.GCSBucket, name)
-
-
-def cidata_disk(work: Path, binary: Path, config: ProvisionerConfig) -> Path:
-    """The CIDATA FAT disk as a `.tar.gz` holding disk.raw.
-
-    `binary` is the build's own file in `work` (`provisioner_build.ship`'s checked copy, or `build`'s): what
-    is checked is what is shipped, never a file another path names.
-    """
-    if binary.parent != work:
-        raise AssertionError(f"the provisioner shipped must be the build's own copy in {work}, not {binary}")
-    directory = work / "cidata"
-    directory.mkdir()
-    disk = directory / "disk.raw"
-    config_file = work / "config.json"
-    config_file.write_text(json.dumps(config.to_json(), indent=2))
-    size_kib = (binary.stat().st_size + CIDATA_MARGIN) // 1024 // 1024 * 1024 + 1024
-    run([require_tool("mkfs.vfat", "dosfstools"), "-n", "CIDATA", "-C", str(disk), str(size_kib)])
-    mcopy = require_tool("mcopy", "mtools")
-    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
-    run([mcopy, "-i", str(disk), str(binary), "::/provisioner"], env=env)
-    run([mcopy, "-i", str(disk), str(config_file), "::/config.json"], env=env)
-    # As the original's CIDATA (its Dockerfile): cloud-init's NoCloud pair, the startup cloud-config as
-    # user-data and an empty meta-data, so a VM that boots it without metadata still provisions.
-    user_data, meta_data = work / "user-data", work / "meta-data"
-    user_data.write_text(startup.cloud_config())
-    meta_data.write_text("")
-    run([mcopy, "-i", str(disk), str(user_data), "::/user-data"], env=env)
-    run([mcopy, "-i", str(disk), str(meta_data), "::/meta-data"], env=env)
-    archive = work / "cidata.tar.gz"
-    output.tar_gz(disk, archive)
-    return archive
-
-
-def scratch_disk(work: Path) -> Path:
-    directory = work / "scratch"
-    directory.mkdir()
-    disk = directory / "disk.raw"
-    run([require_tool("mke2fs", "e2fsprogs"), "-q", "-F", "-t", "ext4", "-L", "SCRATCH", str(disk), "64M"])
-    archive = work / "scratch.tar.gz"
-    output.tar_gz(disk, archive)
-    return archive
 
 
 def write_sbom(data: dict[str, Any], directory: str, image_name: str, project: str) -> str:
@@ -251,7 +210,7 @@ def finish(job: GceBuild, environ: dict[str, str], compute_endpoint: str) -> boo
         if binary is None:
             binary, _ = provisioner_build.build(work / "provisioner", dict(environ))
         upload(bucket, build, job.build_context)
-        cidata, scratch = cidata_disk(work, binary, job.provisioner), scratch_disk(work)
+        cidata, scratch = disks.cidata_disk(work, binary, job.provisioner), disks.scratch_disk(work)
         cloud = work / "startup.yaml"
         cloud.write_text(startup.cloud_config())
         wf = work / "build_image.wf.json"

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from cos_customizer.executors import sandbox
+from cos_customizer.executors.local import sandbox
 
 CHUNK = 1 << 16
 LISTEN = "0A"

@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cos_customizer.executors.loopback_http import PrivateHttpServer
+from cos_customizer.executors.qemu.loopback_http import PrivateHttpServer
 
 # As qemu_resources.BUCKET (not imported: qemu_resources may well come to import this module).
 BUCKET = re.compile(r"[a-z0-9][-a-z0-9_.]{1,220}[a-z0-9]")

@@ -162,7 +162,7 @@ def pivot_root(new_root: str, put_old: str) -> None:
 
 # The container daemons' user namespace (a child of the scripts'): its root is this host uid, not 0,
 # as rootless container engines run (host-wide knobs that only check "uid 0" are closed to it); the
-# image's files appear to it with their own owners through idmapped mounts (`executors.idmap`).
+# image's files appear to it with their own owners through idmapped mounts (`executors.local.idmap`).
 INNER_BASE = 1 << 31
 INNER_COUNT = (1 << 31) - 1
 

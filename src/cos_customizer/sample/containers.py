@@ -70,7 +70,7 @@ SocketGroup=docker
 WantedBy=sockets.target
 """
 
-# COS's own command line (as executors.daemon_units cites it).
+# COS's own command line (as executors.local.daemon_units cites it).
 DOCKERD_EXEC = (
     "/usr/bin/dockerd --registry-mirror=https://mirror.gcr.io --host=fd:// "
     "--containerd=/var/run/containerd/containerd.sock $DOCKER_OPTS"

@@ -4,7 +4,7 @@
 2. a sparse working copy of the source in the output's directory (the
    source is only ever opened read-only);
 3. the disk plan, applied offline (`disk.apply`);
-4. the stage (`executors.runtime`) in a private mount namespace: the COS
+4. the stage (`executors.local.runtime`) in a private mount namespace: the COS
    runtime layout, the scripts, the cleanup;
 5. the offline steps, last: disable-auto-update, then seal-oem;
 6. the output, given its name only once complete (`output.write`);
@@ -31,7 +31,7 @@ A SIGKILL at any moment leaves nothing either (`_Work`):
   live in the build's cgroup;
 - no loop device: each is attached with autoclear, held by a descriptor
   (`loop.attach`) or by a mount of the stage's namespace;
-- no cgroup, no work directory: the reaper (`executors.reaper`), started
+- no cgroup, no work directory: the reaper (`executors.local.reaper`), started
   first, waits for the tool to end, then kills what is left in the build's
   cgroup and removes it and the work directory, if any. Were it killed too,
   the next build in the directory removes every work directory whose lock
@@ -64,8 +64,9 @@ from cos_customizer.disk.gpt import SECTOR, Table
 from cos_customizer.disk.planner import OEM, ROOT_A, ROOT_B, STATE, DiskPlan
 from cos_customizer.disk.verity import VerityParams
 from cos_customizer.errors import CustomizerError, ValidationError, escaped
-from cos_customizer.executors import STEP_COMMANDS, cgroups
-from cos_customizer.executors.runtime import Region, Script, StageSpec
+from cos_customizer.executors import STEP_COMMANDS
+from cos_customizer.executors.local import cgroups
+from cos_customizer.executors.local.runtime import Region, Script, StageSpec
 from cos_customizer.images import ImageFormat
 from cos_customizer.provisioner import steps
 from cos_customizer.provisioner.config import ProvisionerConfig, RunScriptArgs, StepType
@@ -275,12 +276,12 @@ def _run_dir() -> Path | None:
 
 
 class _Reaper:
-    """`executors.reaper`, waiting for this process to end (the end of file of a pipe only we hold)."""
+    """`executors.local.reaper`, waiting for this process to end (the end of file of a pipe only we hold)."""
 
     def __init__(self, cgroup: str, directory: Path | None) -> None:
         read, self._write = os.pipe()  # neither end is inherited by any other child
         try:
-            argv = [sys.executable, "-m", "cos_customizer.executors.reaper", cgroup]
+            argv = [sys.executable, "-m", "cos_customizer.executors.local.reaper", cgroup]
             argv += [str(directory)] if directory is not None else []
             # Its own session: a Ctrl-C or a signal to our process group does not reach it.
             self.proc = subprocess.Popen(argv, stdin=read, stdout=subprocess.DEVNULL, start_new_session=True)
@@ -311,7 +312,7 @@ class _Stage:
             "--kill-child",
         ]
         spec_path = f"/proc/self/fd/{spec_fd}"
-        argv = [*unshare, "--", sys.executable, "-m", "cos_customizer.executors.runtime", spec_path]
+        argv = [*unshare, "--", sys.executable, "-m", "cos_customizer.executors.local.runtime", spec_path]
         procs = tuple(str(path / "cgroup.procs") for path in group.paths()) if group is not None else ()
         self.proc = subprocess.Popen(
             argv,

@@ -55,7 +55,12 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
 
-from cos_customizer.executors.systemd_units import Service, expand_arguments, parse_environment_file, parse_service
+from cos_customizer.executors.local.systemd_units import (
+    Service,
+    expand_arguments,
+    parse_environment_file,
+    parse_service,
+)
 
 CONTAINERD = "containerd"
 DOCKERD = "dockerd"

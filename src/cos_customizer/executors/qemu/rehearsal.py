@@ -3,7 +3,7 @@
 `finish-image-build -executor=qemu` on a build started with `-image-file` makes what a GCE build
 makes, with the GCE build's own code: the provisioner config as the preload VM sees it
 (`finish._gce_provisioner`), the CIDATA disk (the shipped static provisioner and its config) and the
-SCRATCH disk (`preload.cidata_disk`, `preload.scratch_disk`), the startup cloud-config
+SCRATCH disk (`disks.cidata_disk`, `disks.scratch_disk`), the startup cloud-config
 (`startup.cloud_config`), the `build-image` workflow and daisy's argument list (`workflow.workflow`,
 `workflow.daisy_args`). The argument list is then read back as daisy reads it (`daisy_invocation`),
 and the document runs with `daisy_local.run` against local resources:
@@ -38,12 +38,15 @@ from cos_customizer import provisioner_build, runner
 from cos_customizer.config import BuildConfig, SourceImage
 from cos_customizer.disk import gpt
 from cos_customizer.errors import CustomizerError
-from cos_customizer.executors import daisy_local, loopback_http, preload, qemu_boot, startup, workflow
-from cos_customizer.executors.daisy_local import StepContext, StepEvent
-from cos_customizer.executors.gcs_server import GcsServer
-from cos_customizer.executors.qemu_boot import BootChoice
-from cos_customizer.executors.qemu_instances import Machine, QemuInstances
-from cos_customizer.executors.qemu_resources import Resources
+from cos_customizer.executors import disks, startup, workflow
+from cos_customizer.executors.qemu import boot as qemu_boot
+from cos_customizer.executors.qemu import daisy as daisy_local
+from cos_customizer.executors.qemu import loopback_http
+from cos_customizer.executors.qemu.boot import BootChoice
+from cos_customizer.executors.qemu.daisy import StepContext, StepEvent
+from cos_customizer.executors.qemu.gcs_server import GcsServer
+from cos_customizer.executors.qemu.instances import Machine, QemuInstances
+from cos_customizer.executors.qemu.resources import Resources
 from cos_customizer.images import ImageFormat
 from cos_customizer.provisioner.config import ProvisionerConfig
 from cos_customizer.units import parse_duration
@@ -240,7 +243,7 @@ def run(job: Rehearsal, environ: Mapping[str, str], say: Callable[[str], None]) 
         binary = provisioner_build.ship(work / "provisioner", job.provisioner_binary, environ)
         if binary is None:
             binary, _ = provisioner_build.build(work / "provisioner", dict(environ))
-        cidata, scratch = preload.cidata_disk(work, binary, job.provisioner), preload.scratch_disk(work)
+        cidata, scratch = disks.cidata_disk(work, binary, job.provisioner), disks.scratch_disk(work)
         cloud = work / "startup.yaml"
         cloud.write_text(startup.cloud_config())
         wf_file = work / "build_image.wf.json"

@@ -1,0 +1,1 @@
+"""The GCE executor: the preload on Compute Engine (Compute calls, GCS, daisy)."""
