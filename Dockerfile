@@ -12,7 +12,7 @@
 #
 # Stages: daisy (Google's image; its static binary is /daisy), base (Debian with the run-time
 # tools; shared by both stages below so apt runs once for them), builder (the virtualenv and the
-# provisioner), and the final image. tests/test_step_image.py builds this file against local
+# provisioner), and the final image. tests/integration/test_step_image.py builds this file against local
 # stand-ins of the two base images.
 
 FROM gcr.io/compute-image-tools/daisy:latest AS daisy

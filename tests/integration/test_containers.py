@@ -30,7 +30,7 @@ from cos_customizer.disk import ext, gpt, loop
 from cos_customizer.executors.local import sandbox
 from tests import registry
 from tests.conftest import sh
-from tests.test_faults import MARK, force_cleanup, kill_when, leftovers
+from tests.integration.test_faults import MARK, force_cleanup, kill_when, leftovers
 
 pytestmark = [
     pytest.mark.root,

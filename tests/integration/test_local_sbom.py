@@ -1,6 +1,6 @@
 """The SBOM of a local build: `-sbom-input-path` (a JSON file of the build context, the original's input
 schema) gives an SPDX 2.2 document beside the output, the same document a GCE build uploads
-(tests/test_gce_build.py checks that one).
+(tests/unit/test_gce_build.py checks that one).
 
 Oracles: the input the test wrote, and the SPDX 2.2 fields the original fills; the document is read back
 with json from the file system.
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CLI
-from tests.test_gce_build import SBOM_INPUT, check_sbom_document
+from tests.unit.test_gce_build import SBOM_INPUT, check_sbom_document
 
 pytestmark = [
     pytest.mark.root,

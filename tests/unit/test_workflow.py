@@ -21,7 +21,7 @@ from cos_customizer.provisioner.config import (
     RunScriptArgs,
 )
 
-STANDIN = Path(__file__).parent / "daisy_standin.py"
+STANDIN = Path(__file__).parents[1] / "daisy_standin.py"
 SOURCE = SourceImage(Name="cos-stable-109", Project="cos-cloud")
 
 

@@ -21,7 +21,7 @@ from cos_customizer import provisioner_build
 from cos_customizer.errors import CustomizerError, ValidationError
 from cos_customizer.executors import disks
 from tests.conftest import CLI
-from tests.test_gce_build import BUCKET, daisy, gcs, managed  # noqa: F401 (fixtures)
+from tests.unit.test_gce_build import BUCKET, daisy, gcs, managed  # noqa: F401 (fixtures)
 
 ENV = provisioner_build.PREBUILT_ENV
 

@@ -12,13 +12,13 @@ import pytest
 
 from cos_customizer.executors import workflow
 from cos_customizer.executors.qemu import daisy as daisy_local
-from tests import test_workflow as rendering
+from tests.unit import test_workflow as rendering
 
 BOUND = 20.0  # seconds: generous; only "it fired before this" is asserted
 
 
 def rendered(tmp: Path, *, resize: bool) -> tuple[dict[str, Any], dict[str, str]]:
-    """The document and the -var pairs of a GCE build, rendered as tests/test_workflow.py renders them."""
+    """The document and the -var pairs of a GCE build, rendered as tests/unit/test_workflow.py renders them."""
     build = rendering.build_config(DiskSize=20 if resize else 0)
     config = rendering.provisioner_config(gpu=False, reclaim=False, oem="1023M" if resize else "")
     document, args = rendering.render(tmp, build, config, workflow.OutputImage("out", "out-proj"))

@@ -37,10 +37,10 @@ import cos_customizer
 from cos_customizer import provisioner_build
 from cos_customizer.disk import gpt
 from cos_customizer.sample import guest as sample_guest
+from tests.integration.test_local_build import cat
 from tests.registry import DOCKER, DOCKERD, ScratchDockerd
-from tests.test_local_build import cat
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEBIAN = "debian:bookworm-slim"
 DAISY = "gcr.io/compute-image-tools/daisy:latest"
 IMAGE = "cos-customizer-step:test"

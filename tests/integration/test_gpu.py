@@ -26,7 +26,7 @@ import pytest
 from cos_customizer.provisioner import gpu, steps
 from cos_customizer.provisioner.config import InstallGPUArgs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = [
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for mount namespaces and mounts"),

@@ -19,7 +19,7 @@ import pytest
 from cos_customizer import workspace
 from tests.conftest import sh
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 
 

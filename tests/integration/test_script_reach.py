@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests import registry
-from tests.test_containers import Build, build, images, run  # noqa: F401 - fixtures
+from tests.integration.test_containers import Build, build, images, run  # noqa: F401 - fixtures
 
 pytestmark = [
     pytest.mark.root,
@@ -30,7 +30,7 @@ pytestmark = [
     ),
 ]
 
-PROBE_SOURCE = Path(__file__).with_name("sandbox_probe.c")
+PROBE_SOURCE = Path(__file__).parents[1] / "sandbox_probe.c"
 SYSCTL = Path("/proc/sys/kernel/printk_ratelimit")  # host-wide, harmless, restored by the test if it changed
 
 

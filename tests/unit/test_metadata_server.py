@@ -18,7 +18,7 @@ from cos_customizer.executors.qemu.gcs_server import GcsServer
 from cos_customizer.executors.qemu.metadata_server import MetadataServer
 from cos_customizer.provisioner import download
 from tests.local_attacker import attack, own_socket_inodes, unreachable
-from tests.test_download import TOKEN, standins
+from tests.unit.test_download import TOKEN, standins
 from tests.unix_http import UnixHTTPConnection, tcp_bridge
 
 GOOGLE = {"Metadata-Flavor": "Google"}

@@ -38,7 +38,7 @@ def _device_mapper() -> bool:
 @pytest.mark.skipif(
     not _device_mapper(),
     reason="no device-mapper in this kernel (and loop devices get no partitions here): the sealed OEM of "
-    "tests/test_rehearsal.py verifies on a real guest's /dev/sda only with drop_cache",
+    "tests/guest/test_rehearsal.py verifies on a real guest's /dev/sda only with drop_cache",
 )
 def test_drop_cache_makes_the_disk_see_what_the_partition_wrote(tmp_path: Path) -> None:
     image = tmp_path / "disk.raw"

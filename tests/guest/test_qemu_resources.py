@@ -24,7 +24,7 @@ from cos_customizer.executors.qemu import resources as qemu_resources
 from cos_customizer.executors.qemu.boot import InstanceSpec, Qmp, qemu_argv
 from cos_customizer.images import ImageFormat
 from cos_customizer.sample import image as sample_image
-from tests import test_workflow as rendering
+from tests.unit import test_workflow as rendering
 from tests.unix_http import UnixHTTPConnection
 
 GB = 1 << 30

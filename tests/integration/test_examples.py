@@ -21,9 +21,9 @@ from cos_customizer.cli.flags import parse
 from cos_customizer.cli.main import COMMANDS, GLOBAL_FLAGS, VERSION_FLAG
 from cos_customizer.disk import gpt
 from cos_customizer.errors import UsageError
-from tests.test_local_build import cat
+from tests.integration.test_local_build import cat
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FILES = sorted(path for folder in ("examples", "deploy") for path in (REPO / folder).rglob("*.y*ml"))
 # Cloud Build's own substitutions, with values of their kind.
 BUILT_IN = {"PROJECT_ID": "my-project", "BUILD_ID": "0f1e2d3c", "PROJECT_NUMBER": "123456789", "LOCATION": "us",

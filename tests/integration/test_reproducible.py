@@ -20,7 +20,7 @@ import pytest
 from cos_customizer.disk import ext, gpt, grub, mover, reproducible, verity
 from cos_customizer.errors import UsageError
 from tests.conftest import CLI, sh
-from tests.test_local_build import cat, cli, copy_of, exists, start, verity_verify
+from tests.integration.test_local_build import cat, cli, copy_of, exists, start, verity_verify
 
 EPOCH = 1700000000  # 2023-11-14 22:13:20 UTC
 SCRIPT = """set -e

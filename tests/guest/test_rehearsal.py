@@ -29,9 +29,9 @@ from cos_customizer.executors.qemu import rehearsal
 from cos_customizer.executors.qemu.boot import BootChoice
 from cos_customizer.sample import image as sample_image
 from tests.conftest import sh
+from tests.integration.test_local_build import cat, cli, copy_of, exists, leaks, start, verity_verify
 from tests.local_attacker import attack, own_socket_inodes, unreachable
 from tests.shipped import shipped_provisioner
-from tests.test_local_build import cat, cli, copy_of, exists, leaks, start, verity_verify
 
 pytestmark = [
     pytest.mark.root,

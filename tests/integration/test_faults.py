@@ -1,6 +1,6 @@
 """Hard faults of a local build: SIGTERM and -timeout at any moment, huge output, full and read-only
 file systems, an output on another file system, the sweep of what older or killed builds left.
-SIGKILL at each phase: tests/test_sigkill.py (which uses the helpers here).
+SIGKILL at each phase: tests/integration/test_sigkill.py (which uses the helpers here).
 
 Each test asserts the host side: no process, loop device or mount of the build left (only the
 build's own objects are looked at: other work may run on this machine), nothing beside the output,

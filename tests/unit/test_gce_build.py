@@ -19,7 +19,7 @@ import pytest
 from tests.compute_standin import Compute
 from tests.conftest import CLI
 
-STANDIN = Path(__file__).parent / "daisy_standin.py"
+STANDIN = Path(__file__).parents[1] / "daisy_standin.py"
 BUCKET = "builds"
 
 

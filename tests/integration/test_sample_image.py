@@ -12,7 +12,7 @@ from cos_customizer.disk import ext, gpt, grub, loop
 from cos_customizer.errors import ValidationError
 from cos_customizer.sample import image as sample_image
 from tests.conftest import CLI, SAMPLE_FIXTURES
-from tests.test_gpt import COS_LAYOUT
+from tests.integration.test_gpt import COS_LAYOUT
 
 # The table of 03-cos-disk.md for 10 GiB: number, name, first, last; and the types.
 SPEC = [(n, name, first, 20971486 if last is None else last) for n, name, first, last, _ in COS_LAYOUT]

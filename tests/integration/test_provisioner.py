@@ -5,7 +5,7 @@ executable `build-provisioner` makes, started as the startup script starts
 it; an exit 3 with its reboot request is a reboot, followed by `resume`. A
 simulation proves nothing about systemd, the shutdown unit or the guest's
 mounts: the whole build with its reboots runs for real, the shipped binary
-under systemd in a QEMU guest, in tests/test_rehearsal.py. What stays here
+under systemd in a QEMU guest, in tests/guest/test_rehearsal.py. What stays here
 is quick logic the rehearsal does not reach: resume after a failed step,
 a refused second run, the environment of a VM that has its own
 LD_LIBRARY_PATH, the installer step.
@@ -27,11 +27,11 @@ from cos_customizer.provisioner.config import (
     ProvisionerConfig,
     RunScriptArgs,
 )
+from tests.integration.test_local_build import cat, exists
 from tests.shipped import shipped_provisioner
-from tests.test_local_build import cat, exists
 from tests.vm_boot import VM_ENV
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices, mounts and namespaces")
 
 
@@ -100,7 +100,7 @@ def context_archive(tmp: Path, scripts: dict[str, str]) -> Path:
 @root_only
 @pytest.mark.root
 def test_scripts_get_the_vms_environment_not_the_loaders(tmp_path: Path, sample_raw: Path) -> None:
-    """What the rehearsal (tests/test_rehearsal.py: the whole build with its reboots, on real systemd) cannot
+    """What the rehearsal (tests/guest/test_rehearsal.py: the whole build with its reboots, on real systemd) cannot
     show: its guest has no LD_LIBRARY_PATH of its own. Here the "VM" has one (VM_ENV), and a script gets that
     value, not the frozen binary's, and nothing its loaders (PyInstaller, staticx) add."""
     image = sample_copy(sample_raw, tmp_path)
@@ -193,7 +193,7 @@ def test_install_packages_fetches_and_runs_the_installer(
     from cos_customizer.provisioner.config import InstallPackagesArgs
     from cos_customizer.provisioner.state import State
     from cos_customizer.provisioner.target import Target
-    from tests.test_download import standins
+    from tests.unit.test_download import standins
 
     root = tmp_path / "root"
     for directory in ("bin", "proc", "var"):

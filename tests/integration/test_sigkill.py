@@ -28,9 +28,9 @@ import pytest
 
 from cos_customizer import output, runner
 from tests import registry
-from tests.test_containers import inner_processes
-from tests.test_faults import FINISH_SIZES, MARK, NOTE, STEPS_OK, Setup, leftovers, loops_of, peak_memory
-from tests.test_faults import setup as setup  # the fixture
+from tests.integration.test_containers import inner_processes
+from tests.integration.test_faults import FINISH_SIZES, MARK, NOTE, STEPS_OK, Setup, leftovers, loops_of, peak_memory
+from tests.integration.test_faults import setup as setup  # the fixture
 
 pytestmark = [
     pytest.mark.root,

@@ -29,7 +29,7 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("slirp4netns") is None, reason="needs slirp4netns (scripts/setup installs it)"),
 ]
 
-PROBE_SOURCE = Path(__file__).with_name("sandbox_probe.c")
+PROBE_SOURCE = Path(__file__).parents[1] / "sandbox_probe.c"
 BLOCK_DEVICES = [f"/dev/loop{n}" for n in range(8)] + ["/dev/sda", "/dev/vda", "/dev/nvme0n1", "/dev/loop-control"]
 SYS_FILE = "/sys/module/printk/parameters/time"  # written with the value it has: harmless if it ever got through
 

@@ -1,0 +1,1 @@
+"""Unit tests: no root, no devices, no daemons; seconds each. `scripts/test` runs them."""
