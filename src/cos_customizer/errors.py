@@ -38,6 +38,15 @@ class ValidationError(CustomizerError):
     """The requested build cannot work (sizes, unsupported steps, ...)."""
 
 
+class BuildFailed(CustomizerError):
+    """The build ran and failed (a script, a tool, the workflow, the deadline), with any executor."""
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        # The 0-based index of the provisioner step it belongs to (the order the steps were added), if one.
+        self.step = step
+
+
 # Values from the user or from untrusted files, as they appear in a one-line message.
 
 QUOTE_LIMIT = 1000  # characters of one value shown; the rest is counted, not printed

@@ -14,8 +14,6 @@ held whole in memory.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import functools
 import logging
 import os
@@ -27,6 +25,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+from cos_customizer import linux
 from cos_customizer.errors import CustomizerError
 
 log = logging.getLogger("cos_customizer.run")
@@ -38,7 +37,6 @@ CUT_MARK = " [line cut: longer than {limit} bytes]"
 # How much of one output line an error message quotes.
 QUOTE_LIMIT = 1000
 _READ_SIZE = 64 << 10
-_PR_SET_PDEATHSIG = 1
 # Where tools live that a non-root PATH may lack (mke2fs, losetup, ...).
 FALLBACK_DIRS: tuple[str, ...] = ("/usr/sbin", "/sbin")
 
@@ -69,18 +67,6 @@ def quote(line: str, limit: int = QUOTE_LIMIT) -> str:
     return line if len(line) <= limit else line[:limit] + f"... ({len(line) - limit} more characters)"
 
 
-def _load_prctl() -> Callable[..., int] | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
-    prctl: Callable[..., int] = libc.prctl
-    return prctl
-
-
-_prctl = _load_prctl()  # resolved once here: a preexec_fn must do as little as possible
-
-
 def die_with_parent(parent: int = 0, sig: int = signal.SIGKILL) -> None:
     """Ask the kernel to send `sig` (SIGKILL) to this process when its parent (thread) dies. Usable as a
     `preexec_fn`.
@@ -88,9 +74,8 @@ def die_with_parent(parent: int = 0, sig: int = signal.SIGKILL) -> None:
     With `parent` (the pid of the process that forked this one, taken before
     the fork), a parent that died before the call is noticed: then `sig` now.
     """
-    if _prctl is None:
-        return
-    _prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    with contextlib.suppress(OSError):  # one prctl, the C library resolved at import: safe after fork
+        linux.set_parent_death_signal(int(sig))
     if parent and os.getppid() != parent:
         os.kill(os.getpid(), sig)
 

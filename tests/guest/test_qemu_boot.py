@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -261,6 +262,32 @@ def test_qemu_argv_choices() -> None:
 def test_kvm_usable_is_false_without_a_kvm_device(tmp_path: Path) -> None:
     assert not qemu_boot.kvm_usable(str(tmp_path / "kvm"))
     assert not qemu_boot.kvm_usable("/dev/null")
+
+
+def _qemu_stand_in(directory: Path, body: str) -> Path:
+    path = directory / "qemu"
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_kvm_runs_is_false_where_kvm_opens_but_qemu_cannot_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on this project's CI machine: /dev/kvm opens, QEMU aborts at its start; every QEMU start then uses TCG."""
+    monkeypatch.setattr(qemu_boot, "kvm_usable", lambda device="/dev/kvm": True)
+    qemu = _qemu_stand_in(tmp_path, 'echo "qemu-system-x86_64: error: failed to set MSR 0x10a to 0x0" >&2\nexit 1')
+    started = time.monotonic()
+    assert not qemu_boot.kvm_runs(tmp_path / "vmlinuz", tmp_path, qemu=str(qemu))
+    assert time.monotonic() - started < 5  # QEMU ended: the probe does not wait out its timeout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qemu"]  # its serial log is removed
+
+
+def test_kvm_runs_once_the_kernel_prints_its_banner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    banner = 'for a; do case "$a" in file,id=s,path=*) echo "Linux version 6.1.0" > "${a#file,id=s,path=}";; esac; done'
+    qemu = _qemu_stand_in(tmp_path, f"{banner}\nexec sleep 60")
+    monkeypatch.setattr(qemu_boot, "kvm_usable", lambda device="/dev/kvm": False)
+    assert not qemu_boot.kvm_runs(tmp_path / "vmlinuz", tmp_path, qemu=str(qemu))  # no KVM: QEMU is not even tried
+    monkeypatch.setattr(qemu_boot, "kvm_usable", lambda device="/dev/kvm": True)
+    assert qemu_boot.kvm_runs(tmp_path / "vmlinuz", tmp_path, qemu=str(qemu))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from cos_customizer.executors.qemu.resources import Resources
 from cos_customizer.images import ImageFormat
 from cos_customizer.sample import guest as sample_guest
 from cos_customizer.sample import image as sample_image
+from cos_customizer.sample import initramfs as sample_initramfs
 
 MODULES = ("crct10dif_generic", "virtio_pci", "virtio_scsi", "sd_mod", "vfat", "nls_cp437", "nls_ascii")
 BUSYBOX = Path("/bin/busybox")
@@ -71,12 +72,12 @@ def _kernel() -> tuple[Path, Path]:
 
 def _initramfs(modules: Path) -> bytes:
     directory, executable = stat.S_IFDIR | 0o755, stat.S_IFREG | 0o755
-    order = sample_guest.module_order(modules, MODULES)
+    order = sample_initramfs.module_order(modules, MODULES)
     entries = [(d, directory, b"") for d in ("bin", "dev", "proc", "sys", "mnt", "modules")]
     entries += [("bin/busybox", executable, BUSYBOX.read_bytes()), ("init", executable, INIT.encode())]
     entries += [(f"modules/{ko.name}", stat.S_IFREG | 0o644, ko.read_bytes()) for ko in order]
     entries.append(("modules/order", stat.S_IFREG | 0o644, "\n".join(ko.name for ko in order).encode() + b"\n"))
-    return sample_guest.cpio(entries)
+    return sample_initramfs.cpio(entries)
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +185,9 @@ def test_a_guest_that_reboots_then_powers_off(short_dir: Path, guest_image: Path
 def test_a_failure_match_fails_the_step_and_stops_qemu(short_dir: Path, guest_image: Path) -> None:
     image = short_dir / "src.img"
     subprocess.run(["cp", "--sparse=always", str(guest_image), str(image)], check=True)
-    with pytest.raises(daisy_local.StepFailed, match=r"step wait .*FailureMatch found: BuildFailed: boom") as caught:
+    with pytest.raises(
+        daisy_local.WorkflowStepFailed, match=r"step wait .*FailureMatch found: BuildFailed: boom"
+    ) as caught:
         _run(short_dir, image, fail=True)
     assert caught.value.step.name == "wait"
     assert list((short_dir / "work").iterdir()) == []

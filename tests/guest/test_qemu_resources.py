@@ -178,7 +178,7 @@ def test_a_failed_run_leaves_nothing(dirs: tuple[Path, Path], inputs: Inputs, wh
     # The image step fails when the output's directory is missing (after its working copy was made).
     out = out_dir / "missing" / "image.raw" if where == "image" else out_dir / "image.raw"
     seen = Seen()
-    with pytest.raises(daisy_local.StepFailed) as err:
+    with pytest.raises(daisy_local.WorkflowStepFailed) as err:
         run_build(tmp, inputs, seen, resize=True, fmt=ImageFormat.RAW, out=out, fail=where)
     assert err.value.step.name == where
     if where == "image":
@@ -244,7 +244,7 @@ def test_resize_of_a_running_instance_goes_through_qmp(short_dir: Path) -> None:
 
         wf = daisy_local.load(document, {}, autovars=resources.autovars())
         handlers = {**resources.handlers(), "CreateInstances": create_instances, "CreateImages": after_grow}
-        with pytest.raises(daisy_local.StepFailed, match="in use by the running instance vm"):
+        with pytest.raises(daisy_local.WorkflowStepFailed, match="in use by the running instance vm"):
             daisy_local.run(wf, handlers, default_timeout=60.0, deadline=None, on_event=lambda e: None)
     assert sizes == {"before": GB, "qemu": 2 * GB, "file": 2 * GB}
     assert not (short_dir / "out.raw").exists()

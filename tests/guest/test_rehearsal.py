@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from cos_customizer import privilege
 from cos_customizer.cli.main import main
 from cos_customizer.disk import ext, gpt, grub
 from cos_customizer.executors.qemu import instances as qemu_instances
@@ -35,7 +36,7 @@ from tests.shipped import shipped_provisioner
 
 pytestmark = [
     pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (debootstrap, loop devices for the checks)"),
+    pytest.mark.skipif(not privilege.can_mount(), reason="needs root (debootstrap, loop devices for the checks)"),
 ]
 
 SCRIPT = """set -e

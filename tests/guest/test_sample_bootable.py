@@ -38,8 +38,8 @@ from cos_customizer.executors.qemu import daisy as daisy_local
 from cos_customizer.executors.qemu.instances import QemuInstances
 from cos_customizer.executors.qemu.resources import Resources
 from cos_customizer.images import ImageFormat
-from cos_customizer.sample import guest as sample_guest
 from cos_customizer.sample import image as sample_image
+from cos_customizer.sample import initramfs as sample_initramfs
 from tests.conftest import CLI
 
 PROBE = r"""#!/bin/bash
@@ -198,7 +198,7 @@ def _explain(booted: Booted) -> str:
 def test_boots_into_systemd_with_cos_layout_and_runs_user_data_every_boot(short_dir: Path, bootable: Path) -> None:
     try:
         booted = _boot(short_dir, bootable, SIGNAL)
-    except daisy_local.StepFailed as err:
+    except daisy_local.WorkflowStepFailed as err:
         kept = Booted(short_dir / "kept")
         pytest.fail(f"{err}\n{_explain(kept)}")
     status = booted.status
@@ -253,7 +253,7 @@ def test_a_changed_root_a_byte_stops_the_verified_boot(short_dir: Path, bootable
         disk.seek(root_a.first * gpt.SECTOR)
         disk.write(bytes([byte[0] ^ 0xFF]))
     # Waited for as a rehearsal waits (serial port 3): the guest powers off, and the error quotes the console.
-    with pytest.raises(daisy_local.StepFailed) as failed:
+    with pytest.raises(daisy_local.WorkflowStepFailed) as failed:
         _boot(short_dir, image, SIGNAL, boots=1, port=3, timeout="120s")
     message = str(failed.value)
     assert "stopped before its serial port 3 matched: the guest powered off after 1 boot(s)" in message
@@ -279,7 +279,7 @@ def test_bootable_is_refused_without_root_in_one_line(
 def test_the_initramfs_reads_each_verity_form_with_an_oem_device(grub_format: str) -> None:
     """The initramfs's awk programs (run by busybox awk, as in the guest) turn grub.cfg's verity argument,
     with seal-oem's `oemroot` added, into the same dmsetup tables for both forms and both quotings."""
-    if not sample_guest.BUSYBOX.exists():
+    if not sample_initramfs.BUSYBOX.exists():
         pytest.skip("busybox-static is not installed")
     root_a = gpt.Partition(3, gpt.CHROMEOS_ROOT, uuid.UUID(int=3), 4509696, 8703999, 0, "ROOT-A")
     root_b = gpt.Partition(5, gpt.CHROMEOS_ROOT, uuid.UUID(int=5), 315392, 4509695, 0, "ROOT-B")
@@ -291,13 +291,13 @@ def test_the_initramfs_reads_each_verity_form_with_an_oem_device(grub_format: st
     assert grub_quoted != linux
 
     def awk(program: str, text: str) -> str:
-        return subprocess.run([str(sample_guest.BUSYBOX), "awk", program], input=text, capture_output=True,
+        return subprocess.run([str(sample_initramfs.BUSYBOX), "awk", program], input=text, capture_output=True,
                               text=True, check=True).stdout  # fmt: skip
 
     values = {line.split("=", 1)[1] for cmdline in (linux, grub_quoted)
-              for line in awk(sample_guest.CMDLINE_AWK, cmdline).splitlines() if line.startswith(key + "=")}  # fmt: skip
+              for line in awk(sample_initramfs.CMDLINE_AWK, cmdline).splitlines() if line.startswith(key + "=")}  # fmt: skip
     assert len(values) == 1
-    plan = awk(sample_guest.DM_AWK if grub_format == "dm" else sample_guest.DM_MOD_AWK, values.pop())
+    plan = awk(sample_initramfs.DM_AWK if grub_format == "dm" else sample_initramfs.DM_MOD_AWK, values.pop())
     uid = str(root_a.guid).upper()
     assert plan.splitlines() == [
         "dev vroot ro",

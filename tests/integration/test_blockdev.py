@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from cos_customizer import privilege
 from cos_customizer.disk import blockdev, loop
 
 pytestmark = [
     pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop and device-mapper devices"),
+    pytest.mark.skipif(not privilege.can_mount(), reason="needs root for loop and device-mapper devices"),
 ]
 MiB = 1 << 20
 

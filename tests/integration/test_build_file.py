@@ -22,14 +22,15 @@ import jsonschema
 import pytest
 import yaml
 
-from cos_customizer.cli import buildfile, finish, flags, start
+from cos_customizer import privilege
+from cos_customizer.cli import buildfile, finish, finish_flags, flags, start
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.main import COMMANDS, ORIGINAL_STEPS
 from cos_customizer.errors import CustomizerError
 from tests.conftest import CLI, sh, snapshot
 
 TABLE = buildfile.Table.of(ORIGINAL_STEPS)
-IS_ROOT = os.geteuid() == 0
+IS_ROOT = privilege.can_mount()
 
 
 @pytest.fixture
@@ -206,7 +207,7 @@ def test_values_are_taken_as_the_command_line_takes_them(tmp_path: Path, fragmen
     path = tmp_path / "build.yaml"
     path.write_text(f"source: {{image-file: cos.raw}}\nfinish:\n  {fragment}\n")
     (*_, last) = buildfile.read(str(path), TABLE).invocations
-    expected = flags.parse(finish.FLAGS, argv, command="finish-image-build")
+    expected = flags.parse(finish_flags.FLAGS, argv, command="finish-image-build")
     assert (last.parsed.values, last.parsed.given) == (expected.values, expected.given)
 
 

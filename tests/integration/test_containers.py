@@ -26,15 +26,16 @@ from pathlib import Path
 
 import pytest
 
+from cos_customizer import privilege
 from cos_customizer.disk import ext, gpt, loop
 from cos_customizer.executors.local import sandbox
 from tests import registry
-from tests.conftest import sh
+from tests.conftest import sh, sigint_as_from_a_terminal
 from tests.integration.test_faults import MARK, force_cleanup, kill_when, leftovers
 
 pytestmark = [
     pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices, mounts and namespaces"),
+    pytest.mark.skipif(not privilege.can_mount(), reason="needs root for loop devices, mounts and namespaces"),
     pytest.mark.skipif(
         not all(Path(p).exists() for p in (registry.DOCKERD, registry.CONTAINERD, registry.REGISTRY_BINARY)),
         reason="needs Debian's docker.io, containerd and docker-registry (scripts/setup installs them)",
@@ -113,7 +114,8 @@ class Build:
 
     def finish(self, output: Path, *flags: str) -> subprocess.Popen[str]:
         argv = [sys.executable, "-m", "cos_customizer", "finish-image-build", f"-output={output}", *flags]
-        return subprocess.Popen(argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=sigint_as_from_a_terminal)  # fmt: skip
 
 
 @pytest.fixture

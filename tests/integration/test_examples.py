@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from cos_customizer import privilege
 from cos_customizer.cli.flags import parse
 from cos_customizer.cli.main import COMMANDS, GLOBAL_FLAGS, VERSION_FLAG
 from cos_customizer.disk import gpt
@@ -159,7 +160,7 @@ def test_workflow_steps_parse_with_our_flags() -> None:
 
 
 @pytest.mark.root
-@pytest.mark.skipif(os.geteuid() != 0, reason="the local build mounts the image's file systems: it needs root")
+@pytest.mark.skipif(not privilege.can_mount(), reason="the local build mounts the image's file systems: it needs root")
 def test_the_workflows_local_build_runs_as_written(tmp_path: Path) -> None:
     """The workflow's Customize step, line by line, with this checkout's cos-customizer (root already)."""
     work = tmp_path / "checkout"
@@ -232,7 +233,7 @@ def test_the_build_file_example_dry_runs_from_anywhere(tmp_path: Path) -> None:
 
 
 @pytest.mark.root
-@pytest.mark.skipif(os.geteuid() != 0, reason="the local build mounts the image's file systems: it needs root")
+@pytest.mark.skipif(not privilege.can_mount(), reason="the local build mounts the image's file systems: it needs root")
 def test_the_build_file_example_builds(tmp_path: Path) -> None:
     work = build_file_copy(tmp_path)
     cos_customizer = str(Path(sys.executable).parent / "cos-customizer")

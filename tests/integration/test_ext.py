@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from cos_customizer import privilege
 from cos_customizer.disk import ext, gpt
 from cos_customizer.errors import CustomizerError
 
 MiB, GiB = 1 << 20, 1 << 30
-root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a loop device")
+root_only = pytest.mark.skipif(not privilege.can_mount(), reason="needs root for a loop device")
 
 
 def dumpe2fs(image: Path, offset: int) -> dict[str, str]:

@@ -28,14 +28,14 @@ from pathlib import Path
 
 import pytest
 
-from cos_customizer import output, runner
+from cos_customizer import output, privilege, runner
 from cos_customizer.executors.local import build as local
 from cos_customizer.images import ImageFormat
 from tests.conftest import data_digest, sh
 
 pytestmark = [
     pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices, mounts and namespaces"),
+    pytest.mark.skipif(not privilege.can_mount(), reason="needs root for loop devices, mounts and namespaces"),
 ]
 
 MiB = 1 << 20

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cos_customizer import privilege
 from cos_customizer.disk import gpt, planner
 from cos_customizer.disk.gpt import (
     BIOS_BOOT,
@@ -625,7 +626,7 @@ def test_round_trip_property(tmp_path_factory: pytest.TempPathFactory, table: Ta
 @pytest.mark.root
 def test_block_device(tmp_path: Path) -> None:
     losetup = shutil.which("losetup")
-    if os.geteuid() != 0 or losetup is None:
+    if not privilege.can_mount() or losetup is None:
         pytest.skip("needs root and losetup")
     path = image(tmp_path, 200 * 1024 * 1024)
     attach = subprocess.run([losetup, "-f", "--show", str(path)], capture_output=True, text=True)

@@ -15,7 +15,6 @@ a tmpfs with or without the scratch disk's directory; setup_gpu.sh is copied out
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -23,13 +22,14 @@ from pathlib import Path
 
 import pytest
 
+from cos_customizer import privilege
 from cos_customizer.provisioner import gpu, steps
 from cos_customizer.provisioner.config import InstallGPUArgs
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [
     pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for mount namespaces and mounts"),
+    pytest.mark.skipif(not privilege.can_mount(), reason="needs root for mount namespaces and mounts"),
 ]
 
 CONTAINER = "gcr.io/cos-cloud/cos-gpu-installer:v20230815"

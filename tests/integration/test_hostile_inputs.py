@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from cos_customizer import images
+from cos_customizer import images, privilege
 from tests.conftest import CLI, Result, data_digest, sh
 
 pytestmark = [
     pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: device nodes, mounts, loop devices"),
+    pytest.mark.skipif(not privilege.can_mount(), reason="needs root: device nodes, mounts, loop devices"),
 ]
 
 TIMEOUT = 120  # seconds; a command that hangs (a FIFO opened for reading) fails the test

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from cos_customizer import images
+from cos_customizer import images, privilege
 from cos_customizer.errors import CustomizerError
 from tests.conftest import CLI, Result, sh
 
@@ -447,7 +447,7 @@ def test_a_damaged_build_context_archive_is_one_line(local_build: CLI, workspace
 
 
 @pytest.mark.root
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a tmpfs mount, a real build")
+@pytest.mark.skipif(not privilege.can_mount(), reason="needs root: a tmpfs mount, a real build")
 def test_no_space_while_a_script_writes_is_one_line(cli: CLI, tmp_path: Path, sample_raw: Path) -> None:
     context = tmp_path / "context"
     context.mkdir()

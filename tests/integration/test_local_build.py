@@ -20,14 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from cos_customizer import runner
+from cos_customizer import privilege, runner
 from cos_customizer.cli.main import main
 from cos_customizer.disk import ext, gpt, grub, loop
-from tests.conftest import SAMPLE_FIXTURES, data_digest, read_until, sh, snapshot
+from tests.conftest import SAMPLE_FIXTURES, data_digest, read_until, sh, sigint_as_from_a_terminal, snapshot
 
 pytestmark = [
     pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices, mounts and namespaces"),
+    pytest.mark.skipif(not privilege.can_mount(), reason="needs root for loop devices, mounts and namespaces"),
 ]
 
 MiB = 1 << 20
@@ -466,6 +466,7 @@ def test_signal_during_the_build(tmp_path: Path, sample_raw: Path, sig: signal.S
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=sigint_as_from_a_terminal,
     )
     assert proc.stderr is not None
     read_until(proc.stderr, "[run-script slow.sh] started", "the script never started")
@@ -549,7 +550,7 @@ def test_not_root_is_refused_before_anything(
 ) -> None:
     with started(tmp_path, sample_raw) as env:
         before = snapshot(tmp_path / "ws")
-        monkeypatch.setattr(os, "geteuid", lambda: 1000)
+        monkeypatch.setattr(privilege, "can_mount", lambda: False)  # as for a user who is not root
         capsys.readouterr()
         code = main(["finish-image-build", f"-output={tmp_path / 'out.raw'}"], env)
         err = capsys.readouterr().err

@@ -9,18 +9,18 @@ with json from the file system.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
+from cos_customizer import privilege
 from tests.conftest import CLI
 from tests.unit.test_gce_build import SBOM_INPUT, check_sbom_document
 
 pytestmark = [
     pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="a local build needs root (loop devices, mounts)"),
+    pytest.mark.skipif(not privilege.can_mount(), reason="a local build needs root (loop devices, mounts)"),
 ]
 
 

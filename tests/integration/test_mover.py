@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cos_customizer import privilege
 from cos_customizer.disk import ext, loop, mover
 
 MiB = 1 << 20
@@ -167,7 +168,7 @@ def test_shift_tail_refuses_what_it_cannot_do_and_changes_nothing(tmp_path: Path
 
 
 @pytest.mark.root
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a loop device")
+@pytest.mark.skipif(not privilege.can_mount(), reason="needs root for a loop device")
 @pytest.mark.parametrize(("src", "dst"), [(8 * MiB, 20 * MiB), (20 * MiB, 8 * MiB), (4 * MiB, 60 * MiB)])
 def test_copy_range_on_a_block_device_is_byte_exact_and_keeps_holes(tmp_path: Path, src: int, dst: int) -> None:
     """The provisioner's move on the VM: a device has no holes to find, so all is read; zeros are not written."""

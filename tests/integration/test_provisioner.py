@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from cos_customizer import privilege
 from cos_customizer.disk import gpt
 from cos_customizer.provisioner.config import (
     ProvisionerConfig,
@@ -32,7 +33,7 @@ from tests.shipped import shipped_provisioner
 from tests.vm_boot import VM_ENV
 
 REPO = Path(__file__).resolve().parents[2]
-root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices, mounts and namespaces")
+root_only = pytest.mark.skipif(not privilege.can_mount(), reason="needs root for loop devices, mounts and namespaces")
 
 
 class VM:

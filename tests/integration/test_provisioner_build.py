@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cos_customizer import privilege
 from tests.conftest import CLI
 
 
@@ -42,7 +43,7 @@ def test_small_static_and_executable(built: tuple[Path, Path]) -> None:
 
 
 @pytest.mark.root
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for chroot and mounting /proc")
+@pytest.mark.skipif(not privilege.can_mount(), reason="needs root for chroot and mounting /proc")
 def test_help_runs_in_a_busybox_only_chroot(built: tuple[Path, Path], tmp_path: Path) -> None:
     output, _ = built
     root = tmp_path / "root"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cos_customizer import runner
+from cos_customizer import privilege, runner
 from cos_customizer.disk import ext, gpt, loop, planner
 from cos_customizer.provisioner.agent import plan_from
 from cos_customizer.provisioner.main import main
@@ -104,7 +104,7 @@ def debugfs(image: Path, offset: int, request: str) -> subprocess.CompletedProce
 
 
 @pytest.mark.root
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a loop device")
+@pytest.mark.skipif(not privilege.can_mount(), reason="needs root for a loop device")
 @pytest.mark.parametrize(("oem_size", "disk_size"), [(GiB, 12 * GiB), (1024 * GiB, 1034 * GiB)])
 def test_handle_disk_layout_on_a_block_device_runs_only_e2fsck_resize2fs_and_losetup(
     tmp_path: Path,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cos_customizer import privilege
 from cos_customizer.disk import ext, gpt, loop
 from cos_customizer.errors import ValidationError
 from cos_customizer.executors.local import daemon_units
@@ -27,7 +28,7 @@ needs_runtime = pytest.mark.skipif(
 needs_registry = pytest.mark.skipif(
     not Path(registry.REGISTRY_BINARY).exists(), reason="docker-registry is not installed (scripts/setup installs it)"
 )
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: unshare, mounts, containers")
+needs_root = pytest.mark.skipif(not privilege.can_mount(), reason="needs root: unshare, mounts, containers")
 
 
 def _sha256(path: Path) -> str:

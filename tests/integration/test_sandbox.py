@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from cos_customizer import privilege
 from cos_customizer.executors.local.runtime import large_tmpfs_size
 
 pytestmark = [
     pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices, mounts and namespaces"),
+    pytest.mark.skipif(not privilege.can_mount(), reason="needs root for loop devices, mounts and namespaces"),
     pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to build the probe"),
     pytest.mark.skipif(shutil.which("slirp4netns") is None, reason="needs slirp4netns (scripts/setup installs it)"),
 ]

@@ -8,7 +8,6 @@ for what bash cannot do. Every check looks at the host afterwards: its sysctls, 
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import socket
 import subprocess
@@ -17,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from cos_customizer import privilege
 from tests import registry
 from tests.integration.test_containers import Build, build, images, run  # noqa: F401 - fixtures
 
 pytestmark = [
     pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices, mounts and namespaces"),
+    pytest.mark.skipif(not privilege.can_mount(), reason="needs root for loop devices, mounts and namespaces"),
     pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to build the probe"),
     pytest.mark.skipif(
         not all(Path(p).exists() for p in (registry.DOCKERD, registry.CONTAINERD)),

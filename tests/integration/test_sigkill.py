@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from cos_customizer import output, runner
+from cos_customizer import output, privilege, runner
 from tests import registry
 from tests.integration.test_containers import inner_processes
 from tests.integration.test_faults import FINISH_SIZES, MARK, NOTE, STEPS_OK, Setup, leftovers, loops_of, peak_memory
@@ -34,7 +34,7 @@ from tests.integration.test_faults import setup as setup  # the fixture
 
 pytestmark = [
     pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices, mounts and namespaces"),
+    pytest.mark.skipif(not privilege.can_mount(), reason="needs root for loop devices, mounts and namespaces"),
 ]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")

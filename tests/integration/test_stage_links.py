@@ -19,12 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from cos_customizer import privilege
 from cos_customizer.disk import ext, gpt
 from tests.conftest import sh, snapshot
 
 pytestmark = [
     pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices, mounts and namespaces"),
+    pytest.mark.skipif(not privilege.can_mount(), reason="needs root for loop devices, mounts and namespaces"),
 ]
 
 STATE = 1

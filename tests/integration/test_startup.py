@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from cos_customizer import privilege
 from cos_customizer.executors import startup
 from cos_customizer.provisioner.vmsetup import REBOOT_MARKER
 from tests.shipped import shipped_provisioner
 
 pytestmark = [
     pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for mount namespaces"),
+    pytest.mark.skipif(not privilege.can_mount(), reason="needs root for mount namespaces"),
 ]
 
 

@@ -22,7 +22,6 @@ import fcntl
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -34,7 +33,7 @@ from pathlib import Path
 import pytest
 
 import cos_customizer
-from cos_customizer import provisioner_build
+from cos_customizer import privilege, provisioner_build
 from cos_customizer.disk import gpt
 from cos_customizer.sample import guest as sample_guest
 from tests.integration.test_local_build import cat
@@ -54,7 +53,7 @@ TOOLS = ("mke2fs", "e2fsck", "resize2fs", "debugfs", "losetup", "mount", "umount
 
 
 def _why_not() -> str | None:
-    if os.geteuid() != 0:
+    if not privilege.can_mount():
         return "the step image test runs a private dockerd and debootstrap: it needs root"
     for path, package in ((DOCKERD, "docker.io"), (DOCKER, "docker.io"), ("/usr/sbin/debootstrap", "debootstrap"),
                           ("/usr/bin/unshare", "util-linux"), ("/usr/sbin/iptables-save", "iptables")):  # fmt: skip

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from cos_customizer import privilege
+
 pytestmark = [
     pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for mount namespaces"),
+    pytest.mark.skipif(not privilege.can_mount(), reason="needs root for mount namespaces"),
 ]
 
 PREPARE = """

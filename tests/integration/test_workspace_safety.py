@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from cos_customizer import privilege
 from tests.conftest import CLI, Result, data_digest, read_until, sh, snapshot
 
 pytestmark = [
     pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a local build mounts loop devices"),
+    pytest.mark.skipif(not privilege.can_mount(), reason="needs root: a local build mounts loop devices"),
 ]
 
 TIMEOUT = 120

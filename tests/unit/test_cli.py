@@ -855,7 +855,12 @@ def test_signal_during_start_keeps_the_previous_build(
     monkeypatch: pytest.MonkeyPatch,
     sig: signal.Signals,
     code: int,
+    request: pytest.FixtureRequest,
 ) -> None:
+    # SIGINT as a command typed at a terminal gets it: a shell's background job starts with it ignored, and then
+    # Python (this process) never turns it into KeyboardInterrupt.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     assert local_build("seal-oem").code == 0
     before = snapshot(workspace_root)
     real = buildcontext.create_archive

@@ -119,7 +119,7 @@ def test_a_failing_step_stops_the_run_and_cancels_the_others(tmp_path: Path) -> 
 
     recorder = Recorder({"run": create, "wait-preload-finished": hang, "wait-for-resize": fail})
     started = time.monotonic()
-    with pytest.raises(daisy_local.StepFailed) as err:
+    with pytest.raises(daisy_local.WorkflowStepFailed) as err:
         recorder.run(load(tmp_path, document, variables))
     assert time.monotonic() - started < BOUND
     assert str(err.value) == "step wait-for-resize (WaitForInstancesSignal) failed: BuildFailed: boom"
@@ -139,7 +139,7 @@ def test_a_step_timeout_fires(tmp_path: Path, own: bool) -> None:
         document["Steps"]["wait-preload-finished"]["Timeout"] = "200ms"
     recorder = Recorder({"wait-preload-finished": hang})
     started = time.monotonic()
-    with pytest.raises(daisy_local.StepFailed) as err:
+    with pytest.raises(daisy_local.WorkflowStepFailed) as err:
         recorder.run(load(tmp_path, document, variables), default_timeout=60.0 if own else 0.2)
     assert time.monotonic() - started < BOUND
     limit = "200ms" if own else "0.2s"
@@ -156,7 +156,7 @@ def test_the_whole_run_is_bounded_by_the_deadline(tmp_path: Path) -> None:
     started = time.monotonic()
     with pytest.raises(daisy_local.WorkflowError) as err:
         recorder.run(load(tmp_path, document, variables), deadline=started + 0.3)
-    assert not isinstance(err.value, daisy_local.StepFailed)
+    assert not isinstance(err.value, daisy_local.WorkflowStepFailed)
     assert time.monotonic() - started < BOUND
     assert "did not complete before its deadline (still running: wait-preload-finished)" in str(err.value)
     assert "wait-preload-finished" in recorder.cancelled

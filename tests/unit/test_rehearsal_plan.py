@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cos_customizer.errors import ValidationError
+from cos_customizer.errors import BuildFailed, ValidationError
 from cos_customizer.executors import Executor, check_supported
 from cos_customizer.executors.qemu import daisy as daisy_local
 from cos_customizer.executors.qemu import rehearsal
@@ -132,5 +132,5 @@ def test_daisy_arguments_read_back_satisfy_the_workflow(local_build: CLI, tmp_pa
     ],
 )
 def test_daisy_arguments_we_cannot_honour(args: list[str], message: str) -> None:
-    with pytest.raises(rehearsal.RehearsalFailed, match=message):
+    with pytest.raises(BuildFailed, match=message):
         rehearsal.daisy_invocation(args)

@@ -44,7 +44,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from cos_customizer import workspace
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import BOOL_TEXTS, INT_TEXT_LIMIT, Flag, Kind, Parsed, check_text, parse, set_value
-from cos_customizer.errors import EXIT_USAGE, CustomizerError, UsageError, WorkspaceError, quoted, shown
+from cos_customizer.errors import EXIT_USAGE, BuildFailed, CustomizerError, UsageError, WorkspaceError, quoted, shown
 from cos_customizer.units import format_duration
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,6 @@ MAX_SIZE = 1 << 20  # a build file is a few lines; refuse anything that is not
 # Deeper is refused as it is read, before the (recursive) composer could exhaust Python's stack.
 MAX_DEPTH = 16
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
-SCHEMA_FILE = "build-file.schema.json"  # shipped beside the package's modules
 
 _TAG = "tag:yaml.org,2002:"
 # The YAML tags a build file may hold (plain YAML: no custom or language tags), as the kinds we name.
@@ -428,13 +427,14 @@ def run(context: Context, build: BuildFile) -> int:
 
 
 def _failed_step(build: BuildFile, invocation: Invocation, err: CustomizerError) -> Invocation:
-    """Where a failure is reported: the step the build says failed (a script's exit), else `invocation`.
+    """Where a failure is reported: the step the build says failed (`BuildFailed.step`, any executor), else
+    `invocation`.
 
     Each step command adds one step to the build, in order, so the build's step N is the file's steps[N].
     """
-    step = getattr(err, "step", None)
+    step = err.step if isinstance(err, BuildFailed) else None
     steps = build.invocations[1:-1]
-    if invocation is build.invocations[-1] and isinstance(step, int) and 0 <= step < len(steps):
+    if invocation is build.invocations[-1] and step is not None and 0 <= step < len(steps):
         return steps[step]
     return invocation
 

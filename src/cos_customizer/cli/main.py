@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cos_customizer import __version__
-from cos_customizer.cli import buildfile, completion, extra, finish, start, steps
+from cos_customizer.cli import buildfile, completion, extra, finish, finish_flags, start, steps
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import Flag, HelpRequested, Kind, describe, parse
 from cos_customizer.errors import EXIT_FAILURE, EXIT_OK, CustomizerError, UsageError, escaped, quoted, shown
@@ -78,7 +78,7 @@ def overview() -> str:
 
 
 def command_help(command: Command) -> str:
-    flags = describe(command.flags, finish.FLAG_FORMATTERS) if command.flags else "  (none)"
+    flags = describe(command.flags, finish_flags.FLAG_FORMATTERS) if command.flags else "  (none)"
     return (
         f"Usage: cos-customizer [global flags] {command.usage}\n\n"
         f"{command.description or command.synopsis}\n\n"

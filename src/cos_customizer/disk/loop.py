@@ -22,12 +22,13 @@ import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from cos_customizer import privilege
 from cos_customizer.errors import CustomizerError
 from cos_customizer.runner import CommandError, require_tool, run
 
 
 def _need_root(what: str) -> None:
-    if os.geteuid() != 0:
+    if not privilege.can_mount():
         raise CustomizerError(f"{what} needs root (loop devices and mounts): run as root, for example with sudo")
 
 

@@ -31,8 +31,6 @@ Standard library only: the provisioner uses this module too.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -41,6 +39,7 @@ import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from cos_customizer import linux
 from cos_customizer.runner import require_tool, run
 
 CHUNK = 8 << 20
@@ -48,10 +47,6 @@ ZERO_GRAIN = 64 << 10  # runs of zeros this long are zeroed (holes), not written
 _ZEROS = bytes(ZERO_GRAIN)
 Progress = Callable[[int, int], None]
 
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_FALLOC_FL_COLLAPSE_RANGE = 0x08
-_FALLOC_FL_INSERT_RANGE = 0x20
 _BLKZEROOUT = 0x127F  # _IO(0x12, 127)
 
 
@@ -100,19 +95,6 @@ def _segments(fd: int, start: int, length: int) -> list[tuple[int, int, bool]]:
     return pieces
 
 
-_libc: ctypes.CDLL | None = None
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    result = _libc.fallocate(fd, mode, ctypes.c_int64(offset), ctypes.c_int64(length))
-    if result != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
-
 def zero_range(fd: int, offset: int, length: int) -> None:
     """Make [offset, offset+length) read as zeros: a hole where the file or device can unmap, else zeroed blocks.
 
@@ -123,7 +105,7 @@ def zero_range(fd: int, offset: int, length: int) -> None:
     if length <= 0:
         return
     try:
-        _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+        linux.fallocate(fd, linux.FALLOC_FL_PUNCH_HOLE | linux.FALLOC_FL_KEEP_SIZE, offset, length)
         return
     except OSError as err:
         if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
@@ -238,9 +220,9 @@ def shift_tail(path: Path, start: int, delta: int) -> bool:
             if delta < 0:
                 if start + delta < 0:
                     return False
-                _fallocate(fd, _FALLOC_FL_COLLAPSE_RANGE, start + delta, -delta)
+                linux.fallocate(fd, linux.FALLOC_FL_COLLAPSE_RANGE, start + delta, -delta)
             else:
-                _fallocate(fd, _FALLOC_FL_INSERT_RANGE, start, delta)
+                linux.fallocate(fd, linux.FALLOC_FL_INSERT_RANGE, start, delta)
         except OSError as err:
             if err.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                 return False

@@ -23,8 +23,9 @@ image are of four kinds, and each is made deterministic here:
 * the output's headers: the tar member's mtime is the epoch and its owner
   root; gzip stores no name and no time.
 
-"Touched" means any of the inode's times is at or after the moment the build
-started; the scan reads the inode tables in pure Python, and what is changed
+"Touched" means some time of the inode is at or after the moment the build
+started and is not the time the source held (read before the build, to the
+nanosecond: a source written a moment before the build keeps its own times); the scan reads the inode tables in pure Python, and what is changed
 in them is changed by `debugfs` and `e2fsck`, which keep the checksums right
 (`e2fsck -fy` recomputes the directory and extent block checksums that
 depend on the generation number). Standard library only.
@@ -133,17 +134,28 @@ class _Layout:
         yield from sorted(g for g in found if g < groups)
 
 
+# Each inode time: (offset of its seconds, offset of its extra bits (nanoseconds and epoch), the
+# i_extra_isize it needs); crtime lives only in the extra space.
+_TIMES = {"atime": (0x08, 0x8C, 0x10), "ctime": (0x0C, 0x84, 0x08), "mtime": (0x10, 0x88, 0x0C),
+          "crtime": (0x90, 0x94, 0x18)}  # fmt: skip
+Stamp = tuple[int, int]  # a time: seconds (low 32 bits), its extra bits
+Stamps = Mapping[int, Mapping[str, Stamp]]  # inode number -> its times, dtime included
+
+
 @dataclasses.dataclass(frozen=True)
 class Touched:
-    """An inode the build created, changed, read or freed (some time of it is at or after `since`)."""
+    """An inode the build created, changed, read or freed: some time of it is at or after `since` and is not
+    what the source held (`changed` names those times)."""
 
     number: int
     at: int  # its byte offset in the image
     live: bool
     times: dict[str, int]  # atime, ctime, mtime, crtime: seconds (low 32 bits)
+    changed: frozenset[str] = frozenset()
 
 
-def _touched(fd: int, offset: int, fs: _Layout, since: int) -> Iterator[Touched]:
+def _inodes(fd: int, offset: int, fs: _Layout) -> Iterator[tuple[int, int, bytes]]:
+    """(number, byte offset, raw inode) of every inode in an initialized part of an inode table."""
     with_itable_unused = bool(fs.ro_compat & (_RO_COMPAT_GDT_CSUM | ext.RO_COMPAT_METADATA_CSUM))
     table_block = fs.first_data_block + 1
     descriptors = os.pread(fd, fs.groups * fs.desc_size, offset + table_block * fs.block_size)
@@ -159,29 +171,61 @@ def _touched(fd: int, offset: int, fs: _Layout, since: int) -> Iterator[Touched]
         count = fs.inodes_per_group - unused if with_itable_unused else fs.inodes_per_group
         table = os.pread(fd, count * fs.inode_size, offset + itable * fs.block_size)
         for index in range(len(table) // fs.inode_size):
-            raw = table[index * fs.inode_size : (index + 1) * fs.inode_size]
-            atime, ctime, mtime, dtime = struct.unpack_from("<IIII", raw, 0x08)
+            at = offset + itable * fs.block_size + index * fs.inode_size
+            yield (
+                group * fs.inodes_per_group + index + 1,
+                at,
+                table[index * fs.inode_size : (index + 1) * fs.inode_size],
+            )
+
+
+def _stamps_of(raw: bytes, inode_size: int) -> dict[str, Stamp]:
+    extra = struct.unpack_from("<H", raw, 0x80)[0] if inode_size > 128 else 0
+    stamps = {"dtime": (struct.unpack_from("<I", raw, 0x14)[0], 0)}
+    for name, (seconds, bits, needs) in _TIMES.items():
+        if name == "crtime" and extra < needs:
+            stamps[name] = (0, 0)
+            continue
+        stamps[name] = (
+            struct.unpack_from("<I", raw, seconds)[0],
+            struct.unpack_from("<I", raw, bits)[0] if extra >= needs else 0,
+        )
+    return stamps
+
+
+def inode_stamps(image: Path, offset: int) -> dict[int, dict[str, Stamp]]:
+    """The times of every inode of the ext file system at `offset` of `image` as they are now (before the
+    build): `normalize_ext` leaves a time alone while it is still the one recorded here, however recent."""
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        fs = _Layout.parse(os.pread(fd, 1024, offset + ext.SUPERBLOCK))
+        return {number: _stamps_of(raw, fs.inode_size) for number, _, raw in _inodes(fd, offset, fs)}
+    finally:
+        os.close(fd)
+
+
+def _touched(fd: int, offset: int, fs: _Layout, since: int, source: Stamps) -> Iterator[Touched]:
+    for number, at, raw in _inodes(fd, offset, fs):
+        stamps = _stamps_of(raw, fs.inode_size)
+        before = source.get(number, {})
+        changed = frozenset(name for name, stamp in stamps.items() if stamp[0] >= since and before.get(name) != stamp)
+        if changed:
             links = struct.unpack_from("<H", raw, 0x1A)[0]
-            extra = struct.unpack_from("<H", raw, 0x80)[0] if fs.inode_size > 128 else 0
-            crtime = struct.unpack_from("<I", raw, 0x90)[0] if extra >= 0x18 else 0
-            times = {"atime": atime, "ctime": ctime, "mtime": mtime, "crtime": crtime}
-            if max(*times.values(), dtime) >= since:
-                number = group * fs.inodes_per_group + index + 1
-                at = offset + itable * fs.block_size + index * fs.inode_size
-                yield Touched(number, at, live=links > 0 and dtime == 0, times=times)
+            times = {name: stamps[name][0] for name in _TIMES}
+            yield Touched(number, at, live=links > 0 and stamps["dtime"][0] == 0, times=times, changed=changed)
 
 
-def _debugfs_commands(touched: list[Touched], epoch: int, since: int) -> list[str]:
+def _debugfs_commands(touched: list[Touched], epoch: int) -> list[str]:
     commands = []
     for inode in touched:
         if not inode.live:
             continue
-        for name, value in inode.times.items():
-            if value >= since:
+        for name in _TIMES:
+            if name in inode.changed:
                 commands += [f"sif <{inode.number}> {name} @{epoch}", f"sif <{inode.number}> {name}_extra 0"]
-        if inode.times["crtime"] >= since:
+        if "crtime" in inode.changed:
             commands.append(f"sif <{inode.number}> generation 0")
-        if inode.times["ctime"] >= since:  # changed, not only read: its change counter moved with the changes
+        if "ctime" in inode.changed:  # changed, not only read: its change counter moved with the changes
             commands.append(f"sif <{inode.number}> version 0")
     return commands
 
@@ -252,18 +296,20 @@ def _normalize_superblocks(fd: int, offset: int, fs: _Layout, epoch: int) -> Non
         os.pwrite(fd, sb, at)
 
 
-def normalize_ext(image: Path, offset: int, *, epoch: int, since: int) -> int:
+def normalize_ext(image: Path, offset: int, *, epoch: int, since: int, source: Stamps | None = None) -> int:
     """Make what the build recorded in the ext file system at `offset` of `image` depend only on its content.
 
-    `since` is when the build started (seconds); returns how many inodes were normalized.
+    `since` is when the build started (seconds); `source` the times the file system held before the build
+    (`inode_stamps`): a time still as it was there is the source's, not the build's, however recent. Returns
+    how many inodes were normalized.
     """
     device = ext.device(image, offset)
     env = {**os.environ, "E2FSPROGS_FAKE_TIME": str(epoch), "E2FSCK_TIME": str(epoch)}
     fd = os.open(image, os.O_RDWR)
     try:
         fs = _Layout.parse(os.pread(fd, 1024, offset + ext.SUPERBLOCK))
-        touched = list(_touched(fd, offset, fs, since))
-        commands = _debugfs_commands(touched, epoch, since)
+        touched = list(_touched(fd, offset, fs, since, source or {}))
+        commands = _debugfs_commands(touched, epoch)
         if commands:
             with memory_file("debugfs.cmd", ("\n".join(commands) + "\n").encode()) as script:
                 result = run([require_tool("debugfs", ext.E2FSPROGS), "-w", "-f", str(script), device], env=env)

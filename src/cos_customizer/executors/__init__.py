@@ -7,10 +7,15 @@ The build's source decides the executor: `-image-file` means `local`
 from __future__ import annotations
 
 import enum
+import re
 
 from cos_customizer.config import SourceImage
 from cos_customizer.errors import ValidationError
 from cos_customizer.provisioner.config import ProvisionerConfig, StepType
+
+# The provisioner's last serial line when a step of its config failed (provisioner.agent: `finish`, `execute`):
+# `BuildFailed: step N (TYPE): reason`, N the step's 0-based index in the config.
+FAILED_STEP_LINE = re.compile(r"BuildFailed: step (\d{1,6}) \((\w+)\): ")
 
 # The command-line step that adds each provisioner step.
 STEP_COMMANDS = {
@@ -62,3 +67,15 @@ def check_supported(executor: Executor, config: ProvisionerConfig) -> None:
             f"{WHY_NOT.get(executor, {}).get(step.type, 'not supported')}; use the gce executor "
             "(start-image-build with -image-project and -image-name, -image-family or -image-milestone)"
         )
+
+
+def failed_step(text: str, config: ProvisionerConfig) -> int | None:
+    """The index of the step of `config` that the provisioner's `BuildFailed:` line in `text` names, if it names one
+    (a failure outside the steps, or a line that does not match the config, names none)."""
+    match = FAILED_STEP_LINE.search(text)
+    if match is None:
+        return None
+    index = int(match.group(1))
+    if index < len(config.steps) and config.steps[index].type.value == match.group(2):
+        return index
+    return None

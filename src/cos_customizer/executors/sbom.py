@@ -5,7 +5,8 @@ the creators, optionally the output name and version, a supplier, SPDX
 packages, external SBOM documents and extracted licensing infos. The
 document's root package is the output image; it DESCRIBES the root, which
 CONTAINS the listed packages and refers to the external documents. Fields
-left out get NOASSERTION. It is written to `<output path>/<name>[-<version>]_sbom.spdx.json`.
+left out get NOASSERTION. It is written to `<output path>/<name>[-<version>]_sbom.spdx.json`: a GCE
+build's `-sbom-output-path` (`executors.gce.preload`), a local build's output directory (`write_local`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from cos_customizer import buildcontext
+from cos_customizer import buildcontext, workspace
 from cos_customizer.errors import ValidationError
 
 NOASSERTION = "NOASSERTION"
@@ -106,3 +107,16 @@ def generate(data: dict[str, Any], image_name: str, now: datetime.datetime) -> t
     if data.get("hasExtractedLicensingInfos"):
         document["hasExtractedLicensingInfos"] = data["hasExtractedLicensingInfos"]
     return document_name, document
+
+
+def write_local(data: dict[str, Any], output: Path, epoch: int | None = None) -> Path:
+    """The SPDX document of a local build, beside its output (the output file's name without its format
+    suffix names the image when the input does not), written atomically; created at `epoch` when set."""
+    image_name = output.name
+    for suffix in (".tar.gz", ".qcow2", ".raw"):
+        image_name = image_name.removesuffix(suffix)
+    now = datetime.datetime.now(datetime.UTC) if epoch is None else datetime.datetime.fromtimestamp(epoch, datetime.UTC)
+    name, document = generate(data, image_name, now)
+    path = output.parent / name
+    workspace.write_json_atomic(path, document)
+    return path

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -129,15 +128,3 @@ class Target:
 
 def is_mountpoint(path: Path) -> bool:
     return any(line.split()[1] == str(path) for line in Path("/proc/self/mounts").read_text().splitlines())
-
-
-def device_of(mountpoint: Path) -> Path:
-    """The device mounted on `mountpoint` (the last mount there wins)."""
-    found = [line.split()[0] for line in Path("/proc/self/mounts").read_text().splitlines()
-             if line.split()[1] == str(mountpoint)]  # fmt: skip
-    if not found:
-        raise CustomizerError(f"nothing is mounted on {mountpoint}")
-    device = Path(found[-1])
-    if not device.exists() or not stat.S_ISBLK(device.stat().st_mode):
-        raise CustomizerError(f"{mountpoint} is mounted from {device}, not from a block device")
-    return device

@@ -31,8 +31,8 @@ from typing import Any
 
 from cos_customizer import provisioner_build, runner
 from cos_customizer.config import BuildConfig, SourceImage
-from cos_customizer.errors import CustomizerError, ValidationError
-from cos_customizer.executors import disks, sbom, startup, workflow
+from cos_customizer.errors import BuildFailed, CustomizerError, ValidationError
+from cos_customizer.executors import disks, failed_step, sbom, startup, workflow
 from cos_customizer.executors.gce import compute as gce
 from cos_customizer.provisioner.config import ProvisionerConfig
 from cos_customizer.runner import MissingToolError
@@ -59,10 +59,6 @@ class GceBuild:
     build_context: Path
     provisioner_binary: Path | None
     sbom: tuple[dict[str, Any], str] | None = None  # (the SBOM input, the gs:// directory to write to)
-
-
-class DaisyFailed(CustomizerError):
-    pass
 
 
 def daisy_binary(environ: dict[str, str]) -> str:
@@ -154,29 +150,36 @@ def check_architecture(name: str, architecture: str) -> None:
         )
 
 
-def run_daisy(argv: list[str], timeout: float, env: dict[str, str] | None = None) -> None:
+def run_daisy(
+    argv: list[str], timeout: float, env: dict[str, str] | None = None, config: ProvisionerConfig | None = None
+) -> None:
     """Run daisy with its output prefixed; on timeout or Ctrl-C it gets SIGINT and time to clean up.
 
     Should this process die, however (SIGKILL too), the kernel sends daisy SIGINT (`runner.die_with_us`): it
-    deletes what it made and exits. Its lines are read in bounded pieces (`runner.bounded_lines`).
+    deletes what it made and exits. Its lines are read in bounded pieces (`runner.bounded_lines`). When daisy
+    fails, the step of `config` that the provisioner's `BuildFailed:` line names (if daisy showed it) is the
+    failure's `step`.
     """
     log.info("Running daisy (the preload VM builds the image; its status lines follow)")
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                             preexec_fn=runner.die_with_us(signal.SIGINT))  # fmt: skip
     assert proc.stdout is not None
     stop = ((signal.SIGINT, STOP_GRACE_SECONDS), (signal.SIGKILL, 10.0))  # on SIGINT daisy deletes what it made
+    step = None
     try:
         with runner.deadline(timeout, lambda: runner.stop_group(proc, stop[:1])) as expired:
             for line in runner.bounded_lines(proc.stdout.fileno()):
                 log.info("daisy: %s", line)
+                if config is not None and step is None:
+                    step = failed_step(line, config)
             status = proc.wait()
     finally:
         runner.stop_group(proc, stop)
     if expired.is_set():
-        raise DaisyFailed("the build took longer than -timeout; daisy was stopped and cleaned up")
+        raise BuildFailed("the build took longer than -timeout; daisy was stopped and cleaned up")
     if status != 0:
-        raise DaisyFailed(
-            f"daisy failed with exit status {status} (its output is above); daisy deleted the resources it made"
+        raise BuildFailed(
+            f"daisy failed with exit status {status} (its output is above); daisy deleted the resources it made", step
         )
 
 
@@ -217,7 +220,7 @@ def finish(job: GceBuild, environ: dict[str, str], compute_endpoint: str) -> boo
         wf.write_text(json.dumps(workflow.workflow(build, job.provisioner, image, str(cloud)), indent=2))
         args = workflow.daisy_args(build, job.provisioner, job.source, image, cidata=str(cidata),
                                    scratch=str(scratch), workflow_path=str(wf))  # fmt: skip
-        run_daisy([daisy, *args], parse_duration(build.Timeout) / 1e9, dict(environ))
+        run_daisy([daisy, *args], parse_duration(build.Timeout) / 1e9, dict(environ), job.provisioner)
     if job.sbom is not None:
         write_sbom(job.sbom[0], job.sbom[1], image.name, build.Project)
     if job.deprecate_old:

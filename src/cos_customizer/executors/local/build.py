@@ -58,12 +58,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cos_customizer import images, output, report, runner
+from cos_customizer import images, output, privilege, report, runner
 from cos_customizer.disk import apply, ext, loop, reproducible
 from cos_customizer.disk.gpt import SECTOR, Table
 from cos_customizer.disk.planner import OEM, ROOT_A, ROOT_B, STATE, DiskPlan
 from cos_customizer.disk.verity import VerityParams
-from cos_customizer.errors import CustomizerError, ValidationError, escaped
+from cos_customizer.errors import BuildFailed, CustomizerError, ValidationError, escaped
 from cos_customizer.executors import STEP_COMMANDS
 from cos_customizer.executors.local import cgroups
 from cos_customizer.executors.local.runtime import Region, Script, StageSpec
@@ -117,19 +117,11 @@ class LocalBuild:
     epoch: int | None = None  # SOURCE_DATE_EPOCH: what the build records is made reproducible (disk.reproducible)
 
 
-class BuildFailed(CustomizerError):
-    """The build ran and failed (a script, a tool); nothing was left behind."""
-
-    def __init__(self, message: str, step: int | None = None) -> None:
-        super().__init__(message)
-        self.step = step  # the failed step's index in the build's steps (the order they were added), if one did
-
-
 def preflight(build: LocalBuild) -> None:
     """Everything that can be checked before the build touches anything."""
     if not sys.platform.startswith("linux"):
         raise ValidationError("local builds need Linux (loop devices, mount namespaces)")
-    if os.geteuid() != 0:
+    if not privilege.can_mount():
         raise ValidationError(
             "a local build needs root (it mounts file systems from loop devices): run finish-image-build as root, "
             "for example with sudo"
@@ -466,6 +458,10 @@ def run_build(build: LocalBuild, contexts: dict[str, str]) -> Summary:
             doing = f"copying {build.source.name}"
             with _phase(summary, f"copy {build.source.name} (sparse)"), report.progress_bar("copy") as progress:
                 images.working_copy(build.source, build.output, progress, into=work.disk_fd)
+            source: dict[int, reproducible.Stamps] = {}
+            if build.epoch is not None:  # the source's own times, however recent, are not the build's
+                for number in (STATE, OEM):
+                    source[number] = reproducible.inode_stamps(disk, build.plan.before.partition(number).first * SECTOR)
             doing = "applying the disk plan"
             with _phase(summary, "apply the disk plan"), report.progress_bar("move") as progress:
                 apply.apply(disk, build.plan, report=lambda message: log.info("    %s", message), progress=progress)
@@ -480,7 +476,7 @@ def run_build(build: LocalBuild, contexts: dict[str, str]) -> Summary:
                 with _phase(summary, f"make reproducible ({reproducible.EPOCH_ENV}={build.epoch})"):
                     for number in (STATE, OEM):
                         first = build.plan.after.partition(number).first * SECTOR
-                        reproducible.normalize_ext(disk, first, epoch=build.epoch, since=started)
+                        reproducible.normalize_ext(disk, first, epoch=build.epoch, since=started, source=source[number])
             doing = "running the offline steps"
             with _phase(summary, "offline steps and checks"):
                 _offline_steps(build, disk, summary)

@@ -45,9 +45,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from cos_customizer import linux
 from cos_customizer.executors.local import cgroups, daemon_units, relay, sandbox
 
-CLONE_NEWCGROUP = 0x02000000
 DOCKER_SOCKET = "/var/run/docker.sock"  # as docker.socket and COS's unit name it
 RUN_DOCKER_SOCKET = "run/docker.sock"  # where it is in the runtime tree (/var/run -> /run)
 CONTAINERD_SOCKET = "/run/containerd/containerd.sock"
@@ -314,10 +314,10 @@ class _InitSpec:
 
 def _host(spec: _InitSpec, cmd_r: int, status_w: int, docker_fd: int, log_fds: list[int]) -> int:  # pragma: no cover
     """As host root: the network, mount and PID namespaces and the idmapped view; then PID 1 in them."""
-    sandbox.prctl(sandbox.PR_SET_PDEATHSIG, signal.SIGKILL)
-    sandbox.setns(spec.net, sandbox.CLONE_NEWNET)
-    sandbox.unshare(sandbox.CLONE_NEWNS | sandbox.CLONE_NEWPID)
-    sandbox.mount(None, "/", None, sandbox.MS_REC | sandbox.MS_PRIVATE)
+    linux.set_parent_death_signal(signal.SIGKILL)
+    linux.setns(spec.net, linux.CLONE_NEWNET)
+    linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWPID)
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     alive_r, alive_w = os.pipe()  # PID 1 sees EOF once this host is gone
     pid = os.fork()
     if pid == 0:
@@ -326,7 +326,7 @@ def _host(spec: _InitSpec, cmd_r: int, status_w: int, docker_fd: int, log_fds: l
             _enter(spec)
             # Set after the last change of credentials (becoming the inner root clears it), then checked: the
             # daemons' PID 1 must die with its host, and with it every process of its PID namespace.
-            sandbox.prctl(sandbox.PR_SET_PDEATHSIG, signal.SIGKILL)
+            linux.set_parent_death_signal(signal.SIGKILL)
             if select.select([alive_r], [], [], 0)[0]:
                 os._exit(137)
             os.close(alive_r)
@@ -348,49 +348,27 @@ def _host(spec: _InitSpec, cmd_r: int, status_w: int, docker_fd: int, log_fds: l
 def _enter(spec: _InitSpec) -> None:  # pragma: no cover - PID 1, still host root until setns
     view = spec.view
     inner = os.open(spec.inner, os.O_RDONLY | os.O_CLOEXEC)  # the path is gone after pivot_root
-    nosuid_nodev_noexec = sandbox.MS_NOSUID | sandbox.MS_NODEV | sandbox.MS_NOEXEC
+    nosuid_nodev_noexec = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
     # A fresh /proc and /sys, fully visible, so runc may mount them for containers; the daemons' root is
     # not host uid 0, so the host-wide knobs in them stay closed to it.
-    sandbox.mount("proc", f"{view}/proc", "proc", nosuid_nodev_noexec)
-    sandbox.mount("sysfs", f"{view}/sys", "sysfs", sandbox.MS_RDONLY | nosuid_nodev_noexec)
-    sandbox.mount("tmpfs", f"{view}/sys/fs/cgroup", "tmpfs", nosuid_nodev_noexec, "mode=0755")
+    linux.mount("proc", f"{view}/proc", "proc", nosuid_nodev_noexec)
+    linux.mount("sysfs", f"{view}/sys", "sysfs", linux.MS_RDONLY | nosuid_nodev_noexec)
+    linux.mount("tmpfs", f"{view}/sys/fs/cgroup", "tmpfs", nosuid_nodev_noexec, "mode=0755")
     for _fstype, _options, label in spec.cgroup_mounts:
         if label:
             os.mkdir(f"{view}/sys/fs/cgroup/{label}")
-    _dev(f"{view}/dev")
-    os.chdir(view)
-    sandbox.pivot_root(".", ".")
-    sandbox._check(sandbox._libc.umount2(b".", sandbox.MNT_DETACH), "umount the old root")
-    os.chdir("/")
-    sandbox.setns(inner, sandbox.CLONE_NEWUSER)
+    sandbox.make_dev(f"{view}/dev", None)  # the host root's: the daemons' root cannot add to it
+    linux.pivot_into(view)
+    linux.setns(inner, linux.CLONE_NEWUSER)
     os.close(inner)
-    sandbox.unshare(sandbox.CLONE_NEWNS | sandbox.CLONE_NEWIPC | sandbox.CLONE_NEWUTS | CLONE_NEWCGROUP)
+    linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS | linux.CLONE_NEWCGROUP)
     os.setresgid(0, 0, 0)
     os.setresuid(0, 0, 0)
     os.setgroups([])
     socket.sethostname("cos-customizer")
     for fstype, options, label in spec.cgroup_mounts:
         target = f"/sys/fs/cgroup/{label}" if label else "/sys/fs/cgroup"
-        sandbox.mount(fstype, target, fstype, nosuid_nodev_noexec, options or None)
-
-
-def _dev(dev: str) -> None:  # pragma: no cover
-    sandbox.mount("tmpfs", dev, "tmpfs", sandbox.MS_NOSUID | sandbox.MS_NOEXEC, "mode=0755,size=256k")
-    for name in sandbox.DEV_NODES:
-        Path(f"{dev}/{name}").touch()
-        sandbox.bind(f"/dev/{name}", f"{dev}/{name}", sandbox.MS_NOSUID | sandbox.MS_NOEXEC)
-    for number, name in enumerate(("stdin", "stdout", "stderr")):
-        os.symlink(f"/proc/self/fd/{number}", f"{dev}/{name}")
-    os.symlink("/proc/self/fd", f"{dev}/fd")
-    os.mkdir(f"{dev}/pts", 0o755)
-    sandbox.mount(
-        "devpts", f"{dev}/pts", "devpts", sandbox.MS_NOSUID | sandbox.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620"
-    )
-    os.symlink("pts/ptmx", f"{dev}/ptmx")
-    os.mkdir(f"{dev}/shm")
-    sandbox.mount(
-        "tmpfs", f"{dev}/shm", "tmpfs", sandbox.MS_NOSUID | sandbox.MS_NODEV, f"mode=1777,size={sandbox.DEV_SHM_SIZE}"
-    )
+        linux.mount(fstype, target, fstype, nosuid_nodev_noexec, options or None)
 
 
 def _init(

@@ -13,38 +13,12 @@ and the container daemons both run in, as root of that namespace (never host uid
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
-import platform
-import struct
-from collections.abc import Callable
 from pathlib import Path
 
-AT_FDCWD = -100
-AT_EMPTY_PATH = 0x1000
-OPEN_TREE_CLONE = 1
-OPEN_TREE_CLOEXEC = os.O_CLOEXEC
-MOVE_MOUNT_F_EMPTY_PATH = 0x4
-MOUNT_ATTR_IDMAP = 0x00100000
+from cos_customizer import linux
 
-SYSCALLS = {
-    "x86_64": {"open_tree": 428, "move_mount": 429, "mount_setattr": 442},
-    "aarch64": {"open_tree": 428, "move_mount": 429, "mount_setattr": 442},
-}
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _syscall(name: str, *args: object) -> int:
-    numbers = SYSCALLS.get(platform.machine())
-    if numbers is None:
-        raise OSError(errno.ENOSYS, f"{name}: unknown system call number on {platform.machine()}")
-    result = int(_libc.syscall(numbers[name], *args))
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{name}: {os.strerror(err)}")
-    return result
+IDMAPPED_TYPES = ("ext4", "ext3", "ext2")
 
 
 def idmapped_copy(source: str, target: str, userns: str) -> None:
@@ -53,15 +27,14 @@ def idmapped_copy(source: str, target: str, userns: str) -> None:
     `userns`: a path to the user namespace whose mapping is applied. Raises OSError (EINVAL: the
     file system does not support idmapped mounts, as overlayfs does not).
     """
-    tree = _syscall("open_tree", AT_FDCWD, source.encode(), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC)
+    tree = linux.open_tree(linux.AT_FDCWD, source, linux.OPEN_TREE_CLONE | linux.OPEN_TREE_CLOEXEC)
     try:
         ns = os.open(userns, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            attr = ctypes.create_string_buffer(struct.pack("QQQQ", MOUNT_ATTR_IDMAP, 0, 0, ns), 32)
-            _syscall("mount_setattr", tree, b"", AT_EMPTY_PATH, attr, 32)
+            linux.mount_setattr_idmap(tree, ns)
         finally:
             os.close(ns)
-        _syscall("move_mount", tree, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH)
+        linux.move_mount(tree, linux.AT_FDCWD, target, linux.MOVE_MOUNT_F_EMPTY_PATH)
     except OSError as err:
         raise OSError(err.errno, f"an idmapped copy of {source}: {err.strerror}") from err
     finally:
@@ -79,15 +52,7 @@ def mounts_under(root: str) -> list[tuple[str, str]]:
     return found
 
 
-def make_view(
-    root: str,
-    view: str,
-    userns: str,
-    *,
-    mount: Callable[[str | None, str, str | None, int, str | None], None],
-    bind: Callable[[str, str], None],
-    owner: int,
-) -> None:
+def make_view(root: str, view: str, userns: str, *, owner: int) -> None:
     """The runtime tree at `root` again at `view` (as this machine's root, in a private mount namespace).
 
     The image's file systems (ext4) become idmapped copies through `userns`; the /etc overlay is made
@@ -103,20 +68,18 @@ def make_view(
             _mount_point_for(point, target)
         if fstype == "overlay":
             os.makedirs(layers, exist_ok=True)
-            mount("tmpfs", layers, "tmpfs", MS_NOSUID | MS_NODEV, f"mode=0755,size=16m,uid={owner},gid={owner}")
+            flags = linux.MS_NOSUID | linux.MS_NODEV
+            linux.mount("tmpfs", layers, "tmpfs", flags, f"mode=0755,size=16m,uid={owner},gid={owner}")
             for name in ("upper", "work"):
                 os.mkdir(f"{layers}/{name}")
                 os.chown(f"{layers}/{name}", owner, owner)
-            mount("overlay", target, "overlay", 0, f"lowerdir={target},upperdir={layers}/upper,workdir={layers}/work")
+            linux.mount(
+                "overlay", target, "overlay", 0, f"lowerdir={target},upperdir={layers}/upper,workdir={layers}/work"
+            )
         elif fstype in IDMAPPED_TYPES:
             idmapped_copy(point, target, userns)
         else:
-            bind(point, target)
-
-
-MS_NOSUID = 2
-MS_NODEV = 4
-IDMAPPED_TYPES = ("ext4", "ext3", "ext2")
+            linux.bind(point, target)
 
 
 def _mount_point_for(source: str, target: str) -> None:

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from cos_customizer.executors.local import sandbox
+from cos_customizer import linux
 
 CHUNK = 1 << 16
 LISTEN = "0A"
@@ -187,10 +187,10 @@ def _in_netns(net: str) -> Iterator[None]:
     """This thread in the network namespace at `net` while the block runs (sockets made there stay there)."""
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        sandbox.setns(net, sandbox.CLONE_NEWNET)
+        linux.setns(net, linux.CLONE_NEWNET)
         try:
             yield
         finally:
-            sandbox.setns(home, sandbox.CLONE_NEWNET)
+            linux.setns(home, linux.CLONE_NEWNET)
     finally:
         os.close(home)

@@ -266,9 +266,7 @@ def build_services(spec: StageSpec, root: Path) -> Iterator[Services]:
     with ExitStack() as stack:
         view = work / "view"
         stack.callback(_unmount_view, view)
-        idmap.make_view(
-            str(root), str(view), spaces.inner, mount=sandbox.mount, bind=sandbox.bind, owner=sandbox.INNER_BASE
-        )
+        idmap.make_view(str(root), str(view), spaces.inner, owner=sandbox.INNER_BASE)
         group = _build_cgroups(spec)
         if group is not None:
             stack.callback(_remove_cgroups, spec.cgroup)

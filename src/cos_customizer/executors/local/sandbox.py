@@ -2,7 +2,7 @@
 
 Two parts, both standard library only (this file also runs on its own, as
 `python -I sandbox.py SPEC -- ARGV`, so a script's start costs no package
-import):
+import but `cos_customizer.linux`, its Linux calls):
 
 * `Namespaces` (once per build, in the stage): a user namespace mapping every
   id to itself, and its child `inner`, whose root is a high host uid
@@ -38,13 +38,11 @@ import):
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import errno
 import fcntl
 import json
 import os
-import platform
 import select
 import signal
 import socket
@@ -54,30 +52,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-CLONE_NEWNS = 0x00020000
-CLONE_NEWCGROUP = 0x02000000
-CLONE_NEWUTS = 0x04000000
-CLONE_NEWIPC = 0x08000000
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWPID = 0x20000000
-CLONE_NEWNET = 0x40000000
+if __name__ == "__main__":  # run as a file (`command`): -I leaves out PYTHONPATH, so the package's own directory
+    _PACKAGES = str(Path(__file__).resolve().parents[3])
+    if _PACKAGES not in sys.path:
+        sys.path.insert(0, _PACKAGES)
 
-MS_RDONLY = 1
-MS_NOSUID = 2
-MS_NODEV = 4
-MS_NOEXEC = 8
-MS_REMOUNT = 32
-MS_BIND = 4096
-MS_REC = 16384
-MS_PRIVATE = 1 << 18
-MS_SLAVE = 1 << 19
-MNT_DETACH = 2
-
-PR_SET_PDEATHSIG = 1
-PR_CAPBSET_DROP = 24
-PR_SET_NO_NEW_PRIVS = 38
-
-SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
+from cos_customizer import linux  # the one module of the package this file imports (standard library only)
 
 # Dropped from the bounding set. A preload script needs none of them: it makes no device nodes
 # (CAP_MKNOD: devices of the image are created at boot by devtmpfs and udev), loads no module,
@@ -105,57 +85,6 @@ PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
 PROC_MASKED = ("kcore", "keys", "timer_list", "sched_debug", "latency_stats", "acpi", "scsi", "asound")
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 DEV_SHM_SIZE = 64 << 20
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
-_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
-_libc.unshare.argtypes = (ctypes.c_int,)
-_libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
-_libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
-
-
-def _check(result: int, what: str, path: str = "") -> None:
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}", path or None)
-
-
-def unshare(flags: int) -> None:
-    _check(_libc.unshare(flags), "unshare")
-
-
-def setns(path_or_fd: str | int, nstype: int) -> None:
-    fd = os.open(path_or_fd, os.O_RDONLY | os.O_CLOEXEC) if isinstance(path_or_fd, str) else path_or_fd
-    try:
-        _check(_libc.setns(fd, nstype), "setns", str(path_or_fd))
-    finally:
-        if isinstance(path_or_fd, str):
-            os.close(fd)
-
-
-def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
-    def enc(value: str | None) -> bytes | None:
-        return value.encode() if value is not None else None
-
-    _check(_libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)), f"mount {fstype or ''}", target)
-
-
-def bind(source: str, target: str, flags: int = 0) -> None:
-    mount(source, target, None, MS_BIND)
-    if flags:
-        mount(None, target, None, MS_REMOUNT | MS_BIND | flags)
-
-
-def prctl(option: int, arg: int = 0) -> None:
-    _check(_libc.prctl(option, arg, 0, 0, 0), "prctl")
-
-
-def pivot_root(new_root: str, put_old: str) -> None:
-    number = SYS_PIVOT_ROOT.get(platform.machine())
-    if number is None:
-        raise OSError(errno.ENOSYS, f"pivot_root: unknown system call number on {platform.machine()}")
-    _check(_libc.syscall(number, new_root.encode(), put_old.encode()), "pivot_root", new_root)
-
 
 # --- the build's namespaces and network (in the stage, once per build) ---
 
@@ -210,7 +139,7 @@ def make_namespaces(directory: Path) -> Namespaces:
             (spaces.net, f"/proc/{inner_pid}/ns/net"),
         ):
             Path(path).touch()
-            bind(source, path)
+            linux.bind(source, path)
         return spaces
     finally:
         os.close(to_child_w)
@@ -221,7 +150,7 @@ def make_namespaces(directory: Path) -> Namespaces:
 def _namespaces_child(from_parent: int, to_parent: int) -> int:  # pragma: no cover - runs in the child
     """In `make_namespaces`' child: the outer namespace here, the inner one and the network in a grandchild."""
     try:
-        unshare(CLONE_NEWUSER)
+        linux.unshare(linux.CLONE_NEWUSER)
         os.write(to_parent, b"u")
         if os.read(from_parent, 1) != b"m":
             return 1
@@ -232,11 +161,11 @@ def _namespaces_child(from_parent: int, to_parent: int) -> int:  # pragma: no co
             os.close(down_w)
             os.close(up_r)
             try:
-                unshare(CLONE_NEWUSER)
+                linux.unshare(linux.CLONE_NEWUSER)
                 os.write(up_w, b"i")
                 if os.read(down_r, 1) != b"m":
                     os._exit(1)
-                unshare(CLONE_NEWNET)
+                linux.unshare(linux.CLONE_NEWNET)
                 _loopback_up()
                 os.write(up_w, b"n")
                 os.read(down_r, 1)  # until the host has bound the files
@@ -347,61 +276,72 @@ def command(spec_path: Path) -> list[str]:
 
 def _setup_mounts(root: str) -> None:
     """As the host's root, in the sandbox's fresh mount namespace: /proc, /sys and /dev on `root`."""
-    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    nosuid_nodev_noexec = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
     proc = f"{root}/proc"
-    mount("proc", proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    linux.mount("proc", proc, "proc", nosuid_nodev_noexec)
     for name in PROC_READ_ONLY:
         if os.path.exists(f"{proc}/{name}"):
-            bind(f"{proc}/{name}", f"{proc}/{name}", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            linux.bind(f"{proc}/{name}", f"{proc}/{name}", linux.MS_RDONLY | nosuid_nodev_noexec)
     for name in PROC_MASKED:
         path = f"{proc}/{name}"
         if os.path.isdir(path):
-            mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=0,mode=0555")
+            linux.mount("tmpfs", path, "tmpfs", linux.MS_RDONLY | nosuid_nodev_noexec, "size=0,mode=0555")
         elif os.path.exists(path):
-            bind("/dev/null", path)
-    mount("sysfs", f"{root}/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    dev = f"{root}/dev"
-    owner = f"uid={INNER_BASE},gid={INNER_BASE}"  # the sandbox's root (the script's /dev is its own)
-    mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, f"mode=0755,size=256k,nr_inodes=256,{owner}")
+            linux.bind("/dev/null", path)
+    linux.mount("sysfs", f"{root}/sys", "sysfs", linux.MS_RDONLY | nosuid_nodev_noexec)
+    make_dev(f"{root}/dev", INNER_BASE)  # the sandbox's root owns it (the script's /dev is its own)
+
+
+def make_dev(dev: str, owner: int | None) -> None:
+    """As the host's root: a private /dev on `dev`, for the scripts' sandbox and the container daemons'.
+
+    A small tmpfs (inodes limited) with null, zero, full, random, urandom and tty bound from the host, the
+    fd links, a private devpts with ptmx and a size-limited /dev/shm. `owner`: the host uid (and gid) that
+    is root of the user namespace the sandbox runs in, which then owns the tmpfs and whose tty group owns
+    the ptys; None: they stay the host root's.
+    """
+    owned = f",uid={owner},gid={owner}" if owner is not None else ""
+    nosuid_noexec = linux.MS_NOSUID | linux.MS_NOEXEC
+    linux.mount("tmpfs", dev, "tmpfs", nosuid_noexec, f"mode=0755,size=256k,nr_inodes=256{owned}")
     for name in DEV_NODES:
         Path(f"{dev}/{name}").touch()
-        bind(f"/dev/{name}", f"{dev}/{name}", MS_NOSUID | MS_NOEXEC)
+        linux.bind(f"/dev/{name}", f"{dev}/{name}", nosuid_noexec)
     for number, name in enumerate(("stdin", "stdout", "stderr")):
         os.symlink(f"/proc/self/fd/{number}", f"{dev}/{name}")
     os.symlink("/proc/self/fd", f"{dev}/fd")
     os.symlink("/proc/kcore", f"{dev}/core")
     os.mkdir(f"{dev}/pts", 0o755)
-    pts = f"newinstance,ptmxmode=0666,mode=0620,gid={INNER_BASE + 5}"  # tty, as the sandbox's root sees it
-    mount("devpts", f"{dev}/pts", "devpts", MS_NOSUID | MS_NOEXEC, pts)
+    tty = f",gid={owner + 5}" if owner is not None else ""  # the group tty (5), as that namespace's root sees it
+    linux.mount("devpts", f"{dev}/pts", "devpts", nosuid_noexec, f"newinstance,ptmxmode=0666,mode=0620{tty}")
     os.symlink("pts/ptmx", f"{dev}/ptmx")
     os.mkdir(f"{dev}/shm")
-    mount("tmpfs", f"{dev}/shm", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={DEV_SHM_SIZE},{owner}")
+    linux.mount(
+        "tmpfs", f"{dev}/shm", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, f"mode=1777,size={DEV_SHM_SIZE}{owned}"
+    )
 
 
 def _enter(spec: SandboxSpec, workdir: str) -> None:
     """In the child that becomes PID 1: everything but the exec (no import after pivot_root: the host's
     Python library is gone)."""
     user_fd = os.open(spec.user, os.O_RDONLY | os.O_CLOEXEC)
-    setns(spec.net, CLONE_NEWNET)
+    linux.setns(spec.net, linux.CLONE_NEWNET)
     _setup_mounts(spec.root)
-    os.chdir(spec.root)
-    pivot_root(".", ".")
-    _check(_libc.umount2(b".", MNT_DETACH), "umount the old root")
-    os.chdir("/")
-    setns(user_fd, CLONE_NEWUSER)
+    linux.pivot_into(spec.root)
+    linux.setns(user_fd, linux.CLONE_NEWUSER)
     os.close(user_fd)
     # No cgroup namespace of its own: cgroup file systems can then be mounted only with CAP_SYS_ADMIN in
     # the host's user namespace, so no cgroup tree of the host is reachable (it would be, as a cgroup2
     # mount rooted at the stage's cgroup, in a cgroup namespace this user namespace owned).
-    unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS)
+    linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
     os.setresgid(0, 0, 0)
     os.setresuid(0, 0, 0)
     os.setgroups([])
 
     socket.sethostname(spec.hostname)
     for number in DROPPED.values():
-        prctl(PR_CAPBSET_DROP, number)
-    prctl(PR_SET_NO_NEW_PRIVS, 1)
+        linux.drop_bounding_capability(number)
+    linux.set_no_new_privs()
     os.chdir(workdir)
 
 
@@ -412,13 +352,13 @@ def main(argv: list[str]) -> int:
         return 2
     spec = SandboxSpec.read(Path(argv[0]))
     workdir, command_argv = argv[1][len("--wd=") :], argv[3:]
-    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the stage gone, this helper goes too
+    linux.set_parent_death_signal(signal.SIGKILL)  # the stage gone, this helper goes too
     for directory in spec.cgroups:  # the build's cgroups, in every hierarchy: no cgroup of the host is ours
         Path(directory, "cgroup.procs").write_text(f"{os.getpid()}\n")
     # A cgroup namespace owned by this machine's user namespace and rooted at the build's cgroups: no cgroup
     # file system can be mounted from it by the script (that needs CAP_SYS_ADMIN over its owner), and one
     # the script makes for itself is rooted at the build's cgroups too, showing nothing of the host's.
-    unshare(CLONE_NEWNS | CLONE_NEWPID | (CLONE_NEWCGROUP if spec.cgroups else 0))
+    linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWPID | (linux.CLONE_NEWCGROUP if spec.cgroups else 0))
     alive_r, alive_w = os.pipe()  # PID 1 sees EOF once this helper is gone
     sys.stdout.flush()
     sys.stderr.flush()
@@ -429,7 +369,7 @@ def main(argv: list[str]) -> int:
             _enter(spec, workdir)
             # Set after the last change of credentials (the kernel clears it on one), then checked: a helper
             # that died before it was set would otherwise leave the script running.
-            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            linux.set_parent_death_signal(signal.SIGKILL)
             if select.select([alive_r], [], [], 0)[0]:
                 os._exit(137)
             os.close(alive_r)

@@ -100,7 +100,7 @@ class DeadlineExceeded(WorkflowError):
     """The whole run outlived its deadline (the build's -timeout)."""
 
 
-class StepFailed(WorkflowError):
+class WorkflowStepFailed(WorkflowError):
     """One step failed (or timed out); the run stopped there."""
 
     def __init__(self, step: Step, reason: str) -> None:
@@ -371,7 +371,8 @@ def run(
     on_event: Callable[[StepEvent], None],
     grace: float = CLEANUP_GRACE,
 ) -> None:
-    """Run every step as Daisy does; raise `StepFailed` for the first step that fails, `WorkflowError` at `deadline`.
+    """Run every step as Daisy does; raise `WorkflowStepFailed` for the first step that fails, `DeadlineExceeded`
+    (a `WorkflowError`) at `deadline`.
 
     `default_timeout` (seconds) is daisy's `-default_timeout`, for steps without a `Timeout`; `deadline` is a
     `time.monotonic()` value bounding the whole run. Handlers are called as `handler(step_name, step_body,
@@ -439,13 +440,13 @@ def run(
                     continue  # the deadline is checked at the top
                 step = workflow.steps[late[0]]
                 report(StepEvent(step.name, step.type, "failed", timeout_text(step)))
-                raise StepFailed(step, timeout_text(step)) from None
+                raise WorkflowStepFailed(step, timeout_text(step)) from None
             step = workflow.steps[name]
             del running[name]
             if error is not None:
                 reason = str(error) or type(error).__name__
                 report(StepEvent(step.name, step.type, "failed", reason))
-                raise StepFailed(step, reason) from error
+                raise WorkflowStepFailed(step, reason) from error
             report(StepEvent(step.name, step.type, "finished"))
             for needs in waiting.values():
                 needs.discard(name)
@@ -491,9 +492,6 @@ def field(spec: Mapping[str, Any], name: str) -> Any:
     return None
 
 
-_field = field
-
-
 def entries(body: Any, step: str, error: type[Exception]) -> list[Mapping[str, Any]]:
     """A step's body that must be a list of objects (CreateDisks, CreateInstances...), else `error`."""
     if not isinstance(body, list) or not all(isinstance(item, dict) for item in body):
@@ -513,9 +511,9 @@ class SerialWatcher:
     """
 
     def __init__(self, spec: Mapping[str, Any]) -> None:
-        failure = _field(spec, "FailureMatch")
-        self.success = str(_field(spec, "SuccessMatch") or "")
-        self.status = str(_field(spec, "StatusMatch") or "")
+        failure = field(spec, "FailureMatch")
+        self.success = str(field(spec, "SuccessMatch") or "")
+        self.status = str(field(spec, "StatusMatch") or "")
         self.failures = [failure] if isinstance(failure, str) else [str(item) for item in failure or []]
         self.tail = ""
         self.cut = False  # the tail is the start of a line longer than LINE_LIMIT: the rest of it is dropped

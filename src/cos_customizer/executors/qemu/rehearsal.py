@@ -2,7 +2,7 @@
 
 `finish-image-build -executor=qemu` on a build started with `-image-file` makes what a GCE build
 makes, with the GCE build's own code: the provisioner config as the preload VM sees it
-(`finish._gce_provisioner`), the CIDATA disk (the shipped static provisioner and its config) and the
+(`workflow.guest_provisioner`), the CIDATA disk (the shipped static provisioner and its config) and the
 SCRATCH disk (`disks.cidata_disk`, `disks.scratch_disk`), the startup cloud-config
 (`startup.cloud_config`), the `build-image` workflow and daisy's argument list (`workflow.workflow`,
 `workflow.daisy_args`). The argument list is then read back as daisy reads it (`daisy_invocation`),
@@ -37,8 +37,8 @@ from typing import Any
 from cos_customizer import provisioner_build, runner
 from cos_customizer.config import BuildConfig, SourceImage
 from cos_customizer.disk import gpt
-from cos_customizer.errors import CustomizerError
-from cos_customizer.executors import disks, startup, workflow
+from cos_customizer.errors import BuildFailed
+from cos_customizer.executors import disks, failed_step, startup, workflow
 from cos_customizer.executors.qemu import boot as qemu_boot
 from cos_customizer.executors.qemu import daisy as daisy_local
 from cos_customizer.executors.qemu import loopback_http
@@ -65,10 +65,6 @@ INSTANCE_CPUS = 2
 # The daisy flags `workflow.daisy_args` writes: with a value, and without.
 _VALUED = ("-gcs_path", "-project", "-zone", "-default_timeout")
 _SWITCHES = ("-disable_gcs_logging",)
-
-
-class RehearsalFailed(CustomizerError):
-    """The rehearsed build failed: a workflow step, the provisioner on the guest, or the deadline."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +103,7 @@ def daisy_invocation(args: list[str]) -> DaisyInvocation:
         arg = args[index]
         if arg.startswith("-var:") or arg in _VALUED:
             if index + 1 >= len(args):
-                raise RehearsalFailed(f"daisy argument {arg} has no value")
+                raise BuildFailed(f"daisy argument {arg} has no value")
             value = args[index + 1]
             if arg.startswith("-var:"):
                 variables[arg[len("-var:") :]] = value
@@ -116,14 +112,14 @@ def daisy_invocation(args: list[str]) -> DaisyInvocation:
             index += 2
             continue
         if arg.startswith("-compute_endpoint_override="):
-            raise RehearsalFailed("-compute-endpoint has no meaning for the qemu executor (it uses no Compute API)")
+            raise BuildFailed("-compute-endpoint has no meaning for the qemu executor (it uses no Compute API)")
         if arg.startswith("-") and arg not in _SWITCHES:
-            raise RehearsalFailed(f"daisy argument {arg} is not understood by the qemu executor")
+            raise BuildFailed(f"daisy argument {arg} is not understood by the qemu executor")
         if not arg.startswith("-"):
             rest.append(arg)
         index += 1
     if len(rest) != 1:
-        raise RehearsalFailed(f"daisy arguments name {len(rest)} workflow files, expected one")
+        raise BuildFailed(f"daisy arguments name {len(rest)} workflow files, expected one")
     return DaisyInvocation(
         variables, options.get("-gcs_path", ""), options.get("-project", ""), options.get("-zone", ""),
         options.get("-default_timeout", ""), rest[0],
@@ -194,7 +190,7 @@ def _capture_table(resources: Resources, handler: daisy_local.Handler, result: R
 
     def create_images(step: str, body: Any, context: StepContext) -> None:
         for spec in body if isinstance(body, list) else []:
-            disk = str(daisy_local._field(spec, "SourceDisk") or "") if isinstance(spec, dict) else ""
+            disk = str(daisy_local.field(spec, "SourceDisk") or "") if isinstance(spec, dict) else ""
             if disk and disk in resources.disks:
                 result.table = gpt.read_table(resources.disks[disk])
         handler(step, body, context)
@@ -227,7 +223,7 @@ def run(job: Rehearsal, environ: Mapping[str, str], say: Callable[[str], None]) 
     """Rehearse the GCE build of `job`; the output file exists only when it succeeded."""
     check_tools()
     if job.accel not in ("", "kvm", "tcg"):
-        raise RehearsalFailed(f"${ACCEL_ENV}={job.accel}: use kvm or tcg, or leave it unset")
+        raise BuildFailed(f"${ACCEL_ENV}={job.accel}: use kvm or tcg, or leave it unset")
     # What CIDATA will hold, checked before anything is made (a stale prebuilt one is refused); the copy
     # shipped is made and checked again below.
     provisioner_build.check_choice(job.provisioner_binary, environ)
@@ -288,13 +284,14 @@ def run(job: Rehearsal, environ: Mapping[str, str], say: Callable[[str], None]) 
                     on_event=progress.event,
                 )
             except daisy_local.DeadlineExceeded as err:
-                raise RehearsalFailed(f"the build took longer than -timeout: {err}") from err
-            except daisy_local.StepFailed as err:
-                raise RehearsalFailed(
-                    f"the rehearsed build failed in workflow step {err.step.name} ({err.step.type}): {err.reason}"
+                raise BuildFailed(f"the build took longer than -timeout: {err}") from err
+            except daisy_local.WorkflowStepFailed as err:
+                raise BuildFailed(
+                    f"the rehearsed build failed in workflow step {err.step.name} ({err.step.type}): {err.reason}",
+                    failed_step(err.reason, job.provisioner),
                 ) from err
             except daisy_local.WorkflowError as err:
-                raise RehearsalFailed(f"the rehearsed build failed: {err}") from err
+                raise BuildFailed(f"the rehearsed build failed: {err}") from err
             finally:
                 result.accel = instances.accel
                 for machine in instances.machines.values():
