@@ -47,3 +47,9 @@ def can_mount() -> bool:
             os._exit(status)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status) == 0
+
+
+def is_root() -> bool:
+    """Whether this process runs as uid 0: what debootstrap and the package scripts it runs in a chroot
+    check for themselves (the uid, not a capability), so a probe of the operation would not answer for them."""
+    return os.geteuid() == 0

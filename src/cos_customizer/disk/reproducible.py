@@ -25,10 +25,11 @@ image are of four kinds, and each is made deterministic here:
 
 "Touched" means some time of the inode is at or after the moment the build
 started and is not the time the source held (read before the build, to the
-nanosecond: a source written a moment before the build keeps its own times); the scan reads the inode tables in pure Python, and what is changed
-in them is changed by `debugfs` and `e2fsck`, which keep the checksums right
-(`e2fsck -fy` recomputes the directory and extent block checksums that
-depend on the generation number). Standard library only.
+nanosecond: a source written a moment before the build keeps its own times);
+the scan reads the inode tables in pure Python, and what is changed in them
+is changed by `debugfs` and `e2fsck`, which keep the checksums right (`e2fsck
+-fy` recomputes the directory and extent block checksums that depend on the
+generation number). Standard library only.
 """
 
 from __future__ import annotations

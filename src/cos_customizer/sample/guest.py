@@ -45,6 +45,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from cos_customizer import privilege
 from cos_customizer.errors import CustomizerError, ValidationError
 from cos_customizer.runner import require_tool, run
 from cos_customizer.sample import initramfs
@@ -323,7 +324,7 @@ def prune_modules(source: Path, root: Path) -> Path:
 
 def check_host() -> None:
     """Refuse, in one line, a machine that cannot build the guest."""
-    if os.geteuid() != 0:
+    if not privilege.is_root():
         raise ValidationError("-bootable builds a Debian root with debootstrap and chroot: run it as root")
     for tool, package in (("debootstrap", "debootstrap"), ("apt-get", "apt"), ("dpkg-deb", "dpkg")):
         if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
