@@ -16,6 +16,10 @@ from typing import Any
 
 import pytest
 
+from cos_customizer.errors import BuildFailed
+from cos_customizer.executors import failed_step
+from cos_customizer.executors.gce import preload
+from cos_customizer.provisioner.config import DisableAutoUpdateArgs, ProvisionerConfig, RunScriptArgs
 from tests.compute_standin import Compute
 from tests.conftest import CLI
 
@@ -401,3 +405,35 @@ def test_milestone_takes_the_highest_build_number_deprecated_or_not(cli: CLI, co
     assert source["name"] == "cos-stable-109-17800-200-0"
     # cos-109-17800-0-0 of the stand-in is not a name the original reads: 3 candidates, not 4.
     assert "Using image cos-stable-109-17800-200-0: the highest build number among the 3 cos-cloud images" in result.err
+
+
+# -- the failing step, as the provisioner names it on the serial port (the line the real provisioner prints in
+# tests/guest/test_rehearsal.py::test_a_failing_script_fails_the_rehearsal_and_leaves_nothing)
+
+FAILING_CONFIG = ProvisionerConfig().with_step(DisableAutoUpdateArgs()).with_step(RunScriptArgs("user", "a.sh"))
+FAILED_LINE = '[build-image]: Step "wait-preload-finished" (WaitForInstancesSignal): BuildFailed: step 1 (RunScript): '
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (FAILED_LINE + "script a.sh failed with exit status 3", 1),
+        ("BuildFailed: step 0 (RunScript): the types differ", None),  # step 0 is DisableAutoUpdate
+        ("BuildFailed: step 2 (RunScript): no such step", None),
+        ("BuildFailed: the provisioner exited with status 1", None),  # not a step's failure
+    ],
+)
+def test_the_failed_step_is_the_one_the_provisioner_names_if_the_config_has_it(line: str, expected: int | None) -> None:
+    assert failed_step(line, FAILING_CONFIG) == expected
+
+
+def test_a_daisy_failure_carries_the_step_the_provisioner_named(tmp_path: Path) -> None:
+    daisy = tmp_path / "daisy"
+    daisy.write_text(f"#!/bin/sh\necho '{FAILED_LINE}script a.sh failed'\nexit 1\n")
+    daisy.chmod(0o755)
+    with pytest.raises(BuildFailed) as failed:
+        preload.run_daisy([str(daisy)], 60, config=FAILING_CONFIG)
+    assert failed.value.step == 1
+    assert str(failed.value) == (
+        "daisy failed with exit status 1 (its output is above); daisy deleted the resources it made"
+    )
