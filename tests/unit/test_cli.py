@@ -25,7 +25,7 @@ def test_help_lists_every_command(cli: CLI) -> None:
         assert result.code == 0
         for name, command in COMMANDS.items():
             assert f"  {name:<26} {command.synopsis}" in result.out
-    assert len(COMMANDS) == 11  # the original's 7 steps, build, sample-image, build-provisioner, completion
+    assert len(COMMANDS) == 12  # the original's 7 steps, build, sample-image, build-provisioner, boot, completion
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cos_customizer import __version__
-from cos_customizer.cli import buildfile, completion, extra, finish, finish_flags, start, steps
+from cos_customizer.cli import boot, buildfile, completion, extra, finish, finish_flags, start, steps
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import Flag, HelpRequested, Kind, describe, parse
 from cos_customizer.errors import EXIT_FAILURE, EXIT_OK, CustomizerError, UsageError, escaped, quoted, shown
@@ -54,10 +54,19 @@ ORIGINAL_STEPS: tuple[Command, ...] = (
     finish.COMMAND,
 )
 BUILD = buildfile.command_for(ORIGINAL_STEPS)
-COMMANDS = {command.name: command for command in (*ORIGINAL_STEPS, BUILD, extra.SAMPLE_IMAGE, extra.BUILD_PROVISIONER)}
+COMMANDS = {
+    command.name: command
+    for command in (*ORIGINAL_STEPS, BUILD, extra.SAMPLE_IMAGE, extra.BUILD_PROVISIONER, boot.COMMAND)
+}
 # The completion command completes the whole table, itself included.
 COMMANDS["completion"] = completion.handler_for(COMMANDS, GLOBAL_FLAGS, VERSION_FLAG)
-OUR_COMMANDS: tuple[Command, ...] = (BUILD, extra.SAMPLE_IMAGE, extra.BUILD_PROVISIONER, COMMANDS["completion"])
+OUR_COMMANDS: tuple[Command, ...] = (
+    BUILD,
+    extra.SAMPLE_IMAGE,
+    extra.BUILD_PROVISIONER,
+    boot.COMMAND,
+    COMMANDS["completion"],
+)
 
 
 def overview() -> str:

@@ -255,6 +255,8 @@ class InstanceSpec:
     events_socket: Path | None = None
     # More guest services: (guest address, guest port, the host's unix socket), like the metadata one.
     forwards: tuple[tuple[str, int, Path], ...] = ()
+    # More serial ports captured: (GCE port number 2 or 4, the file receiving it); the others are discarded.
+    serial_ports: tuple[tuple[int, Path], ...] = ()
     qemu: str = QEMU
     socat: str = "socat"
 
@@ -298,7 +300,7 @@ def qemu_argv(spec: InstanceSpec) -> list[str]:
             argv += ["-initrd", os.fspath(spec.initrd)]
         if spec.append is not None:
             argv += ["-append", spec.append]
-    files = {1: spec.console, 3: spec.serial_port3}
+    files = {1: spec.console, 3: spec.serial_port3, **dict(spec.serial_ports)}
     for port in range(1, SERIAL_PORTS + 1):
         path = files.get(port)
         append = ",append=on" if spec.serial_append else ""

@@ -111,6 +111,7 @@ class Machine:
     extra_append: str = ""  # added to every boot's kernel command line (after the grub.cfg entry's)
     forwards: tuple[tuple[str, int, Path], ...] = ()  # more guestfwd services, as InstanceSpec.forwards
     on_boot: Callable[[Machine, BootChoice], None] = lambda _machine, _choice: None
+    serial_ports: tuple[int, ...] = ()  # ports recorded besides 1 and 3 (2, 4), each in `serial_log(port)`
     boots: int = 0
     guest_seconds: float = 0.0  # how long QEMU ran, summed over the boots that ended
     reasons: list[str] = dataclasses.field(default_factory=list)  # the SHUTDOWN reason of each boot that ended
@@ -123,13 +124,16 @@ class Machine:
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     _thread: threading.Thread | None = None
 
+    def serial_log(self, port: int) -> Path:
+        return self.directory / f"serial-port-{port}.log"
+
     @property
     def port3(self) -> Path:
-        return self.directory / "serial-port-3.log"
+        return self.serial_log(3)
 
     @property
     def console(self) -> Path:
-        return self.directory / "serial-port-1.log"
+        return self.serial_log(1)
 
     def console_tail(self, lines: int = 5) -> str:
         """The console's (serial port 1's) last non-empty lines, for the error of a guest that stopped early:
@@ -156,6 +160,7 @@ class Machine:
             serial_append=True,  # the serial files accumulate across boots
             events_socket=self.directory / "events.sock",
             forwards=self.forwards,
+            serial_ports=tuple((port, self.serial_log(port)) for port in self.serial_ports if port not in (1, 3)),
         )
         return qemu_boot.qemu_argv(spec)
 
@@ -295,8 +300,10 @@ class QemuInstances:
         extra_append: str = "",
         forwards: tuple[tuple[str, int, Path], ...] = (),
         on_boot: Callable[[Machine, BootChoice], None] | None = None,
+        serial_ports: tuple[int, ...] = (),
     ) -> None:
         self.resources = resources
+        self.serial_ports = serial_ports  # recorded besides ports 1 and 3 (`Machine.serial_ports`)
         self.extra_append, self.forwards = extra_append, forwards
         self.on_boot = on_boot
         self.accel = accel or ""  # empty: decided at the first boot, with its kernel (`qemu_boot.kvm_runs`)
@@ -325,6 +332,7 @@ class QemuInstances:
             directory = Path(tempfile.mkdtemp(prefix="cos-vm.", dir=self.rundir))
             machine = Machine(instance, tuple(self.resources.disks[d] for d in disks), directory, self.accel,
                               self.memory_mb, self.cpus, self.extra_append, self.forwards)  # fmt: skip
+            machine.serial_ports = self.serial_ports
             if self.on_boot is not None:
                 machine.on_boot = self.on_boot
             with self._lock:
@@ -359,7 +367,7 @@ class QemuInstances:
             serial = _field(spec, "SerialOutput")
             if serial:
                 port = int(str(_field(serial, "Port") or 1))
-                if port not in (1, 3):
+                if port not in (1, 3, *machine.serial_ports):
                     raise InstanceError(f"{step}: serial port {port}: the qemu executor records ports 1 and 3")
                 target = self._wait_serial
             elif _field(spec, "Stopped"):
@@ -394,7 +402,7 @@ class QemuInstances:
     def _wait_serial(machine: Machine, serial: Mapping[str, Any], port: int, context: StepContext) -> None:
         watcher = daisy_local.SerialWatcher(serial)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        path = machine.port3 if port == 3 else machine.console
+        path = machine.serial_log(port)
         position = 0
         name = machine.instance.name
         while True:

@@ -1,0 +1,120 @@
+"""The `boot` command: boot an image file as a GCE VM would and check it from inside through a serial port."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from cos_customizer.cli.command import Command, Context
+from cos_customizer.cli.flags import Flag, Kind, Parsed
+from cos_customizer.errors import UsageError, quoted
+from cos_customizer.executors.qemu import vm
+from cos_customizer.units import parse_duration
+
+log = logging.getLogger("cos_customizer")
+
+DEFAULT_TIMEOUT = parse_duration("10m")
+USER_DATA = "user-data"
+
+
+def job_from(args: Parsed) -> vm.BootJob:
+    """The boot the flags ask for; every bad input is one `UsageError` line, found before anything runs."""
+    if not args["image-file"]:
+        raise UsageError("-image-file=IMAGE must be set: the raw, .qcow2 or GCE .tar.gz image file to boot")
+    port = args["serial-port"]
+    if port not in vm.SERIAL_PORTS:
+        raise UsageError(f"-serial-port={port}: GCE's serial ports are 1 to 4")
+    if not args["success-match"]:
+        raise UsageError(
+            "-success-match=TEXT must be set: without it boot would be an interactive console, which is not there yet"
+        )
+    if args["timeout"] <= 0:
+        raise UsageError("-timeout must be a positive duration, such as 10m")
+    image = Path(args["image-file"]).absolute()
+    vm.check_image(image)
+    metadata: dict[str, str] = {}
+    for key, value in args["metadata"].items():
+        vm.check_metadata_key(key)
+        vm.check_metadata_value(key, value)
+        metadata[key] = value
+    for key, name in args["metadata-from-file"].items():
+        vm.check_metadata_key(key)
+        if key in metadata:
+            raise UsageError(f"metadata {quoted(key)} is given by both -metadata and -metadata-from-file")
+        metadata[key] = vm.read_metadata_file(key, Path(name))
+    if args["user-data"]:
+        if USER_DATA in metadata:
+            raise UsageError("metadata 'user-data' is given twice: by -user-data and by -metadata(-from-file)")
+        metadata[USER_DATA] = vm.read_metadata_file(USER_DATA, Path(args["user-data"]))
+    return vm.BootJob(
+        image=image,
+        metadata=tuple(metadata.items()),
+        port=port,
+        success=args["success-match"],
+        failures=(args["failure-match"],) if args["failure-match"] else (),
+        status=args["status-match"],
+        timeout=args["timeout"] / 1e9,
+    )
+
+
+def handle_boot(context: Context, args: Parsed) -> int:
+    job = job_from(args)
+    result = vm.run(job, context.environ, log.info)
+    log.info(
+        "Serial port %d said %s: the guest passed (%d boot(s) under %s, %.1f s)",
+        job.port,
+        quoted(result.line),
+        result.boots,
+        result.accel.upper(),
+        result.seconds,
+    )
+    return 0
+
+
+COMMAND = Command(
+    name="boot",
+    synopsis="Boot an image file as a GCE VM would and wait for a line on a serial port.",
+    description=(
+        "Boot a raw, .qcow2 or GCE .tar.gz image file under QEMU as a GCE VM boots it (the kernel COS's GRUB "
+        "would choose, the boot disk as /dev/sda, a GCE metadata server serving -user-data and -metadata, "
+        "serial ports 1 to 4), and wait on one serial port for -success-match or -failure-match, as Daisy's "
+        "WaitForInstancesSignal waits. The image file is never written: the guest writes to a working copy "
+        "that is removed afterwards. Exit 0 on the success match; 1 on the failure match, on -timeout, or "
+        "when the guest stops before a match. KVM is used where a kernel runs under it, else TCG "
+        "($COS_CUSTOMIZER_QEMU_ACCEL=kvm|tcg forces one)."
+    ),
+    flags=(
+        Flag("image-file", Kind.STRING, "The image file to boot: raw, .qcow2 or GCE .tar.gz (required).", ours=True),
+        Flag(
+            "user-data",
+            Kind.STRING,
+            "A file served as the instance's user-data metadata attribute (a cloud-config, for cloud-init).",
+            ours=True,
+        ),
+        Flag("metadata", Kind.MAP, "Instance metadata attributes: KEY=VALUE,...", ours=True),
+        Flag(
+            "metadata-from-file",
+            Kind.MAP,
+            "Instance metadata attributes read from files: KEY=FILE,...",
+            ours=True,
+        ),
+        Flag("serial-port", Kind.INT, "The serial port (1 to 4) the matches are looked for on.", default=1, ours=True),
+        Flag(
+            "success-match",
+            Kind.STRING,
+            "The text (anywhere in a line of the serial port) that means the guest passed; exit 0 (required for "
+            "now: the console mode is not there yet).",
+            ours=True,
+        ),
+        Flag("failure-match", Kind.STRING, "The text that means the guest failed; exit 1 naming the line.", ours=True),
+        Flag("status-match", Kind.STRING, "The text of progress lines, printed as they come.", ours=True),
+        Flag(
+            "timeout",
+            Kind.DURATION,
+            "How long to wait for a match (a duration such as 10m); then exit 1 with the console's last lines.",
+            default=DEFAULT_TIMEOUT,
+            ours=True,
+        ),
+    ),
+    handler=handle_boot,
+)
