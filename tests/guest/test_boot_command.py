@@ -171,3 +171,39 @@ def test_timeout_and_sigterm_stop_the_guest_and_leave_nothing(
             proc.wait()
     assert "stopped by SIGTERM" in log.read_text()
     assert _left(private_tmp) == []
+
+
+def test_a_build_files_boot_checks_the_built_image_from_inside(
+    cli: CLI,
+    bootable: Path,  # noqa: F811 - the fixture
+    private_tmp: Path,
+    tmp_path: Path,
+) -> None:
+    project = tmp_path / "project"
+    (project / "ctx").mkdir(parents=True)
+    (project / "ctx" / "preload.sh").write_text("echo built > /var/lib/built-by-script\n")
+    check = USER_DATA.replace(
+        'echo "Test${RESULT}: the checks ran"',
+        "if grep -q built /mnt/stateful_partition/var_overlay/lib/built-by-script; then echo \"TestPass: the script's "
+        'file"; else echo "TestFail: no file from the script"; fi',
+    )
+    (project / "check.yaml").write_text(check % "Pass")
+    (project / "build.yaml").write_text(
+        f"source: {{image-file: {bootable}, build-context: ctx}}\n"
+        "steps:\n"
+        "  - run-script: {script: preload.sh}\n"
+        "finish: {output: custom.raw}\n"
+        "boot:\n"
+        "  user-data: check.yaml\n"
+        "  serial-port: 2\n"
+        "  success-match: TestPass\n"
+        "  failure-match: TestFail\n"
+        "  status-match: TestStatus\n"
+        "  timeout: 8m\n"
+    )
+    result = cli("build", str(project / "build.yaml"))
+    output = result.out + result.err
+    assert result.code == 0, output
+    assert "TestStatus: STATE is mounted" in output
+    assert 'Serial port 2 said "TestPass: the script\'s file": the guest passed' in output
+    assert (project / "custom.raw").exists()

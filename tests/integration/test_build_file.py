@@ -9,6 +9,7 @@ sgdisk and debugfs for what a real build wrote into the image.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import json
 import os
@@ -23,10 +24,11 @@ import pytest
 import yaml
 
 from cos_customizer import privilege
-from cos_customizer.cli import buildfile, finish, finish_flags, flags, start
+from cos_customizer.cli import boot, buildfile, finish, finish_flags, flags, start
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.main import COMMANDS, ORIGINAL_STEPS
 from cos_customizer.errors import CustomizerError
+from cos_customizer.executors.qemu import vm
 from tests.conftest import CLI, sh, snapshot
 
 TABLE = buildfile.Table.of(ORIGINAL_STEPS)
@@ -226,7 +228,7 @@ HEAD = "source: {image-file: cos.raw}\n"
 REFUSED = [
     ("sorce: {image-file: a}\n",
      'build.yaml:1: sorce: unknown key "sorce" (did you mean source?); a build file has source, build-context, '
-     "steps, finish"),
+     "steps, finish, boot"),
     (HEAD + "steps:\n  - seal-oem\n  - run-scrip: {script: a.sh}\nfinish: {}\n",
      f'build.yaml:4: steps[1].run-scrip: unknown step "run-scrip" (did you mean run-script?); the steps are {NOT_STEPS}'),
     (HEAD + "steps: [start-image-build]\nfinish: {}\n",
@@ -318,6 +320,108 @@ def test_the_file_itself(cli: CLI, tmp_path: Path) -> None:
     both = cli("build", "-print-schema", "x.yaml")
     assert (both.code, both.err) == (2, "cos-customizer: error: -print-schema takes no FILE: usage: cos-customizer "
                                         "build -print-schema\n")  # fmt: skip
+
+
+# boot: boot the output after the build; every check before the build
+
+LOCAL_HEAD = HEAD + "finish: {output: o.raw}\n"
+BOOT_REFUSED = [
+    (LOCAL_HEAD + "boot:\n  success-match: ok\n  image-file: x.raw\n",
+     "build.yaml:5: boot.image-file: the image booted is the build's output (finish's output): boot takes no "
+     "image-file"),
+    ("source: {image-project: cos-cloud, image-name: x}\nfinish: {image-name: y}\nboot: {success-match: ok}\n",
+     "build.yaml:3: boot: a GCE build has no local output to boot; boot needs a local build "
+     "(source: {image-file: ...}, finish: {output: ...})"),
+    (HEAD + "finish: {}\nboot: {success-match: ok}\n", "build.yaml:3: boot: boot boots the build's output: set "
+     "finish's output"),
+    (LOCAL_HEAD + "boot: {serial-port: 5, success-match: ok}\n",
+     "build.yaml:3: boot: -serial-port=5: GCE's serial ports are 1 to 4"),
+    (LOCAL_HEAD + "boot: {serial-port: 2}\n",
+     "build.yaml:3: boot: -success-match=TEXT must be set: without it boot would be an interactive console, which "
+     "is not there yet"),
+    (LOCAL_HEAD + "boot: {success-match: ok, timeout: 0s}\n",
+     "build.yaml:3: boot: -timeout must be a positive duration, such as 10m"),
+    (LOCAL_HEAD + "boot: {user-data: nope.yaml, success-match: ok}\n",
+     "build.yaml:3: boot: metadata user-data: nope.yaml does not exist"),
+    (LOCAL_HEAD + "boot:\n  success-match: ok\n  sucess-match: ok\n",
+     "build.yaml:5: boot.sucess-match: boot has no flag -sucess-match (did you mean success-match?); "
+     "see cos-customizer boot --help"),
+    (LOCAL_HEAD + "boot: [success-match]\n", "build.yaml:3: boot: expected a mapping of boot's flags, not a list"),
+    (LOCAL_HEAD + "bot: {success-match: ok}\n",
+     'build.yaml:3: bot: unknown key "bot" (did you mean boot?); a build file has source, build-context, steps, '
+     "finish, boot"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "message"), BOOT_REFUSED, ids=[f"{n}" for n in range(len(BOOT_REFUSED))])
+def test_a_bad_boot_section_is_refused_before_anything_runs(
+    cli: CLI, tmp_path: Path, scratch: Path, text: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("build.yaml").write_text(text)
+    result = cli("build", "build.yaml", env={"TMPDIR": str(scratch)})
+    assert (result.code, result.out, result.err) == (2, "", f"cos-customizer: error: {message}\n")
+    assert list(scratch.iterdir()) == []  # refused before anything ran
+
+
+def test_boot_paths_are_the_build_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "check.yaml").write_text("#cloud-config\n")
+    (tmp_path / "project" / "build.yaml").write_text(
+        LOCAL_HEAD + "boot: {user-data: check.yaml, metadata-from-file: {k: check.yaml}, success-match: ok}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    section = buildfile.read("project/build.yaml", TABLE).boot
+    assert section is not None
+    assert section.job.image == tmp_path / "project" / "o.raw"
+    assert dict(section.job.metadata) == {"k": "#cloud-config\n", "user-data": "#cloud-config\n"}
+    assert (section.output, section.line, section.job.port, section.job.success) == ("o.raw", 3, 1, "ok")
+
+
+def test_dry_run_shows_the_boot_after_the_plan(cli: CLI, project: Path, scratch: Path) -> None:
+    (project / "check.yaml").write_text("#cloud-config\n")
+    (project / "build.yaml").write_text(LOCAL_FILE)
+    (project / "boot.yaml").write_text(
+        LOCAL_FILE + "boot:\n  user-data: check.yaml\n  serial-port: 2\n  success-match: it works\n"
+    )
+    plain = cli("build", "-dry-run", str(project / "build.yaml"), env={"TMPDIR": str(scratch)})
+    booted = cli("build", "-dry-run", str(project / "boot.yaml"), env={"TMPDIR": str(scratch)})
+    assert (plain.code, booted.code) == (0, 0), booted.err
+    assert booted.out.replace(str(state_dir(booted.err)), "WS") == plain.out.replace(str(state_dir(plain.err)), "WS")
+    boot_line = "then: boot custom.tar.gz, waiting for serial port 2 to say 'it works'\n"
+    assert plan_text(booted.err) == plan_text(plain.err) + boot_line
+    assert list(scratch.iterdir()) == []
+    assert not (project / "custom.tar.gz").exists()
+
+
+def test_a_failing_boot_fails_the_build_at_its_key(
+    tmp_path: Path, project: Path, scratch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def finish_stand_in(_context: Context, args: flags.Parsed) -> int:
+        Path(args["output"]).write_text("built")
+        return 0
+
+    booted: list[Path] = []
+
+    def guest_fails(_context: Context, job: vm.BootJob) -> int:
+        booted.append(job.image)
+        assert job.image.read_text() == "built"
+        assert list(scratch.iterdir()) == []  # the build's workspace is gone before the boot
+        raise vm.GuestFailed("serial port 1 matched -failure-match: TestFail")
+
+    monkeypatch.setattr(boot, "boot", guest_fails)
+    stand_in = dataclasses.replace(finish.COMMAND, handler=finish_stand_in)
+    command = buildfile.command_for((start.COMMAND, stand_in))
+    (project / "build.yaml").write_text(
+        "source: {image-file: cos.raw, build-context: ctx}\nfinish: {output: out.raw}\n"
+        "boot: {success-match: TestPass}\n"
+    )
+    context = Context(tmp_path / "unused", {"TMPDIR": str(scratch), "HOME": str(tmp_path)})
+    with pytest.raises(CustomizerError) as raised:
+        command.handler(context, flags.parse(command.flags, [str(project / "build.yaml")], command="build"))
+    assert raised.value.exit_code == 1
+    assert str(raised.value) == f"{project / 'build.yaml'}:3: boot: serial port 1 matched -failure-match: TestFail"
+    assert booted == [project / "out.raw"]
 
 
 # A step that fails: its line, and nothing left behind

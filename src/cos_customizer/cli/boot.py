@@ -17,9 +17,11 @@ DEFAULT_TIMEOUT = parse_duration("10m")
 USER_DATA = "user-data"
 
 
-def job_from(args: Parsed) -> vm.BootJob:
-    """The boot the flags ask for; every bad input is one `UsageError` line, found before anything runs."""
-    if not args["image-file"]:
+def job_from(args: Parsed, image: Path | None = None) -> vm.BootJob:
+    """The boot the flags ask for; every bad input is one `UsageError` line, found before anything runs.
+
+    `image` (a build file's output, not built yet) stands for -image-file and is not checked here."""
+    if image is None and not args["image-file"]:
         raise UsageError("-image-file=IMAGE must be set: the raw, .qcow2 or GCE .tar.gz image file to boot")
     port = args["serial-port"]
     if port not in vm.SERIAL_PORTS:
@@ -30,8 +32,9 @@ def job_from(args: Parsed) -> vm.BootJob:
         )
     if args["timeout"] <= 0:
         raise UsageError("-timeout must be a positive duration, such as 10m")
-    image = Path(args["image-file"]).absolute()
-    vm.check_image(image)
+    if image is None:
+        image = Path(args["image-file"]).absolute()
+        vm.check_image(image)
     metadata: dict[str, str] = {}
     for key, value in args["metadata"].items():
         vm.check_metadata_key(key)
@@ -58,7 +61,11 @@ def job_from(args: Parsed) -> vm.BootJob:
 
 
 def handle_boot(context: Context, args: Parsed) -> int:
-    job = job_from(args)
+    return boot(context, job_from(args))
+
+
+def boot(context: Context, job: vm.BootJob) -> int:
+    """Boot `job`; 0 on its success match, else `vm.GuestFailed` (exit 1)."""
     result = vm.run(job, context.environ, log.info)
     log.info(
         "Serial port %d said %s: the guest passed (%d boot(s) under %s, %.1f s)",

@@ -18,6 +18,10 @@ directory as the working directory, so every host path in the file (image-file, 
 output, deps-dir, provisioner-binary...) is relative to the file, as docker-compose does; paths inside
 the build context (script, pkgspec-url, sbom-input-path) stay relative to the build context.
 
+An optional `boot:` section (the boot command's flags but image-file) boots the output after the build,
+as `cos-customizer boot` does, and fails the build when the success match is not seen; all its checks run
+before the build starts.
+
 Every error names the file, the line and the key: `build.yaml:7: steps[0].run-script.env: ...`.
 The file's JSON Schema (`-print-schema`) is generated from the same command table.
 """
@@ -42,9 +46,11 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from cos_customizer import workspace
+from cos_customizer.cli import boot as boot_cli
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import BOOL_TEXTS, INT_TEXT_LIMIT, Flag, Kind, Parsed, check_text, parse, set_value
 from cos_customizer.errors import EXIT_USAGE, BuildFailed, CustomizerError, UsageError, WorkspaceError, quoted, shown
+from cos_customizer.executors.qemu import vm
 from cos_customizer.units import format_duration
 
 log = logging.getLogger(__name__)
@@ -52,6 +58,7 @@ log = logging.getLogger(__name__)
 START = "start-image-build"
 FINISH = "finish-image-build"
 TOP_KEYS = ("source", "build-context", "steps", "finish")
+BOOT = "boot"  # the optional top key: the output booted after the build
 MAX_SIZE = 1 << 20  # a build file is a few lines; refuse anything that is not
 # How deep a build file's collections may nest; it needs 5 (steps, a step, its flags, -env's list, an item).
 # Deeper is refused as it is read, before the (recursive) composer could exhaust Python's stack.
@@ -114,10 +121,20 @@ class Invocation:
 
 
 @dataclasses.dataclass(frozen=True)
+class Boot:
+    """The `boot:` section: boot the build's output once it is built."""
+
+    job: vm.BootJob
+    output: str  # finish's output, as the file gives it
+    line: int
+
+
+@dataclasses.dataclass(frozen=True)
 class BuildFile:
     name: str  # as given on the command line: error messages start with it
     directory: Path  # absolute: relative paths in the file are relative to it
     invocations: tuple[Invocation, ...]
+    boot: Boot | None = None
 
 
 # Reading
@@ -158,6 +175,7 @@ class _Reader:
     def __init__(self, name: str, table: Table) -> None:
         self.name = name
         self.table = table
+        self.boot_entry: tuple[Node, Node] | None = None
 
     def error(self, node: Node, key: str, message: str, exit_code: int = EXIT_USAGE) -> LocatedError:
         where = f"{shown(self.name)}:{node.start_mark.line + 1}:"
@@ -191,8 +209,12 @@ class _Reader:
             raise LocatedError(f"{shown(self.name)}:{line}: {shape}", EXIT_USAGE)
         top: dict[str, tuple[Node, Node]] = {}
         for name, key_node, value_node in self.mapping(root, ""):
+            if name == BOOT:
+                self.boot_entry = (key_node, value_node)
+                continue
             if name not in TOP_KEYS:
-                known = f"unknown key {quoted(name)}{_suggest(name, TOP_KEYS)}; a build file has {', '.join(TOP_KEYS)}"
+                keys = (*TOP_KEYS, BOOT)
+                known = f"unknown key {quoted(name)}{_suggest(name, keys)}; a build file has {', '.join(keys)}"
                 raise self.error(key_node, name, known)
             top[name] = (key_node, value_node)
         for required, example in (("source", "source: {image-file: cos.raw}"), ("finish", "finish: {output: out.raw}")):
@@ -212,6 +234,30 @@ class _Reader:
         finish = self.flags(self.table.finish, value_node, "finish")
         invocations.append(Invocation(self.table.finish, finish, key_node.start_mark.line + 1, "finish"))
         return tuple(invocations)
+
+    def boot(self, invocations: tuple[Invocation, ...], directory: Path) -> Boot | None:
+        """The `boot:` section, every check of `cos-customizer boot` done now (paths relative to `directory`)."""
+        if self.boot_entry is None:
+            return None
+        key_node, node = self.boot_entry
+        if self.kind(node, BOOT) == "mapping":
+            for name, flag_node, _ in self.mapping(node, BOOT):
+                if name == "image-file":
+                    raise self.error(flag_node, _join(BOOT, name), "the image booted is the build's output "
+                                     "(finish's output): boot takes no image-file")  # fmt: skip
+        parsed = self.flags(BOOT_COMMAND, node, BOOT)
+        start, finish = invocations[0].parsed, invocations[-1].parsed
+        if not start["image-file"]:
+            raise self.error(key_node, BOOT, "a GCE build has no local output to boot; boot needs a local build "
+                             "(source: {image-file: ...}, finish: {output: ...})")  # fmt: skip
+        if not finish["output"]:
+            raise self.error(key_node, BOOT, "boot boots the build's output: set finish's output")
+        try:
+            with contextlib.chdir(directory):
+                job = boot_cli.job_from(parsed, directory / finish["output"])
+        except CustomizerError as err:
+            raise self.error(key_node, BOOT, str(err), err.exit_code) from None
+        return Boot(job, finish["output"], key_node.start_mark.line + 1)
 
     def steps(self, node: Node) -> list[Invocation]:
         kind = self.kind(node, "steps")
@@ -379,10 +425,13 @@ def read(path: str, table: Table, *, dry_run: bool = False) -> BuildFile:
         raise UsageError(f"{shown(path)}:{mark.line + 1 if mark else 1}: not valid YAML: {problem}") from None
     except yaml.YAMLError as err:
         raise UsageError(f"{shown(path)}: not valid YAML: {' '.join(str(err).split())}") from None
-    invocations = _Reader(path, table).read(root)
+    reader = _Reader(path, table)
+    invocations = reader.read(root)
+    directory = file.absolute().parent
+    boot = reader.boot(invocations, directory)
     if dry_run:
         set_value(_flag(table.finish, "dry-run"), "true", invocations[-1].parsed)
-    return BuildFile(path, file.absolute().parent, invocations)
+    return BuildFile(path, directory, invocations, boot)
 
 
 # Running
@@ -423,7 +472,23 @@ def run(context: Context, build: BuildFile) -> int:
                 raise LocatedError(f"{where}: {err}", err.exit_code) from err
             if code:
                 return code
+    if build.boot is not None:  # the workspace is gone: the output stays
+        return _boot(context, build, build.boot)
     return 0
+
+
+def _boot(context: Context, build: BuildFile, boot: Boot) -> int:
+    """Boot the built output; in a dry run, say what would be booted (after the plan, on stderr)."""
+    if build.invocations[-1].parsed["dry-run"]:
+        sys.stderr.write(
+            f"then: boot {boot.output}, waiting for serial port {boot.job.port} to say {boot.job.success!r}\n"
+        )
+        return 0
+    log.info("%s:%d: boot (after the build)", build.name, boot.line)
+    try:
+        return boot_cli.boot(context, boot.job)
+    except CustomizerError as err:
+        raise LocatedError(f"{shown(build.name)}:{boot.line}: {BOOT}: {err}", err.exit_code) from err
 
 
 def _failed_step(build: BuildFile, invocation: Invocation, err: CustomizerError) -> Invocation:
@@ -509,6 +574,11 @@ def schema(table: Table) -> dict[str, Any]:
             "build-context": _flag_schema(_flag(table.start, "build-context"), {}),
             "steps": {"description": "The steps, in order.", "type": ["array", "null"], "items": step},
             "finish": {**defs[FINISH], "description": f"{FINISH}'s flags."},
+            BOOT: {
+                **_flags_schema(BOOT_COMMAND),
+                "description": "boot's flags but image-file: boot the build's local output after the build, "
+                "and fail the build when the success match is not seen.",
+            },
         },
         "$defs": defs,
     }
@@ -519,6 +589,11 @@ def schema_text(table: Table) -> str:
 
 
 # The command
+
+# `boot`'s flags but image-file: a build file's boot boots its output.
+BOOT_COMMAND = dataclasses.replace(
+    boot_cli.COMMAND, flags=tuple(flag for flag in boot_cli.COMMAND.flags if flag.name != "image-file")
+)
 
 FLAGS = (
     Flag("dry-run", Kind.BOOL, "Run the steps into a temporary workspace and print finish-image-build's "
