@@ -139,3 +139,38 @@ def test_the_watched_port_is_recorded_as_ports_1_and_3_are(tmp_path: Path) -> No
     assert f"file,id=serial2,path={tmp_path / 'p2'}" in argv
     assert f"file,id=serial3,path={tmp_path / 'p3'}" in argv
     assert "null,id=serial1" in argv and "null,id=serial4" in argv
+
+
+@pytest.mark.parametrize(
+    ("flag", "expected"),
+    [
+        (
+            "-memory=1",
+            "-memory=1: give the guest's memory with its unit, from 256M to 64G in whole MiB (for example 2G)",
+        ),
+        (
+            "-memory=100M",
+            "-memory=100M: give the guest's memory with its unit, from 256M to 64G in whole MiB (for example 2G)",
+        ),
+        (
+            "-memory=65G",
+            "-memory=65G: give the guest's memory with its unit, from 256M to 64G in whole MiB (for example 2G)",
+        ),
+        (
+            "-memory=lots",
+            "-memory=lots: give the guest's memory with its unit, from 256M to 64G in whole MiB (for example 2G)",
+        ),
+        ("-cpus=0", "-cpus=0: give 1 to 64 virtual CPUs"),
+        ("-cpus=65", "-cpus=65: give 1 to 64 virtual CPUs"),
+    ],
+)
+def test_memory_and_cpus_are_refused_out_of_range(cli: CLI, image: Path, flag: str, expected: str) -> None:
+    assert _refused(cli, f"-image-file={image}", "-success-match=OK", flag) == expected
+
+
+def test_memory_and_cpus_reach_the_job(image: Path) -> None:
+    argv = [f"-image-file={image}", "-success-match=OK", "-memory=512M", "-cpus=1"]
+    job = boot.job_from(parse(boot.COMMAND.flags, argv, command="boot"))
+    assert (job.memory_mb, job.cpus) == (512, 1)
+    default = boot.job_from(parse(boot.COMMAND.flags, argv[:2], command="boot"))
+    assert (default.memory_mb, default.cpus) == (2048, 2)  # the rehearsal's guest: 2 vCPUs and 2 GiB

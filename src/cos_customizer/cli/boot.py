@@ -7,13 +7,17 @@ from pathlib import Path
 
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import Flag, Kind, Parsed
-from cos_customizer.errors import UsageError, quoted
+from cos_customizer.errors import UsageError, quoted, shown
 from cos_customizer.executors.qemu import vm
-from cos_customizer.units import parse_duration
+from cos_customizer.executors.qemu.rehearsal import INSTANCE_CPUS, INSTANCE_MEMORY_MB
+from cos_customizer.units import MiB, parse_duration, parse_size
 
 log = logging.getLogger("cos_customizer")
 
 DEFAULT_TIMEOUT = parse_duration("10m")
+MEMORY_MIN_MB = 256  # less does not boot the sample's kernel and systemd
+MEMORY_MAX_MB = 64 * 1024
+CPUS_MAX = 64
 USER_DATA = "user-data"
 
 
@@ -57,7 +61,29 @@ def job_from(args: Parsed, image: Path | None = None) -> vm.BootJob:
         failures=(args["failure-match"],) if args["failure-match"] else (),
         status=args["status-match"],
         timeout=args["timeout"] / 1e9,
+        memory_mb=_memory_mb(args["memory"]),
+        cpus=_cpus(args["cpus"]),
     )
+
+
+def _memory_mb(text: str) -> int:
+    """-memory as MiB: a size with its unit (512M, 2G), at least MEMORY_MIN_MB and whole MiB."""
+    try:
+        size = parse_size(text) if text[-1:].isalpha() else -1
+    except ValueError:
+        size = -1
+    if size < MEMORY_MIN_MB * MiB or size % MiB or size > MEMORY_MAX_MB * MiB:
+        raise UsageError(
+            f"-memory={shown(text)}: give the guest's memory with its unit, from {MEMORY_MIN_MB}M to "
+            f"{MEMORY_MAX_MB // 1024}G in whole MiB (for example 2G)"
+        )
+    return size // MiB
+
+
+def _cpus(count: int) -> int:
+    if not 1 <= count <= CPUS_MAX:
+        raise UsageError(f"-cpus={count}: give 1 to {CPUS_MAX} virtual CPUs")
+    return count
 
 
 def handle_boot(context: Context, args: Parsed) -> int:
@@ -115,6 +141,20 @@ COMMAND = Command(
         ),
         Flag("failure-match", Kind.STRING, "The text that means the guest failed; exit 1 naming the line.", ours=True),
         Flag("status-match", Kind.STRING, "The text of progress lines, printed as they come.", ours=True),
+        Flag(
+            "memory",
+            Kind.STRING,
+            "The guest's memory, with its unit (512M, 2G; the rehearsal's 2G by default).",
+            default=f"{INSTANCE_MEMORY_MB // 1024}G",
+            ours=True,
+        ),
+        Flag(
+            "cpus",
+            Kind.INT,
+            "The guest's virtual CPUs (the rehearsal's 2 by default).",
+            default=INSTANCE_CPUS,
+            ours=True,
+        ),
         Flag(
             "timeout",
             Kind.DURATION,
