@@ -272,6 +272,37 @@ REFUSED = [
 ]  # fmt: skip
 
 
+LOCAL_HEAD = HEAD + "finish: {output: o.raw}\n"
+BOOT_REFUSED = [
+    (LOCAL_HEAD + "boot:\n  success-match: ok\n  image-file: x.raw\n",
+     "build.yaml:5: boot.image-file: the image booted is the build's output (finish's output): boot takes no "
+     "image-file"),
+    ("source: {image-project: cos-cloud, image-name: x}\nfinish: {image-name: y}\nboot: {success-match: ok}\n",
+     "build.yaml:3: boot: a GCE build has no local output to boot; boot needs a local build "
+     "(source: {image-file: ...}, finish: {output: ...})"),
+    (HEAD + "finish: {}\nboot: {success-match: ok}\n", "build.yaml:3: boot: boot boots the build's output: set "
+     "finish's output"),
+    (LOCAL_HEAD + "boot: {serial-port: 5, success-match: ok}\n",
+     "build.yaml:3: boot: -serial-port=5: GCE's serial ports are 1 to 4"),
+    (LOCAL_HEAD + "boot: {serial-port: 2}\n",
+     "build.yaml:3: boot: -success-match=TEXT must be set: without it boot would be an interactive console, which "
+     "is not there yet"),
+    (LOCAL_HEAD + "boot: {success-match: ok, timeout: 0s}\n",
+     "build.yaml:3: boot: -timeout must be a positive duration, such as 10m"),
+    (LOCAL_HEAD + "boot: {user-data: nope.yaml, success-match: ok}\n",
+     "build.yaml:3: boot: metadata user-data: nope.yaml does not exist"),
+    (LOCAL_HEAD + "boot:\n  success-match: ok\n  sucess-match: ok\n",
+     "build.yaml:5: boot.sucess-match: boot has no flag -sucess-match (did you mean success-match?); "
+     "see cos-customizer boot --help"),
+    (LOCAL_HEAD + "boot: [success-match]\n", "build.yaml:3: boot: expected a mapping of boot's flags, not a list"),
+    (LOCAL_HEAD + "bot: {success-match: ok}\n",
+     'build.yaml:3: bot: unknown key "bot" (did you mean boot?); a build file has source, build-context, steps, '
+     "finish, boot"),
+]  # fmt: skip
+# A bad boot: section is refused the same way, before anything runs.
+REFUSED += BOOT_REFUSED
+
+
 @pytest.mark.parametrize(("text", "message"), REFUSED, ids=[f"{n}" for n in range(len(REFUSED))])
 def test_a_bad_file_is_one_line_naming_file_line_and_key(
     cli: CLI, tmp_path: Path, scratch: Path, text: str, message: str, monkeypatch: pytest.MonkeyPatch
@@ -323,45 +354,6 @@ def test_the_file_itself(cli: CLI, tmp_path: Path) -> None:
 
 
 # boot: boot the output after the build; every check before the build
-
-LOCAL_HEAD = HEAD + "finish: {output: o.raw}\n"
-BOOT_REFUSED = [
-    (LOCAL_HEAD + "boot:\n  success-match: ok\n  image-file: x.raw\n",
-     "build.yaml:5: boot.image-file: the image booted is the build's output (finish's output): boot takes no "
-     "image-file"),
-    ("source: {image-project: cos-cloud, image-name: x}\nfinish: {image-name: y}\nboot: {success-match: ok}\n",
-     "build.yaml:3: boot: a GCE build has no local output to boot; boot needs a local build "
-     "(source: {image-file: ...}, finish: {output: ...})"),
-    (HEAD + "finish: {}\nboot: {success-match: ok}\n", "build.yaml:3: boot: boot boots the build's output: set "
-     "finish's output"),
-    (LOCAL_HEAD + "boot: {serial-port: 5, success-match: ok}\n",
-     "build.yaml:3: boot: -serial-port=5: GCE's serial ports are 1 to 4"),
-    (LOCAL_HEAD + "boot: {serial-port: 2}\n",
-     "build.yaml:3: boot: -success-match=TEXT must be set: without it boot would be an interactive console, which "
-     "is not there yet"),
-    (LOCAL_HEAD + "boot: {success-match: ok, timeout: 0s}\n",
-     "build.yaml:3: boot: -timeout must be a positive duration, such as 10m"),
-    (LOCAL_HEAD + "boot: {user-data: nope.yaml, success-match: ok}\n",
-     "build.yaml:3: boot: metadata user-data: nope.yaml does not exist"),
-    (LOCAL_HEAD + "boot:\n  success-match: ok\n  sucess-match: ok\n",
-     "build.yaml:5: boot.sucess-match: boot has no flag -sucess-match (did you mean success-match?); "
-     "see cos-customizer boot --help"),
-    (LOCAL_HEAD + "boot: [success-match]\n", "build.yaml:3: boot: expected a mapping of boot's flags, not a list"),
-    (LOCAL_HEAD + "bot: {success-match: ok}\n",
-     'build.yaml:3: bot: unknown key "bot" (did you mean boot?); a build file has source, build-context, steps, '
-     "finish, boot"),
-]  # fmt: skip
-
-
-@pytest.mark.parametrize(("text", "message"), BOOT_REFUSED, ids=[f"{n}" for n in range(len(BOOT_REFUSED))])
-def test_a_bad_boot_section_is_refused_before_anything_runs(
-    cli: CLI, tmp_path: Path, scratch: Path, text: str, message: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    Path("build.yaml").write_text(text)
-    result = cli("build", "build.yaml", env={"TMPDIR": str(scratch)})
-    assert (result.code, result.out, result.err) == (2, "", f"cos-customizer: error: {message}\n")
-    assert list(scratch.iterdir()) == []  # refused before anything ran
 
 
 def test_boot_paths_are_the_build_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
