@@ -13,7 +13,6 @@ import pytest
 
 from cos_customizer import privilege
 from cos_customizer.disk import ext, gpt, loop
-from cos_customizer.errors import ValidationError
 from cos_customizer.executors.local import daemon_units
 from cos_customizer.sample import containers as sample_containers
 from cos_customizer.sample import image as sample_image
@@ -174,16 +173,7 @@ def test_chroot_runs_the_runtime(containers_raw: Path, tmp_path: Path) -> None:
     assert loop.attached_to(containers_raw) == []
 
 
-def test_refused_with_bootable_and_without_the_host_runtime(
-    cli: CLI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    with pytest.raises(ValidationError, match=r"^-with-containers and -bootable cannot be combined yet$"):
-        sample_image.build(tmp_path / "a.raw", bootable=True, with_containers=True)
-    result = cli("sample-image", "-with-containers", "-bootable", str(tmp_path / "b.raw"))
-    assert (result.code, result.err) == (
-        1,
-        "cos-customizer: error: -with-containers and -bootable cannot be combined yet\n",
-    )
+def test_refused_without_the_host_runtime(cli: CLI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gone = tmp_path / "no-dockerd"
     monkeypatch.setattr(sample_containers, "BINARIES", (("usr/bin/dockerd", str(gone), "docker.io"),))
     result = cli("sample-image", "-with-containers", str(tmp_path / "c.raw"))

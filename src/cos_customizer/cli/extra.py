@@ -30,8 +30,6 @@ def handle_sample_image(_context: Context, args: Parsed) -> int:
         raise ValidationError(f"{output} already exists: remove it or choose another name")
     if not output.parent.is_dir():
         raise ValidationError(f"{output}: the directory {output.parent} does not exist")
-    if args["bootable"] and args["with-containers"]:
-        raise ValidationError("-with-containers and -bootable cannot be combined yet")
     started = time.monotonic()
     if args["bootable"]:
         sample_guest.check_host()
@@ -89,7 +87,7 @@ SAMPLE_IMAGE = Command(
             "Also copy this machine's container runtime into ROOT-A at COS's paths (docker, dockerd, "
             "containerd, ctr, runc, legacy iptables and their libraries; Debian's docker.io, containerd, runc "
             "and iptables packages), with COS-shaped systemd units and a docker group, so run-script can use "
-            "docker and ctr. Not with -bootable yet.",
+            "docker and ctr. With -bootable, the runtime starts at boot and finds what a build preloaded.",
             default=False,
             ours=True,
         ),

@@ -52,11 +52,11 @@ from cos_customizer.sample import initramfs
 
 log = logging.getLogger(__name__)
 
-RECIPE = "1"  # change it when the guest's recipe changes: the cached guest is rebuilt
+RECIPE = "2"  # change it when the guest's recipe changes: the cached guest is rebuilt
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 PACKAGES = ("systemd", "systemd-sysv", "udev", "kmod", "e2fsprogs", "util-linux", "mount", "fdisk", "cloud-init",
-            "python3-cffi-backend", "dmsetup")  # fmt: skip
+            "python3-cffi-backend", "dmsetup", "sudo", "apparmor")  # fmt: skip
 KERNEL_PACKAGE = r"linux-image-6\.1\.0-(\d+)-amd64"  # Debian 12's kernel, not -cloud or -rt
 # Kept in the root's /lib/modules (with their dependencies), for udev and mount to load.
 VM_MODULES = (
@@ -77,6 +77,7 @@ MASKED = (
     "apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer", "e2scrub_all.timer",
     "e2scrub_reap.service", "fstrim.timer", "systemd-tmpfiles-clean.timer",
     "cloud-init-local.service", "cloud-config.service", "cloud-final.service", "cloud-init-hotplugd.socket",
+    "apparmor.service",  # docker loads its docker-default profile itself, when it first runs a container
 )  # fmt: skip
 # Generators a VM with a verified root and no /etc/fstab does not need (gpt-auto would automount the EFI
 # partition on /boot); cloud-init's runs ds-identify at every boot, for the one datasource it may use.
@@ -172,6 +173,26 @@ system_info:
     templates_dir: /etc/cloud/templates/
 """
 
+# Units named as COS's, for checks written for COS: the updater (a stand-in that updates nothing; masked by
+# `systemd.mask=update-engine.service`, which disable-auto-update puts on the command line) and the target
+# COS reaches once gcr.io answers (here: once the network is up).
+COS_UNITS = {
+    "update-engine.service": (
+        "[Unit]\nDescription=Update Engine (a stand-in of the sample image: it updates nothing)\n"
+        "After=network-online.target\n\n[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/bin/true\n\n"
+        "[Install]\nWantedBy=multi-user.target\n"
+    ),
+    "gcr-online.target": (
+        "[Unit]\nDescription=Container registry reachable (the sample image: the network is up)\n"
+        "Wants=network-online.target\nAfter=network-online.target\n\n[Install]\nWantedBy=multi-user.target\n"
+    ),
+}
+# With -with-containers: the runtime's data on STATE, executable (overlay layers run from there) as on COS,
+# and its units started at boot.
+CONTAINER_MOUNTS = ("docker", "containerd")
+CONTAINER_UNITS = (("multi-user.target.wants", "containerd.service"), ("multi-user.target.wants", "docker.service"),
+                   ("sockets.target.wants", "docker.socket"))  # fmt: skip
+
 NETWORK = """[Match]
 Type=ether
 
@@ -224,7 +245,7 @@ def configure(root: Path, os_release: str) -> None:
     (etc / "cloud/cloud.cfg").write_text(CLOUD_CFG)
     (etc / "hosts").write_text(
         "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n"
-        "169.254.169.254 metadata.google.internal metadata\n"
+        "127.0.1.1 cos-sample\n169.254.169.254 metadata.google.internal metadata\n"
     )
     (etc / "hostname").write_text("cos-sample\n")
     (etc / "fstab").write_text("# The file systems of the sample image are mounted by systemd units (COS's layout).\n")
@@ -242,6 +263,24 @@ def configure(root: Path, os_release: str) -> None:
     rootdev = root / "usr/bin/rootdev"
     rootdev.write_text(ROOTDEV)
     rootdev.chmod(0o755)
+    for name, text in COS_UNITS.items():
+        (units / name).write_text(text)
+        _symlink(etc / "systemd/system/multi-user.target.wants" / name, f"/lib/systemd/system/{name}")
+
+
+def enable_containers(root: Path) -> None:
+    """Start the container runtime (copied into `root` by `sample.containers.install`) at boot, with its
+    data directories on STATE mounted executable (STATE's var_overlay must have lib/docker and lib/containerd)."""
+    units = root / "usr/lib/systemd/system"
+    for name in CONTAINER_MOUNTS:
+        unit = f"var-lib-{name}.mount"
+        text = _mount_unit(f"{name}'s data on STATE, executable", "var.mount",
+                           f"/mnt/stateful_partition/var_overlay/lib/{name}", f"/var/lib/{name}", "none",
+                           "bind,nosuid,nodev,exec")  # fmt: skip
+        (units / unit).write_text(text)
+        _symlink(units / "local-fs.target.wants" / unit, f"../{unit}")
+    for wants, name in CONTAINER_UNITS:
+        _symlink(root / "etc/systemd/system" / wants / name, f"/lib/systemd/system/{name}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

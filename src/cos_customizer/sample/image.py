@@ -18,8 +18,10 @@ are the same, so the image boots under QEMU as COS would (`executors.qemu.boot`)
 
 With `with_containers=True` (`sample-image -with-containers`), ROOT-A also has this machine's container
 runtime (Debian's docker.io, containerd, runc and legacy iptables with their libraries) at COS's paths,
-with COS-shaped systemd units and a docker group (`sample_containers`); it cannot be combined with
-`bootable` yet.
+with COS-shaped systemd units and a docker group (`sample_containers`). With both, that runtime goes
+into a copy of the guest's root, its units start at boot, and its data directories on STATE
+(var_overlay/lib/docker and lib/containerd) are mounted executable at /var/lib/docker and
+/var/lib/containerd, so what a build preloads is there when the image boots.
 """
 
 from __future__ import annotations
@@ -205,10 +207,13 @@ def root_tree(root: Path, *, with_containers: bool = False) -> None:
     )
 
 
-def state_tree(root: Path) -> None:
+def state_tree(root: Path, *, with_containers: bool = False) -> None:
     for directory in ("var_overlay/lib", "var_overlay/log", "var_overlay/cache", "var_overlay/tmp",
                       "home/chronos", "dev_image"):  # fmt: skip
         (root / directory).mkdir(parents=True)
+    if with_containers:  # the runtime's data directories, mounted at boot (sample_guest.enable_containers)
+        for name in sample_guest.CONTAINER_MOUNTS:
+            (root / "var_overlay/lib" / name).mkdir(mode=0o711)
     (root / "var_overlay/lib/sample-image").write_text("this file was on STATE before the build\n")
 
 
@@ -243,6 +248,15 @@ def _efi(image: Path, part: Partition, cfg: str, files: dict[str, Path] | None =
         mcopy = require_tool("mcopy", "mtools")
         for name, local in files.items():
             run([mcopy, "-i", f"{image}@@{part.first * SECTOR}", str(local), f"::/syslinux/{name}"], env=env)
+
+
+def _guest_with_containers(guest: sample_guest.Guest, root: Path) -> None:
+    """A copy of the guest's root at `root` (owners and modes kept) with this machine's runtime, started at boot."""
+    cp = require_tool("cp", "coreutils")
+    run([cp, "-a", "--reflink=auto", "--", str(guest.root), str(root)])
+    for library in _libraries(sample_containers.install(root)):
+        _place(library, root)  # only what the guest's own Debian lacks (libip6tc for ip6tables)
+    sample_guest.enable_containers(root)
 
 
 def _boot_files(guest: sample_guest.Guest, efi: Partition) -> dict[str, Path]:
@@ -287,8 +301,6 @@ def build(
     `with_containers`: ROOT-A also has this machine's container runtime (`sample_containers`).
     """
     _check_grub_format(grub_format)
-    if with_containers and bootable:
-        raise ValidationError("-with-containers and -bootable cannot be combined yet")
     if with_containers:
         sample_containers.check_host()
     if size_gb < 10:
@@ -302,10 +314,14 @@ def build(
         with open(image, "wb") as out:
             out.truncate(disk_sectors * SECTOR)
         write_table(image, table)
+        root = staging / "root"
         if guest is None:
-            root_tree(staging / "root", with_containers=with_containers)
-        _mke2fs(image, parts["ROOT-A"], "ext2", "ROOT-A", guest.root if guest else staging / "root", ROOT_FS_BLOCKS,
-                lazy=guest is None)  # fmt: skip
+            root_tree(root, with_containers=with_containers)
+        elif with_containers:
+            _guest_with_containers(guest, root)
+        else:
+            root = guest.root
+        _mke2fs(image, parts["ROOT-A"], "ext2", "ROOT-A", root, ROOT_FS_BLOCKS, lazy=guest is None)
         root_a = parts["ROOT-A"].first * SECTOR
         params = format_verity(
             image,
@@ -314,7 +330,7 @@ def build(
             hash_offset=root_a + ROOT_FS_BLOCKS * 4096,
             salt=random_salt(),
         )
-        state_tree(staging / "state")
+        state_tree(staging / "state", with_containers=with_containers)
         _mke2fs(image, parts["STATE"], "ext4", "STATE", staging / "state", lazy=guest is None)
         oem_tree(staging / "oem")
         _mke2fs(image, parts["OEM"], "ext4", "OEM", staging / "oem", lazy=guest is None)
