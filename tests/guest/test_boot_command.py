@@ -8,13 +8,17 @@ nothing is left (the private directories, QEMU and its helpers).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import pty
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -207,3 +211,74 @@ def test_a_build_files_boot_checks_the_built_image_from_inside(
     assert "TestStatus: STATE is mounted" in output
     assert 'Serial port 2 said "TestPass: the script\'s file": the guest passed' in output
     assert (project / "custom.raw").exists()
+
+
+class Terminal:
+    """`cos-customizer boot` in console mode on a pseudo-terminal of its own, as from a user's terminal."""
+
+    def __init__(self, image: Path, private: Path) -> None:
+        self.master, slave = pty.openpty()
+        self.before = termios.tcgetattr(self.master)
+        argv = [sys.executable, "-m", "cos_customizer", "boot", f"-image-file={image}", "-timeout=8m"]
+        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                                     env={**os.environ, "TMPDIR": str(private)})  # fmt: skip
+        os.close(slave)
+        self.seen = b""
+        self.after: list[object] = []
+
+    def read_until(self, text: bytes, seconds: float = 300) -> bytes:
+        ends = time.monotonic() + seconds
+        while text not in self.seen:
+            left = ends - time.monotonic()
+            assert left > 0, f"{text!r} not seen; the terminal showed: {self.seen[-2000:]!r}"
+            ready, _, _ = select.select([self.master], [], [], min(left, 1.0))
+            if ready:
+                try:
+                    chunk = os.read(self.master, 65536)
+                except OSError:  # the other end closed: the command ended
+                    chunk = b""
+                assert chunk or self.proc.poll() is None, f"{text!r} not seen: {self.seen[-2000:]!r}"
+                self.seen += chunk
+        return self.seen
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+    def finish(self) -> int:
+        try:
+            code = self.proc.wait(120)
+            with contextlib.suppress(OSError):
+                while chunk := os.read(self.master, 65536):
+                    self.seen += chunk
+            self.after = termios.tcgetattr(self.master)
+            return code
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            os.close(self.master)
+
+
+@pytest.mark.parametrize("how", ["poweroff", "escape"])
+def test_the_console_logs_root_in_and_ends_on_poweroff_or_ctrl_bracket(
+    bootable: Path,  # noqa: F811 - the fixture
+    private_tmp: Path,
+    how: str,
+) -> None:
+    terminal = Terminal(bootable, private_tmp)
+    try:
+        terminal.read_until(b"Ctrl-] stops the VM")
+        terminal.read_until(b"root@cos-sample:~# ")
+        terminal.type(b"echo $((6 * 7))-from-inside\r")
+        terminal.read_until(b"42-from-inside")
+        terminal.type(b"poweroff\r" if how == "poweroff" else b"\x1d")
+    finally:
+        code = terminal.finish()
+    said = terminal.seen.decode(errors="replace")
+    assert code == 0, said
+    why = "the guest powered off" if how == "poweroff" else "stopped by Ctrl-]"
+    assert f"The VM is off ({why}; 1 boot(s) under TCG" in said, said
+    assert terminal.after == terminal.before  # the terminal's modes are given back
+    if how == "poweroff":
+        assert "reboot: Power down" in said  # the guest's own clean shutdown, on its console
+    assert _left(private_tmp) == []

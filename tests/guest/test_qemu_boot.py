@@ -201,6 +201,7 @@ def test_qemu_argv_of_a_gce_like_instance() -> None:
     )
     assert qemu_argv(spec) == [
         "qemu-system-x86_64",
+        "-name", "cos-customizer,debug-threads=on",  # QEMU's threads named ("CPU 0/TCG"), for a hung guest's report
         "-machine", "q35",
         "-accel", "tcg",
         "-m", "2048",
@@ -245,7 +246,8 @@ def test_qemu_argv_choices() -> None:
         "chardev=events,mode=control",
     ]
     kvm = qemu_argv(dataclasses.replace(base, accel="kvm"))
-    assert kvm[:7] == ["qemu-system-x86_64", "-machine", "q35", "-accel", "kvm", "-cpu", "host"]
+    assert kvm[:9] == ["qemu-system-x86_64", "-name", "cos-customizer,debug-threads=on", "-machine", "q35", "-accel",
+                       "kvm", "-cpu", "host"]  # fmt: skip
     bad: list[tuple[dict[str, Any], str]] = [
         ({"disks": ()}, "boot disk"),
         ({"accel": "hvf"}, "use one of kvm, tcg"),

@@ -28,8 +28,9 @@ from cos_customizer.disk import ext, gpt, grub
 from cos_customizer.executors.qemu import instances as qemu_instances
 from cos_customizer.executors.qemu import rehearsal
 from cos_customizer.executors.qemu.boot import BootChoice
-from cos_customizer.sample import image as sample_image
-from tests.conftest import sh
+from tests import registry
+from tests.conftest import data_digest, sh
+from tests.guest import test_boot_outputs as boot_outputs
 from tests.integration.test_local_build import cat, cli, copy_of, exists, leaks, start, verity_verify
 from tests.local_attacker import attack, own_socket_inodes, unreachable
 from tests.shipped import shipped_provisioner
@@ -40,6 +41,7 @@ pytestmark = [
 ]
 
 SCRIPT = """set -e
+if [ -f ubuntu.tar ]; then docker load -i ubuntu.tar; fi
 echo "hello from the build" > /var/lib/hello
 echo "kept on STATE" > /mnt/stateful_partition/hello
 echo "in the OEM" > /usr/share/oem/hello
@@ -66,27 +68,6 @@ STEPS = [["run-script", "-script=preload.sh", "-env=GREETING=hi,LIST=a,b"], ["se
 FINISH = ["-oem-size=1G", "-disk-size-gb=12", "-timeout=25m"]
 
 
-def _bootable(tmp_path_factory: pytest.TempPathFactory, grub_format: str) -> Path:
-    for tool in ("qemu-system-x86_64", "socat", "debootstrap"):
-        if not sh("which", tool, check=False).stdout.strip():
-            pytest.skip(f"{tool} is not installed (scripts/setup installs it)")
-    path = tmp_path_factory.mktemp("bootable") / "cos.raw"
-    sample_image.build(path, bootable=True, grub_format=grub_format)
-    return path
-
-
-@pytest.fixture(scope="session")
-def bootable_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One bootable sample (`dm="..."`) for the session (its guest root is cached); tests must not write it."""
-    return _bootable(tmp_path_factory, "dm")
-
-
-@pytest.fixture(scope="session")
-def bootable_raw_dm_mod(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same with `dm-mod.create="..."`, so both forms of grub.cfg boot through a rehearsal."""
-    return _bootable(tmp_path_factory, "dm-mod")
-
-
 def _qemu_processes(mark: str) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -100,9 +81,17 @@ def _qemu_processes(mark: str) -> list[int]:
     return found
 
 
+def _ubuntu(tmp: Path) -> bytes:
+    """A `docker save` archive of busybox tagged ubuntu:latest, for SCRIPT to load from the build context."""
+    registry.busybox_layer(tmp / "busybox.tar")
+    registry.docker_archive(tmp / "ubuntu.tar", "ubuntu:latest", [tmp / "busybox.tar"])
+    return (tmp / "ubuntu.tar").read_bytes()
+
+
 def _rehearse(tmp: Path, source: Path, steps: list[list[str]], finish: list[str]) -> tuple[int, str, str, Path]:
-    started = start(tmp, copy_of(source, tmp), {"preload.sh": SCRIPT, "fail.sh": "echo about to fail\nexit 7\n"},
-                    steps)  # fmt: skip
+    files: dict[str, str | bytes] = {"preload.sh": SCRIPT, "fail.sh": "echo about to fail\nexit 7\n",
+                                     "ubuntu.tar": _ubuntu(tmp)}  # fmt: skip
+    started = start(tmp, copy_of(source, tmp), files, steps)
     (tmp / "t").mkdir()
     env = {**started.env, "TMPDIR": str(tmp / "t"), "COS_CUSTOMIZER_QEMU_ACCEL": "tcg"}
     output = tmp / "out.raw"
@@ -124,7 +113,7 @@ def rehearsed(tmp_path_factory: pytest.TempPathFactory, bootable_raw: Path) -> I
 def local(tmp_path_factory: pytest.TempPathFactory, bootable_raw: Path) -> Path:
     """The same build through the local executor."""
     tmp = tmp_path_factory.mktemp("local")
-    started = start(tmp, copy_of(bootable_raw, tmp), {"preload.sh": SCRIPT}, STEPS)
+    started = start(tmp, copy_of(bootable_raw, tmp), {"preload.sh": SCRIPT, "ubuntu.tar": _ubuntu(tmp)}, STEPS)
     code, _, err = cli(started.env, "finish-image-build", f"-output={tmp / 'out.raw'}", *FINISH)
     assert code == 0, err
     return tmp / "out.raw"
@@ -182,6 +171,20 @@ def test_the_rehearsal_builds_what_the_local_executor_builds(
     for offset, local_offset, name in ((s, ls, "/var_overlay/lib/hello"), (s, ls, "/hello"), (o, lo, "/hello"),
                                        (s, ls, "/var_overlay/lib/greeting")):  # fmt: skip
         assert cat(raw, offset, name) == cat(local, local_offset, name), name
+
+
+def test_the_rehearsed_output_passes_cos_checks_from_inside(
+    rehearsed: tuple[int, str, str, Path], tmp_path: Path
+) -> None:
+    """The same checks as the local build's in test_boot_outputs, from inside the booted output."""
+    code, _, err, raw = rehearsed
+    assert code == 0, err[-3000:]
+    assert "BuildStatus: Loaded image: ubuntu:latest" in err  # the preload VM's docker loaded it
+    user_data = tmp_path / "checks.cfg"
+    user_data.write_text(boot_outputs.CHECKS)
+    before = data_digest(raw)
+    boot_outputs.passed(boot_outputs.boot(raw, user_data))
+    assert data_digest(raw) == before
 
 
 def test_the_provisioners_view_from_inside(rehearsed: tuple[int, str, str, Path]) -> None:

@@ -285,8 +285,8 @@ BOOT_REFUSED = [
     (LOCAL_HEAD + "boot: {serial-port: 5, success-match: ok}\n",
      "build.yaml:3: boot: -serial-port=5: GCE's serial ports are 1 to 4"),
     (LOCAL_HEAD + "boot: {serial-port: 2}\n",
-     "build.yaml:3: boot: -success-match=TEXT must be set: without it boot would be an interactive console, which "
-     "is not there yet"),
+     "build.yaml:3: boot: success-match must be set: a build file's boot checks the output (the interactive "
+     "console is cos-customizer boot -image-file=OUTPUT)"),
     (LOCAL_HEAD + "boot: {success-match: ok, timeout: 0s}\n",
      "build.yaml:3: boot: -timeout must be a positive duration, such as 10m"),
     (LOCAL_HEAD + "boot: {user-data: nope.yaml, success-match: ok}\n",

@@ -92,12 +92,15 @@ class Started:
     digest: str
 
 
-def start(tmp: Path, source: Path, scripts: dict[str, str], steps: list[list[str]]) -> Started:
-    """A build started on `source` (a copy the test owns) with `scripts` as the build context."""
+def start(tmp: Path, source: Path, scripts: dict[str, str | bytes], steps: list[list[str]]) -> Started:
+    """A build started on `source` (a copy the test owns) with `scripts` (and other files) as the build context."""
     context = tmp / "context"
     context.mkdir()
-    for name, text in scripts.items():
-        (context / name).write_text(text)
+    for name, data in scripts.items():
+        if isinstance(data, bytes):
+            (context / name).write_bytes(data)
+        else:
+            (context / name).write_text(data)
     env = {**os.environ, "HOME": str(tmp), "COS_CUSTOMIZER_WORKDIR": str(tmp / "ws")}
     digest = data_digest(source)
     code, _, err = cli(env, "start-image-build", f"-build-context={context}", f"-image-file={source}")

@@ -53,14 +53,36 @@ def test_the_serial_port_is_one_to_four(cli: CLI, image: Path, port: str) -> Non
     assert message == f"-serial-port={port}: GCE's serial ports are 1 to 4"
 
 
-def test_without_a_success_match_the_console_is_not_there_yet(cli: CLI, image: Path) -> None:
-    assert "console, which is not there yet" in _refused(cli, f"-image-file={image}")
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("-failure-match=X", "-failure-match needs -success-match: without it boot is an interactive console"),
+        ("-status-match=X", "-status-match needs -success-match: without it boot is an interactive console"),
+        ("-serial-port=2", "-serial-port=2 needs -success-match: the interactive console is serial port 1"),
+    ],
+)
+def test_the_console_takes_no_matches_and_only_port_1(cli: CLI, image: Path, flag: str, message: str) -> None:
+    assert _refused(cli, f"-image-file={image}", flag) == message
+
+
+def test_the_console_waits_a_day_unless_told(image: Path) -> None:
+    console = boot.job_from(parse(boot.COMMAND.flags, [f"-image-file={image}"], command="boot"))
+    assert (console.console, console.timeout) == (True, 24 * 3600.0)
+    told = boot.job_from(parse(boot.COMMAND.flags, [f"-image-file={image}", "-timeout=1h"], command="boot"))
+    assert (told.console, told.timeout) == (True, 3600.0)
+    matched = boot.job_from(parse(boot.COMMAND.flags, [f"-image-file={image}", "-success-match=OK"], command="boot"))
+    assert (matched.console, matched.timeout) == (False, 600.0)
 
 
 @pytest.mark.parametrize("timeout", ["0s", "-1m"])
 def test_the_timeout_is_positive(cli: CLI, image: Path, timeout: str) -> None:
     message = _refused(cli, f"-image-file={image}", "-success-match=OK", f"-timeout={timeout}")
     assert message.startswith("-timeout must be a positive duration")
+
+
+def test_the_hang_timeout_is_not_negative(cli: CLI, image: Path) -> None:
+    message = _refused(cli, f"-image-file={image}", "-success-match=OK", "-hang-timeout=-1s")
+    assert message == "-hang-timeout must be a duration, such as 5m, or 0 to wait for -timeout regardless"
 
 
 def test_a_bad_timeout_is_a_usage_error(cli: CLI, image: Path) -> None:
@@ -104,7 +126,7 @@ def test_the_flags_make_the_job(image: Path, tmp_path: Path) -> None:
     (tmp_path / "startup").write_text("echo hi")
     argv = [f"-image-file={image}", f"-user-data={user_data}", "-metadata=a=1,b=2,3", "-serial-port=2",
             f"-metadata-from-file=startup-script={tmp_path / 'startup'}", "-success-match=TestPass",
-            "-failure-match=TestFail", "-status-match=TestStatus", "-timeout=90s"]  # fmt: skip
+            "-failure-match=TestFail", "-status-match=TestStatus", "-timeout=90s", "-hang-timeout=0"]  # fmt: skip
     job = boot.job_from(parse(boot.COMMAND.flags, argv, command="boot"))
     assert job == vm.BootJob(
         image=image,
@@ -119,7 +141,10 @@ def test_the_flags_make_the_job(image: Path, tmp_path: Path) -> None:
         failures=("TestFail",),
         status="TestStatus",
         timeout=90.0,
+        hang_timeout=0.0,
     )
+    default = boot.job_from(parse(boot.COMMAND.flags, [f"-image-file={image}", "-success-match=OK"], command="boot"))
+    assert default.hang_timeout == 300.0  # 5m
 
 
 def test_metadata_values_reach_the_workflow_as_sources(image: Path, tmp_path: Path) -> None:

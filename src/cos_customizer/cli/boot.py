@@ -8,12 +8,14 @@ from pathlib import Path
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import Flag, Kind, Parsed
 from cos_customizer.errors import UsageError, quoted, shown
-from cos_customizer.executors.qemu import vm
+from cos_customizer.executors.qemu import console, vm
 from cos_customizer.executors.qemu.rehearsal import INSTANCE_CPUS, INSTANCE_MEMORY_MB
 from cos_customizer.units import MiB, parse_duration, parse_size
 
 log = logging.getLogger("cos_customizer")
 
+DEFAULT_HANG_TIMEOUT = parse_duration("5m")
+CONSOLE_TIMEOUT = parse_duration("24h")  # the console's, unless -timeout is given
 DEFAULT_TIMEOUT = parse_duration("10m")
 MEMORY_MIN_MB = 256  # less does not boot the sample's kernel and systemd
 MEMORY_MAX_MB = 64 * 1024
@@ -30,12 +32,18 @@ def job_from(args: Parsed, image: Path | None = None) -> vm.BootJob:
     port = args["serial-port"]
     if port not in vm.SERIAL_PORTS:
         raise UsageError(f"-serial-port={port}: GCE's serial ports are 1 to 4")
-    if not args["success-match"]:
-        raise UsageError(
-            "-success-match=TEXT must be set: without it boot would be an interactive console, which is not there yet"
-        )
+    interactive = not args["success-match"]
+    if interactive:
+        for name in ("failure-match", "status-match"):
+            if args[name]:
+                raise UsageError(f"-{name} needs -success-match: without it boot is an interactive console")
+        if port != 1:
+            raise UsageError(f"-serial-port={port} needs -success-match: the interactive console is serial port 1")
     if args["timeout"] <= 0:
         raise UsageError("-timeout must be a positive duration, such as 10m")
+    timeout = args["timeout"] if not interactive or "timeout" in args.given else CONSOLE_TIMEOUT
+    if args["hang-timeout"] < 0:
+        raise UsageError("-hang-timeout must be a duration, such as 5m, or 0 to wait for -timeout regardless")
     if image is None:
         image = Path(args["image-file"]).absolute()
         vm.check_image(image)
@@ -60,7 +68,8 @@ def job_from(args: Parsed, image: Path | None = None) -> vm.BootJob:
         success=args["success-match"],
         failures=(args["failure-match"],) if args["failure-match"] else (),
         status=args["status-match"],
-        timeout=args["timeout"] / 1e9,
+        timeout=timeout / 1e9,
+        hang_timeout=args["hang-timeout"] / 1e9,
         memory_mb=_memory_mb(args["memory"]),
         cpus=_cpus(args["cpus"]),
     )
@@ -91,8 +100,13 @@ def handle_boot(context: Context, args: Parsed) -> int:
 
 
 def boot(context: Context, job: vm.BootJob) -> int:
-    """Boot `job`; 0 on its success match, else `vm.GuestFailed` (exit 1)."""
+    """Boot `job`; 0 on its success match (or, as a console, once the guest is off), else `vm.GuestFailed` (exit 1)."""
     result = vm.run(job, context.environ, log.info)
+    if job.console:
+        how = "stopped by " + console.ESCAPE_NAME if result.escaped else "the guest powered off"
+        log.info("The VM is off (%s; %d boot(s) under %s, %.1f s)", how, result.boots, result.accel.upper(),
+                 result.seconds)  # fmt: skip
+        return 0
     log.info(
         "Serial port %d said %s: the guest passed (%d boot(s) under %s, %.1f s)",
         job.port,
@@ -113,7 +127,9 @@ COMMAND = Command(
         "serial ports 1 to 4), and wait on one serial port for -success-match or -failure-match, as Daisy's "
         "WaitForInstancesSignal waits. The image file is never written: the guest writes to a working copy "
         "that is removed afterwards. Exit 0 on the success match; 1 on the failure match, on -timeout, or "
-        "when the guest stops before a match. KVM is used where a kernel runs under it, else TCG "
+        "when the guest stops before a match. Without -success-match it is an interactive console: serial "
+        f"port 1 on this terminal (the bootable sample logs root in), until the guest powers off or "
+        f"{console.ESCAPE_NAME} stops the VM. KVM is used where a kernel runs under it, else TCG "
         "($COS_CUSTOMIZER_QEMU_ACCEL=kvm|tcg forces one)."
     ),
     flags=(
@@ -135,8 +151,9 @@ COMMAND = Command(
         Flag(
             "success-match",
             Kind.STRING,
-            "The text (anywhere in a line of the serial port) that means the guest passed; exit 0 (required for "
-            "now: the console mode is not there yet).",
+            "The text (anywhere in a line of the serial port) that means the guest passed; exit 0. Without it, "
+            f"boot is an interactive console: serial port 1 on this terminal until the guest powers off or "
+            f"{console.ESCAPE_NAME} stops the VM (then -timeout is 24h unless given).",
             ours=True,
         ),
         Flag("failure-match", Kind.STRING, "The text that means the guest failed; exit 1 naming the line.", ours=True),
@@ -160,6 +177,14 @@ COMMAND = Command(
             Kind.DURATION,
             "How long to wait for a match (a duration such as 10m); then exit 1 with the console's last lines.",
             default=DEFAULT_TIMEOUT,
+            ours=True,
+        ),
+        Flag(
+            "hang-timeout",
+            Kind.DURATION,
+            "How long the guest may show no sign of life (no output on any serial port, no disk I/O) before it "
+            "is called hung: exit 1 with the console's last lines. 0 waits for -timeout regardless.",
+            default=DEFAULT_HANG_TIMEOUT,
             ours=True,
         ),
     ),

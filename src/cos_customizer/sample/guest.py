@@ -9,15 +9,21 @@ The guest (built once, cached under ~/.cache/cos-customizer/sample-guest/KEY; KE
 digest of the os-release the image carries):
 
 - root: `debootstrap --variant=minbase` of Debian bookworm from this machine's apt mirror, with
-  systemd, udev, cloud-init and dmsetup (gdisk, a hard dependency of cloud-init, is purged: COS has
-  no sgdisk). The kernel's modules are pruned to what a VM needs (`VM_MODULES` and their
-  dependencies) and indexed with the root's depmod.
+  systemd, udev, cloud-init, dmsetup, sudo and apparmor's parser (docker loads its profile with it)
+  (gdisk, a hard dependency of cloud-init, is purged: COS has no sgdisk). The kernel's modules are
+  pruned to what a VM needs (`VM_MODULES` and their dependencies) and indexed with the root's depmod.
+  /etc/resolv.conf names the resolver of the qemu executor's network (`RESOLV_CONF`), not the one of
+  the machine that built the guest.
 - COS's runtime layout as units: `/` read-only (the verity device), `/etc` writable and stateless
   (an overlay with a tmpfs upper, made by the initramfs), STATE on /mnt/stateful_partition by
   `mnt-stateful_partition.mount`, `/var` and `/home` bind mounts of its `var_overlay` and `home`,
   OEM on /usr/share/oem by `usr-share-oem.mount`, `/tmp` a noexec tmpfs (`tmp.mount`), /mnt/disks
   a small tmpfs. `/var` is noexec, as on COS, so /var/lib/cloud is bind-mounted exec over itself
   (cloud-init executes the scripts it writes there).
+- units named as COS's, for checks written for COS: `update-engine.service` (a stand-in that updates
+  nothing, masked by disable-auto-update's `systemd.mask=`) and `gcr-online.target` (the network is up).
+  With `-with-containers`, `enable_containers` starts the runtime at boot and mounts its data
+  directories on STATE executable at /var/lib/docker and /var/lib/containerd, as COS does.
 - `rootdev`: a shell stand-in for COS's tool (`rootdev -s` prints the partition under the root's
   device-mapper device, /dev/sda3 when booted from ROOT-A).
 - cloud-init with the GCE datasource only, in one stage (cloud-init.service; -local, -config and
@@ -68,7 +74,7 @@ VM_MODULES = (
 )  # fmt: skip
 # Units a VM does not need (or that would slow every boot of a stateless /etc), masked.
 MASKED = (
-    "getty.target", "getty@.service", "serial-getty@.service", "getty-static.service", "console-getty.service",
+    "getty@.service", "getty-static.service", "console-getty.service",
     "systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount", "proc-sys-fs-binfmt_misc.mount",
     "systemd-pstore.service", "systemd-journal-flush.service", "systemd-random-seed.service",
     "systemd-sysusers.service", "systemd-firstboot.service", "systemd-machine-id-commit.service",
@@ -187,11 +193,20 @@ COS_UNITS = {
         "Wants=network-online.target\nAfter=network-online.target\n\n[Install]\nWantedBy=multi-user.target\n"
     ),
 }
+# The serial console (ttyS0, `cos-customizer boot`'s console mode): root is logged in, no password (a test image).
+AUTOLOGIN = """[Service]
+ExecStart=
+ExecStart=-/sbin/agetty --autologin root --noclear --keep-baud 115200,57600,38400,9600 - $TERM
+"""
 # With -with-containers: the runtime's data on STATE, executable (overlay layers run from there) as on COS,
 # and its units started at boot.
 CONTAINER_MOUNTS = ("docker", "containerd")
 CONTAINER_UNITS = (("multi-user.target.wants", "containerd.service"), ("multi-user.target.wants", "docker.service"),
                    ("sockets.target.wants", "docker.socket"))  # fmt: skip
+
+# QEMU's user network (the qemu executor's 169.254.0.0/16) answers DNS at its third address, 169.254.0.3,
+# asking this machine's resolver; a GCE VM asks the metadata server (which the qemu executor's does not serve).
+RESOLV_CONF = "# The resolver of the qemu executor's network (QEMU's, at 169.254.0.3)\nnameserver 169.254.0.3\n"
 
 NETWORK = """[Match]
 Type=ether
@@ -248,6 +263,8 @@ def configure(root: Path, os_release: str) -> None:
         "127.0.1.1 cos-sample\n169.254.169.254 metadata.google.internal metadata\n"
     )
     (etc / "hostname").write_text("cos-sample\n")
+    (etc / "resolv.conf").unlink(missing_ok=True)  # debootstrap's copy of this machine's
+    (etc / "resolv.conf").write_text(RESOLV_CONF)
     (etc / "fstab").write_text("# The file systems of the sample image are mounted by systemd units (COS's layout).\n")
     (etc / "machine-id").write_text("")  # each boot of a stateless /etc gets its own
     (root / "var/lib/dbus/machine-id").unlink(missing_ok=True)
@@ -263,6 +280,8 @@ def configure(root: Path, os_release: str) -> None:
     rootdev = root / "usr/bin/rootdev"
     rootdev.write_text(ROOTDEV)
     rootdev.chmod(0o755)
+    (etc / "systemd/system/serial-getty@ttyS0.service.d").mkdir(parents=True, exist_ok=True)
+    (etc / "systemd/system/serial-getty@ttyS0.service.d/autologin.conf").write_text(AUTOLOGIN)
     for name, text in COS_UNITS.items():
         (units / name).write_text(text)
         _symlink(etc / "systemd/system/multi-user.target.wants" / name, f"/lib/systemd/system/{name}")

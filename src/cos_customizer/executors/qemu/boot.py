@@ -257,6 +257,8 @@ class InstanceSpec:
     forwards: tuple[tuple[str, int, Path], ...] = ()
     # More serial ports captured: (GCE port number 2 or 4, the file receiving it); the others are discarded.
     serial_ports: tuple[tuple[int, Path], ...] = ()
+    # Serial port 1 as a unix socket QEMU listens on (an interactive console), still logged to `console`.
+    console_socket: Path | None = None
     qemu: str = QEMU
     socat: str = "socat"
 
@@ -283,7 +285,7 @@ def _opt(value: str | os.PathLike[str]) -> str:
 
 def qemu_argv(spec: InstanceSpec) -> list[str]:
     """QEMU's argument list for `spec` (no shell involved)."""
-    argv = [spec.qemu, "-machine", "q35", "-accel", spec.accel]
+    argv = [spec.qemu, "-name", "cos-customizer,debug-threads=on", "-machine", "q35", "-accel", spec.accel]
     if spec.accel == "kvm":
         argv += ["-cpu", "host"]
     argv += ["-m", str(spec.memory_mb), "-smp", str(spec.cpus), "-nodefaults", "-no-user-config", "-display", "none"]
@@ -305,6 +307,10 @@ def qemu_argv(spec: InstanceSpec) -> list[str]:
         path = files.get(port)
         append = ",append=on" if spec.serial_append else ""
         backend = f"file,id=serial{port},path={_opt(path)}{append}" if path is not None else f"null,id=serial{port}"
+        if port == 1 and spec.console_socket is not None:
+            backend = f"socket,id=serial1,path={_opt(spec.console_socket)},server=on,wait=off"
+            if path is not None:
+                backend += f",logfile={_opt(path)},logappend={'on' if spec.serial_append else 'off'}"
         argv += ["-chardev", backend, "-serial", f"chardev:serial{port}"]
     forwards = ((METADATA_IP, 80, spec.metadata_socket), *spec.forwards)
     guestfwds = "".join(

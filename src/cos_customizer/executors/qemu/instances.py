@@ -33,8 +33,10 @@ import codecs
 import contextlib
 import dataclasses
 import functools
+import logging
 import os
 import queue
+import re
 import shutil
 import subprocess
 import tempfile
@@ -52,11 +54,16 @@ from cos_customizer.executors.qemu import daisy as daisy_local
 from cos_customizer.executors.qemu.boot import BootChoice, InstanceSpec, Qmp, QmpError
 from cos_customizer.executors.qemu.daisy import Handler, StepContext
 from cos_customizer.executors.qemu.resources import Instance, Resources
+from cos_customizer.units import format_duration
+
+log = logging.getLogger(__name__)
 
 QUIT_GRACE = 5.0  # seconds QEMU gets to leave after QMP `quit` before it is killed
 POLL = 0.1  # seconds between looks at a serial port file
 SERIAL_READ = 1 << 20  # bytes of a serial port file read at a time
 RESET, POWEROFF = "guest-reset", "guest-shutdown"
+HUNG = "the guest made no progress for"  # how `Stall` words a hung guest
+LOOK = 1.0  # seconds between looks for a guest's signs of life (a QMP query-blockstats each)
 
 
 class InstanceError(CustomizerError):
@@ -112,6 +119,8 @@ class Machine:
     forwards: tuple[tuple[str, int, Path], ...] = ()  # more guestfwd services, as InstanceSpec.forwards
     on_boot: Callable[[Machine, BootChoice], None] = lambda _machine, _choice: None
     serial_ports: tuple[int, ...] = ()  # ports recorded besides 1 and 3 (2, 4), each in `serial_log(port)`
+    hang_after: float = 0.0  # seconds with no serial output and no disk I/O before a wait calls the guest hung
+    interactive: bool = False  # serial port 1 is also a unix socket, `console_socket`, for a terminal to attach to
     boots: int = 0
     guest_seconds: float = 0.0  # how long QEMU ran, summed over the boots that ended
     reasons: list[str] = dataclasses.field(default_factory=list)  # the SHUTDOWN reason of each boot that ended
@@ -135,6 +144,10 @@ class Machine:
     def console(self) -> Path:
         return self.serial_log(1)
 
+    @property
+    def console_socket(self) -> Path:
+        return self.directory / "console.sock"
+
     def console_tail(self, lines: int = 5) -> str:
         """The console's (serial port 1's) last non-empty lines, for the error of a guest that stopped early:
         the instance's directory, the log with it, is removed when the workflow ends."""
@@ -143,6 +156,45 @@ class Machine:
         except OSError:
             return ""
         return " | ".join([line.strip() for line in text.splitlines() if line.strip()][-lines:])
+
+    def signs_of_life(self) -> tuple[int, ...]:
+        """What changes while the guest makes progress: its boots, its disks' I/O operations (QMP
+        `query-blockstats`; -1 while no QEMU answers) and the sizes of its serial port files."""
+        operations = -1
+        qmp = self.instance.qmp
+        if qmp is not None and self.instance.running():
+            with self.instance.lock, contextlib.suppress(QmpError, OSError, ValueError, TypeError, KeyError):
+                stats = qmp.execute("query-blockstats")
+                operations = sum(int(d["stats"]["rd_operations"]) + int(d["stats"]["wr_operations"]) for d in stats)
+        sizes = []
+        for port in range(1, qemu_boot.SERIAL_PORTS + 1):
+            try:
+                sizes.append(self.serial_log(port).stat().st_size)
+            except OSError:
+                sizes.append(-1)
+        return (self.boots, operations, *sizes)
+
+    def hang_report(self) -> str:
+        """Where a hung guest is, for whoever looks for the cause: each vCPU's instruction pointer and halt
+        state (QMP `info registers -a`), and each QEMU thread's state on this machine (R: running)."""
+        cpus: list[str] = []
+        qmp = self.instance.qmp
+        if qmp is not None and self.instance.running():
+            with self.instance.lock, contextlib.suppress(QmpError, OSError, ValueError):
+                text = str(qmp.execute("human-monitor-command", **{"command-line": "info registers -a"}))
+                for number, registers in re.findall(r"CPU#(\d+)\s*\n(.*?)(?=CPU#|\Z)", text, re.S):
+                    rip, halted = re.search(r"RIP=(\w+)", registers), re.search(r"HLT=(\d)", registers)
+                    cpus.append(
+                        f"{number} at {rip[1] if rip else '?'}{' halted' if halted and halted[1] == '1' else ''}"
+                    )
+        threads: list[str] = []
+        proc = self.proc
+        if proc is not None:
+            for task in sorted(Path(f"/proc/{proc.pid}/task").glob("*")):
+                with contextlib.suppress(OSError, IndexError):
+                    stat = (task / "stat").read_text()
+                    threads.append(f"{stat[stat.index('(') + 1 : stat.rindex(')')]} {stat[stat.rindex(')') + 2]}")
+        return f"vCPUs: {', '.join(cpus) or '?'}; QEMU's threads: {', '.join(threads) or '?'}"
 
     def _argv(self, choice: BootChoice, kernel: Path, initrd: Path | None) -> list[str]:
         spec = InstanceSpec(
@@ -161,6 +213,7 @@ class Machine:
             events_socket=self.directory / "events.sock",
             forwards=self.forwards,
             serial_ports=tuple((port, self.serial_log(port)) for port in self.serial_ports if port not in (1, 3)),
+            console_socket=self.console_socket if self.interactive else None,
         )
         return qemu_boot.qemu_argv(spec)
 
@@ -206,7 +259,7 @@ class Machine:
     def _boot(self) -> tuple[subprocess.Popen[bytes], Qmp] | None:
         """Plan and start one boot and connect its QMP monitors; None when the instance is being stopped."""
         choice, kernel, initrd = plan_boot(self.disks[0], self.directory)
-        for sock in ("qmp.sock", "events.sock"):
+        for sock in ("qmp.sock", "events.sock", self.console_socket.name):
             (self.directory / sock).unlink(missing_ok=True)
         with self._lock:
             if self._stopping:
@@ -286,6 +339,33 @@ class Machine:
         self.stopped.set()
 
 
+class Stall:
+    """Notices a guest that shows no sign of life (`Machine.signs_of_life`) for `machine.hang_after` seconds:
+    no serial output on any port and no disk I/O. A wait calls `check` as often as it likes."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.last: tuple[int, ...] = ()
+        self.since = self.next_look = time.monotonic()
+
+    def check(self) -> None:
+        hang_after = self.machine.hang_after
+        now = time.monotonic()
+        if hang_after <= 0 or now < self.next_look or self.machine.stopped.is_set():
+            return
+        self.next_look = now + LOOK
+        sign = self.machine.signs_of_life()
+        if sign != self.last:
+            self.last, self.since = sign, now
+        elif now - self.since >= hang_after:
+            quiet = format_duration(round(now - self.since) * 10**9)
+            tail = self.machine.console_tail()
+            detail = f"; the console's last lines: {tail}" if tail else ""
+            name = self.machine.instance.name
+            log.warning("instance %s hangs: %s", name, self.machine.hang_report())
+            raise InstanceError(f"instance {name}: {HUNG} {quiet} (no serial output, no disk I/O): it hangs{detail}")
+
+
 class QemuInstances:
     """CreateInstances and WaitForInstancesSignal on QEMU, with the disks and metadata servers of `resources`."""
 
@@ -301,8 +381,12 @@ class QemuInstances:
         forwards: tuple[tuple[str, int, Path], ...] = (),
         on_boot: Callable[[Machine, BootChoice], None] | None = None,
         serial_ports: tuple[int, ...] = (),
+        hang_after: float = 0.0,
+        interactive: bool = False,
     ) -> None:
         self.resources = resources
+        self.hang_after = hang_after  # `Machine.hang_after` of every instance
+        self.interactive = interactive  # `Machine.interactive` of every instance
         self.serial_ports = serial_ports  # recorded besides ports 1 and 3 (`Machine.serial_ports`)
         self.extra_append, self.forwards = extra_append, forwards
         self.on_boot = on_boot
@@ -332,7 +416,8 @@ class QemuInstances:
             directory = Path(tempfile.mkdtemp(prefix="cos-vm.", dir=self.rundir))
             machine = Machine(instance, tuple(self.resources.disks[d] for d in disks), directory, self.accel,
                               self.memory_mb, self.cpus, self.extra_append, self.forwards)  # fmt: skip
-            machine.serial_ports = self.serial_ports
+            machine.serial_ports, machine.hang_after = self.serial_ports, self.hang_after
+            machine.interactive = self.interactive
             if self.on_boot is not None:
                 machine.on_boot = self.on_boot
             with self._lock:
@@ -391,9 +476,11 @@ class QemuInstances:
 
     @staticmethod
     def _wait_stopped(machine: Machine, serial: Any, port: int, context: StepContext) -> None:
+        stall = Stall(machine)
         while not machine.stopped.is_set():
             if context.cancel.is_set() or context.remaining() <= 0:
                 return
+            stall.check()
             machine.stopped.wait(min(POLL * 5, context.remaining()))
         if machine.error:
             raise InstanceError(machine.error)
@@ -405,6 +492,7 @@ class QemuInstances:
         path = machine.serial_log(port)
         position = 0
         name = machine.instance.name
+        stall = Stall(machine)
         while True:
             stopped = machine.stopped.is_set()  # looked at before the last read, so no output is missed
             try:
@@ -428,5 +516,7 @@ class QemuInstances:
                 tail = machine.console_tail()
                 detail += f"; the console's last lines: {tail}" if tail else ""
                 raise InstanceError(f"instance {name} stopped before its serial port {port} matched: {detail}")
+            if not full:
+                stall.check()
             if context.sleep(0 if full else POLL):
                 return

@@ -62,6 +62,7 @@ REBOOT_REASON = "Reboot required:"  # the provisioner's line before it exits 3 (
 SOCKET_BASE_MAX = loopback_http.SOCKET_BASE_MAX  # characters of $TMPDIR that leave room for the sockets below it
 INSTANCE_MEMORY_MB = 2048
 INSTANCE_CPUS = 2
+HANG_AFTER = 600.0  # seconds a preload VM may show no serial output and no disk I/O before it is called hung
 # The daisy flags `workflow.daisy_args` writes: with a value, and without.
 _VALUED = ("-gcs_path", "-project", "-zone", "-default_timeout")
 _SWITCHES = ("-disable_gcs_logging",)
@@ -268,6 +269,7 @@ def run(job: Rehearsal, environ: Mapping[str, str], say: Callable[[str], None]) 
                 memory_mb=INSTANCE_MEMORY_MB,
                 cpus=INSTANCE_CPUS,
                 rundir=Path(run_dir),
+                hang_after=HANG_AFTER,
                 extra_append=f"systemd.setenv=STORAGE_EMULATOR_HOST=http://{GCS_ADDRESS}",
                 forwards=((GCS_ADDRESS, 80, gcs.socket),),
                 on_boot=progress.boot,

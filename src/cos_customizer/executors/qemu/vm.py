@@ -33,8 +33,9 @@ from cos_customizer.executors.qemu import boot as qemu_boot
 from cos_customizer.executors.qemu import daisy as daisy_local
 from cos_customizer.executors.qemu import loopback_http
 from cos_customizer.executors.qemu.boot import BootChoice
+from cos_customizer.executors.qemu.console import ESCAPE_NAME, Console
 from cos_customizer.executors.qemu.daisy import StepContext, StepEvent
-from cos_customizer.executors.qemu.instances import Machine, QemuInstances
+from cos_customizer.executors.qemu.instances import HUNG, Machine, QemuInstances
 from cos_customizer.executors.qemu.rehearsal import ACCEL_ENV, INSTANCE_CPUS, INSTANCE_MEMORY_MB
 from cos_customizer.executors.qemu.resources import Resources
 from cos_customizer.images import ImageFormat
@@ -63,9 +64,15 @@ class BootJob:
     failures: tuple[str, ...] = ()
     status: str = ""
     timeout: float = 600.0  # seconds
+    hang_timeout: float = 300.0  # seconds of no serial output and no disk I/O: the guest hangs (0: never)
     accel: str = ""  # "kvm", "tcg", or "" for KVM where a kernel runs under it
     memory_mb: int = INSTANCE_MEMORY_MB
     cpus: int = INSTANCE_CPUS
+
+    @property
+    def console(self) -> bool:
+        """No success match: the guest's serial console on this terminal until it powers off (or Ctrl-])."""
+        return not self.success
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +81,7 @@ class BootResult:
     boots: int
     accel: str
     seconds: float
+    escaped: bool = False  # console mode: stopped by the escape key (else the guest powered off)
 
 
 def check_metadata_key(key: str) -> None:
@@ -126,6 +134,9 @@ def document(job: BootJob, files: Mapping[str, Path]) -> dict[str, Any]:
         serial["FailureMatch"] = list(job.failures)
     if job.status:
         serial["StatusMatch"] = job.status
+    wait: dict[str, Any] = (
+        {"Name": INSTANCE, "Stopped": True} if job.console else {"Name": INSTANCE, "SerialOutput": serial}
+    )
     timeout = f"{max(1, int(job.timeout))}s"
     return {
         "Name": "cos-customizer-boot",
@@ -142,7 +153,7 @@ def document(job: BootJob, files: Mapping[str, Path]) -> dict[str, Any]:
                 ],
                 "Timeout": timeout,
             },
-            "wait": {"WaitForInstancesSignal": [{"Name": INSTANCE, "SerialOutput": serial}], "Timeout": timeout},
+            "wait": {"WaitForInstancesSignal": [wait], "Timeout": timeout},
         },
         "Dependencies": {"run": ["disk"], "wait": ["run"]},
     }
@@ -235,9 +246,11 @@ def run(job: BootJob, environ: Mapping[str, str], say: Callable[[str], None]) ->
         ) as resources:
             wf = daisy_local.load(document(job, files), {}, workflow_dir=work, autovars=resources.autovars())
             instances = QemuInstances(resources, accel=accel or None, memory_mb=job.memory_mb, cpus=job.cpus,
-                                      rundir=Path(run_dir), serial_ports=(job.port,))  # fmt: skip
+                                      rundir=Path(run_dir), serial_ports=(job.port,), interactive=job.console,
+                                      hang_after=0.0 if job.console else job.hang_timeout)  # fmt: skip
             watch = _Watch(instances, job.port, say)
-            instances.on_boot = watch.boot
+            terminal = Console(lambda: instances.machines[INSTANCE].stop()) if job.console else None
+            instances.on_boot = watch.boot if terminal is None else _attached(watch.boot, terminal)
             handlers = {**resources.handlers(), **instances.handlers()}
             handlers["WaitForInstancesSignal"] = watch.wrap(handlers["WaitForInstancesSignal"])
             success: list[str] = []
@@ -247,20 +260,40 @@ def run(job: BootJob, environ: Mapping[str, str], say: Callable[[str], None]) ->
                     success.append(event.detail)
                 watch.event(event)
 
-            say(f"Booting {job.image} (a working copy; the file itself is only read); waiting for serial port "
-                f"{job.port} to say {job.success!r}")  # fmt: skip
+            if terminal is None:
+                say(f"Booting {job.image} (a working copy; the file itself is only read); waiting for serial port "
+                    f"{job.port} to say {job.success!r}")  # fmt: skip
+            else:
+                say(f"Booting {job.image} (a working copy; the file itself is only read). Its serial console is on "
+                    f"this terminal: {ESCAPE_NAME} stops the VM, and so does poweroff in the guest")  # fmt: skip
             try:
                 daisy_local.run(wf, handlers, default_timeout=job.timeout, deadline=started + job.timeout,
                                 on_event=event)  # fmt: skip
             except daisy_local.WorkflowError as err:
                 raise _failed(job, err, watch) from err
+            finally:
+                if terminal is not None:
+                    terminal.close()
             machine = instances.machines.get(INSTANCE)
             return BootResult(
                 success[-1] if success else "",
                 machine.boots if machine else 0,
                 instances.accel,
                 time.monotonic() - started,
+                escaped=terminal is not None and terminal.escaped,
             )
+
+
+def _attached(
+    report: Callable[[Machine, BootChoice], None], terminal: Console
+) -> Callable[[Machine, BootChoice], None]:
+    """An on-boot callback that reports the boot, then relays this boot's console socket to the terminal."""
+
+    def on_boot(machine: Machine, choice: BootChoice) -> None:
+        report(machine, choice)
+        terminal.attach(machine.console_socket, lambda: not machine.stopped.is_set())
+
+    return on_boot
 
 
 def _failed(job: BootJob, err: daisy_local.WorkflowError, watch: _Watch) -> CustomizerError:
@@ -276,6 +309,8 @@ def _failed(job: BootJob, err: daisy_local.WorkflowError, watch: _Watch) -> Cust
         tails += f"; the console's last lines: {watch.console}"
     if timed_out:
         return GuestFailed(f"serial port {job.port} did not say {job.success!r} within -timeout{tails}")
+    if HUNG in reason:
+        tails += "; if it may be that quiet, raise -hang-timeout (0 waits for -timeout)"
     if isinstance(err, daisy_local.WorkflowStepFailed) and err.step.name != "wait":
         return GuestFailed(f"the image did not boot: {reason}{tails}")
     return GuestFailed(f"{reason}{tails}")
