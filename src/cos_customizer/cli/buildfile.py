@@ -252,14 +252,14 @@ class _Reader:
                              "(source: {image-file: ...}, finish: {output: ...})")  # fmt: skip
         if not finish["output"]:
             raise self.error(key_node, BOOT, "boot boots the build's output: set finish's output")
+        if not parsed["success-match"]:
+            raise self.error(key_node, BOOT, "success-match must be set: a build file's boot checks the output "
+                             "(the interactive console is cos-customizer boot -image-file=OUTPUT)")  # fmt: skip
         try:
             with contextlib.chdir(directory):
                 job = boot_cli.job_from(parsed, directory / finish["output"])
         except CustomizerError as err:
             raise self.error(key_node, BOOT, str(err), err.exit_code) from None
-        if job.console:
-            raise self.error(key_node, BOOT, "success-match must be set: a build file's boot checks the output "
-                             "(the interactive console is cos-customizer boot -image-file=OUTPUT)")  # fmt: skip
         return Boot(job, finish["output"], key_node.start_mark.line + 1)
 
     def steps(self, node: Node) -> list[Invocation]:
