@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,3 +38,26 @@ def bootable_raw_dm_mod(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("bootable") / "cos.raw"
     sample_image.build(path, bootable=True, grub_format="dm-mod")
     return path
+
+
+@pytest.fixture
+def private_tmp(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A short $TMPDIR of the test's own, so what `boot` makes there (and leaves) can be seen."""
+    with tempfile.TemporaryDirectory(prefix="bc.", dir="/tmp") as path:
+        monkeypatch.setattr(tempfile, "tempdir", path)
+        yield Path(path)
+
+
+def left_in(private: Path) -> list[str]:
+    """Files left in the private $TMPDIR, and processes whose command line names it (QEMU, socat)."""
+    found = [str(path) for path in private.iterdir()]
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and proc.name != str(os.getpid()):
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(private).encode() in cmdline:
+                shown = cmdline.replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"process {proc.name}: {shown}")
+    return found

@@ -1,31 +1,28 @@
 """`cos-customizer boot`: the bootable sample booted from its image file, checked from inside through serial port 2.
 
-Under TCG (a boot to the check takes about 20 s here, 70 s with another QEMU beside it): the raw sample
-passes its cloud-config's check; a GCE `.tar.gz` of it says the failure line; then a boot cut short by
--timeout, and one by SIGTERM. Each time the image file is bit-identical afterwards (the first two) and
-nothing is left (the private directories, QEMU and its helpers).
+Under TCG (a boot to the check takes about 20 s here, 70 s with another QEMU beside it): a boot cut short by
+-timeout, and one by SIGTERM; a build file's boot: section; the console mode on a pseudo-terminal. Each time
+nothing is left (the private directories, QEMU and its helpers). Built outputs passing their checks and
+unchanged, a `.tar.gz`, a failure line: test_boot_outputs.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import pty
 import select
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import termios
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import CLI
+from tests.guest.conftest import left_in
 from tests.guest.test_sample_bootable import bootable  # noqa: F401 - the fixture
 
 # What a COS acceptance check does: a cloud-config whose script writes to serial port 2 (the guest's ttyS1).
@@ -47,37 +44,6 @@ runcmd:
 """
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-@pytest.fixture
-def private_tmp(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A short $TMPDIR of the test's own, so what `boot` makes there (and leaves) can be seen."""
-    with tempfile.TemporaryDirectory(prefix="bc.", dir="/tmp") as path:
-        monkeypatch.setattr(tempfile, "tempdir", path)
-        yield Path(path)
-
-
-def _left(private: Path) -> list[str]:
-    """Files left in the private $TMPDIR, and processes whose command line names it (QEMU, socat)."""
-    found = [str(path) for path in private.iterdir()]
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and proc.name != str(os.getpid()):
-            try:
-                cmdline = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if str(private).encode() in cmdline:
-                shown = cmdline.replace(b"\0", b" ").decode(errors="replace")
-                found.append(f"process {proc.name}: {shown}")
-    return found
-
-
 def _boot(cli: CLI, image: Path, user_data: Path, *extra: str) -> tuple[int, str]:
     result = cli(
         "boot",
@@ -91,50 +57,6 @@ def _boot(cli: CLI, image: Path, user_data: Path, *extra: str) -> tuple[int, str
         *extra,
     )
     return result.code, result.out + result.err
-
-
-def test_the_raw_sample_passes_its_checks_and_is_not_written(
-    cli: CLI,
-    bootable: Path,  # noqa: F811 - the fixture
-    private_tmp: Path,
-    tmp_path: Path,
-) -> None:
-    user_data = tmp_path / "user-data.yaml"
-    user_data.write_text(USER_DATA % "Pass")
-    before = _sha256(bootable)
-    code, output = _boot(cli, bootable, user_data)
-    assert code == 0, output
-    assert "TestStatus: STATE is mounted" in output
-    assert "TestStatus: kernel " in output and "PID 1 systemd" in output
-    assert 'Serial port 2 said "TestPass: the checks ran": the guest passed' in output
-    assert _sha256(bootable) == before
-    assert _left(private_tmp) == []
-
-
-def test_a_gce_tar_gz_boots_and_a_failure_line_fails_the_command(
-    cli: CLI,
-    bootable: Path,  # noqa: F811 - the fixture
-    private_tmp: Path,
-    tmp_path: Path,
-) -> None:
-    if shutil.which("tar") is None:
-        pytest.skip("tar is not installed")
-    work = tmp_path / "gce"
-    work.mkdir()
-    subprocess.run(["cp", "--sparse=always", str(bootable), str(work / "disk.raw")], check=True)
-    archive = tmp_path / "cos.tar.gz"
-    subprocess.run(["tar", "-Sczf", str(archive), "disk.raw"], cwd=work, check=True)
-    (work / "disk.raw").unlink()
-    user_data = tmp_path / "user-data.yaml"
-    user_data.write_text(USER_DATA % "Fail")
-    before = _sha256(archive)
-    code, output = _boot(cli, archive, user_data)
-    assert code == 1, output
-    lines = [line for line in output.splitlines() if line.startswith("cos-customizer: error:")]
-    assert lines == ["cos-customizer: error: serial port 2 matched -failure-match: TestFail: the checks ran"], output
-    assert "TestStatus: STATE is mounted" in output  # it booted, and the status lines came before the failure
-    assert _sha256(archive) == before
-    assert _left(private_tmp) == []
 
 
 def test_timeout_and_sigterm_stop_the_guest_and_leave_nothing(
@@ -153,7 +75,7 @@ def test_timeout_and_sigterm_stop_the_guest_and_leave_nothing(
         "cos-customizer: error: serial port 2 did not say 'TestPass' within -timeout; the console's last lines: "
     )
     assert "\\x1b" not in error[0]  # the console's colours are not quoted
-    assert _left(private_tmp) == []
+    assert left_in(private_tmp) == []
 
     log = tmp_path / "stderr"
     argv = [sys.executable, "-m", "cos_customizer", "boot", f"-image-file={bootable}", "-success-match=TestPass"]
@@ -174,7 +96,7 @@ def test_timeout_and_sigterm_stop_the_guest_and_leave_nothing(
             proc.kill()
             proc.wait()
     assert "stopped by SIGTERM" in log.read_text()
-    assert _left(private_tmp) == []
+    assert left_in(private_tmp) == []
 
 
 def test_a_build_files_boot_checks_the_built_image_from_inside(
@@ -285,4 +207,4 @@ def test_the_console_logs_root_in_and_ends_on_poweroff_or_ctrl_bracket(
     assert terminal.after == terminal.before  # the terminal's modes are given back
     if how == "poweroff":
         assert "reboot: Power down" in said  # the guest's own clean shutdown, on its console
-    assert _left(private_tmp) == []
+    assert left_in(private_tmp) == []

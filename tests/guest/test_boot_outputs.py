@@ -28,6 +28,7 @@ from cos_customizer import privilege
 from cos_customizer.disk import gpt
 from tests import registry
 from tests.conftest import data_digest, sh
+from tests.guest.conftest import left_in
 from tests.integration.test_local_build import cli, copy_of, start
 
 pytestmark = [
@@ -111,11 +112,11 @@ runcmd:
 """
 
 
-def boot(image: Path, user_data: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+def boot(image: Path, user_data: Path, *flags: str, tmpdir: Path | None = None) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "cos_customizer", "boot", f"-image-file={image}", f"-user-data={user_data}",
             "-serial-port=2", "-success-match=TestPass", "-failure-match=TestFail", "-status-match=TestStatus",
             "-timeout=8m", *flags]  # fmt: skip
-    env = {**os.environ, "COS_CUSTOMIZER_QEMU_ACCEL": "tcg"}
+    env = {**os.environ, "COS_CUSTOMIZER_QEMU_ACCEL": "tcg", **({"TMPDIR": str(tmpdir)} if tmpdir else {})}
     return subprocess.run(argv, capture_output=True, text=True, check=False, env=env, timeout=600)
 
 
@@ -157,7 +158,7 @@ def test_a_sealed_local_build_as_a_gce_tar_gz_passes_cos_checks_from_inside(
     assert (data_digest(sealed_local), data_digest(bootable_raw)) == (before, source_before)
 
 
-def test_a_tampered_sealed_oem_fails_the_guests_read(sealed_local: Path, tmp_path: Path) -> None:
+def test_a_tampered_sealed_oem_fails_the_guests_read(sealed_local: Path, tmp_path: Path, private_tmp: Path) -> None:
     sh("tar", "-xSzf", sealed_local, "-C", tmp_path)
     tampered = tmp_path / "disk.raw"
     oem = next(p for p in gpt.read_table(tampered).partitions if p.name == "OEM")
@@ -172,7 +173,7 @@ def test_a_tampered_sealed_oem_fails_the_guests_read(sealed_local: Path, tmp_pat
     user_data = tmp_path / "tampered.cfg"
     user_data.write_text(TAMPERED)
     before = data_digest(tampered)
-    result = boot(tampered, user_data)
+    result = boot(tampered, user_data, tmpdir=private_tmp)
     assert "TestStatus: mounted\n" in result.stderr, result.stderr
     assert (result.returncode, result.stderr.splitlines()[-1]) == (
         1,
@@ -180,6 +181,7 @@ def test_a_tampered_sealed_oem_fails_the_guests_read(sealed_local: Path, tmp_pat
         "TestFail: cat: /usr/share/oem/hello: Input/output error",
     )
     assert data_digest(tampered) == before
+    assert left_in(private_tmp) == []  # a failed boot leaves nothing: files, QEMU, socat
 
 
 def test_a_hung_guest_is_reported_with_its_console(bootable_raw: Path, tmp_path: Path) -> None:

@@ -208,6 +208,7 @@ def root_tree(root: Path, *, with_containers: bool = False) -> None:
 
 
 def state_tree(root: Path, *, with_containers: bool = False) -> None:
+    """STATE's tree; `with_containers` (a bootable sample with the runtime): its data directories too."""
     for directory in ("var_overlay/lib", "var_overlay/log", "var_overlay/cache", "var_overlay/tmp",
                       "home/chronos", "dev_image"):  # fmt: skip
         (root / directory).mkdir(parents=True)
@@ -330,7 +331,7 @@ def build(
             hash_offset=root_a + ROOT_FS_BLOCKS * 4096,
             salt=random_salt(),
         )
-        state_tree(staging / "state", with_containers=with_containers)
+        state_tree(staging / "state", with_containers=with_containers and guest is not None)
         _mke2fs(image, parts["STATE"], "ext4", "STATE", staging / "state", lazy=guest is None)
         oem_tree(staging / "oem")
         _mke2fs(image, parts["OEM"], "ext4", "OEM", staging / "oem", lazy=guest is None)
