@@ -115,6 +115,10 @@ def bind(source: str, target: str, flags: int = 0) -> None:
         mount(None, target, None, MS_REMOUNT | MS_BIND | flags)
 
 
+def umount(target: str, flags: int = 0) -> None:
+    _check(_libc.umount2(target.encode(), flags), "umount", target)
+
+
 def pivot_root(new_root: str, put_old: str) -> None:
     number = _number("pivot_root")
     _check(_libc.syscall(number, new_root.encode(), put_old.encode()), "pivot_root", new_root)
