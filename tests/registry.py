@@ -51,6 +51,7 @@ PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 EPOCH = "1970-01-01T00:00:00Z"
 
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
+MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 CONFIG_V1 = "application/vnd.docker.container.image.v1+json"
 LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 CHUNK = 1 << 20
@@ -212,11 +213,11 @@ def _sha256_file(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def image_config(layers: list[Path], config: dict[str, Any] | None = None) -> bytes:
-    """The image config JSON: amd64/linux, diff_ids of the uncompressed `layers`, and a container config
+def image_config(layers: list[Path], config: dict[str, Any] | None = None, architecture: str = "amd64") -> bytes:
+    """The image config JSON: `architecture`/linux, diff_ids of the uncompressed `layers`, and a container config
     of Cmd ["sh"] and a PATH Env, updated with `config` (keys such as Cmd, Entrypoint, Env, WorkingDir)."""
     document = {
-        "architecture": "amd64",
+        "architecture": architecture,
         "os": "linux",
         "created": EPOCH,
         "config": {"Env": [PATH_ENV], "Cmd": ["sh"], **(config or {})},
@@ -261,7 +262,12 @@ def _upload_blob(registry: Registry, name: str, path: Path | None, data: bytes, 
 
 
 def push_image(
-    registry: Registry, name: str, tag: str, layers: list[Path], config: dict[str, Any] | None = None
+    registry: Registry,
+    name: str,
+    tag: str,
+    layers: list[Path],
+    config: dict[str, Any] | None = None,
+    architecture: str = "amd64",
 ) -> str:
     """Push an image of the uncompressed layer tars `layers` (gzipped on the way) as `name:tag`, with the
     Registry HTTP API v2 and a schema 2 manifest; returns the manifest digest ("sha256:...")."""
@@ -272,7 +278,7 @@ def push_image(
             digest, size = _gzip(layer, compressed)
             _upload_blob(registry, name, compressed, b"", digest)
             descriptors.append({"mediaType": LAYER_GZIP, "size": size, "digest": digest})
-        config_bytes = image_config(layers, config)
+        config_bytes = image_config(layers, config, architecture)
         config_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
         _upload_blob(registry, name, None, config_bytes, config_digest)
     manifest = json.dumps(
@@ -293,6 +299,21 @@ def push_image(
     if headers.get("Docker-Content-Digest") != digest:
         raise RuntimeError(f"the registry names the manifest {headers.get('Docker-Content-Digest')}, not {digest}")
     return digest
+
+
+def push_index(registry: Registry, name: str, tag: str, images: dict[str, list[Path]]) -> None:
+    """Push one image per architecture (`images`: "amd64" or "arm64" -> its layer tars) and, as `name:tag`,
+    a manifest list naming each by its platform (what a multi-architecture image is)."""
+    entries = []
+    for architecture, layers in images.items():
+        digest = push_image(registry, name, f"{tag}-{architecture}", layers, architecture=architecture)
+        status, _, body = registry.request("GET", f"/v2/{name}/manifests/{digest}", None, {"Accept": MANIFEST_V2})
+        entries.append({"mediaType": MANIFEST_V2, "size": len(body), "digest": digest,
+                        "platform": {"architecture": architecture, "os": "linux"}})  # fmt: skip
+    document = json.dumps({"schemaVersion": 2, "mediaType": MANIFEST_LIST, "manifests": entries}).encode()
+    status, _, body = registry.request("PUT", f"/v2/{name}/manifests/{tag}", document, {"Content-Type": MANIFEST_LIST})
+    if status != 201:
+        raise RuntimeError(f"putting the manifest list of {name}:{tag} failed: {status} {body!r}")
 
 
 def docker_archive(path: Path, repo_tag: str, layers: list[Path], config: dict[str, Any] | None = None) -> str:

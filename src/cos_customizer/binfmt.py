@@ -7,13 +7,17 @@ is registered), so it works inside a sandbox or chroot whose root has no emulato
 
 `emulation(arch)` makes sure such a registration exists for the time of a build:
 - the host's own machine needs none;
-- an enabled registration with the F flag for the machine's ELF header is used as it is;
-- otherwise the tool registers its own, `cos-customizer-<machine>-<pid>` (the kernel tries the newest
-  registration first, so it takes precedence over one without F), and removes it afterwards. One a
+- an enabled registration with the F and P flags for the machine's ELF header is used as it is;
+- otherwise the tool registers its own, `cos-customizer-<machine>-<pid>-<n>` (the kernel tries the newest
+  registration first, so it takes precedence over one without them), and removes it afterwards. One a
   killed run left (its pid is gone) is removed by the next run. A registration the tool did not make
   is never changed;
-- binfmt_misc is mounted at /proc/sys/fs/binfmt_misc for the time of the build when it is not, and
-  unmounted afterwards.
+- binfmt_misc is mounted at /proc/sys/fs/binfmt_misc (source `cos-customizer`) when it is not, and
+  that mount is unmounted by the last run to leave it: unmounting binfmt_misc drops every
+  registration (Linux 6.7 and later), so each run holds it open (a descriptor of its status file) for
+  its whole block, and a run unmounts only a mount of ours with no registration left (another run
+  that holds it makes the unmount fail, EBUSY, and unmounts it itself when it ends). A binfmt_misc
+  mounted by anyone else stays as it is.
 A host without the emulator or without binfmt_misc gets one line naming the Debian package to install.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 from collections.abc import Iterator
@@ -34,7 +39,14 @@ log = logging.getLogger("cos_customizer")
 
 BINFMT_MISC = Path("/proc/sys/fs/binfmt_misc")
 OWN_PREFIX = "cos-customizer-"
-FLAGS = "F"
+# As Debian's binfmt.d entries: P (the program's own argv[0] reaches it: dockerd re-executes itself under
+# another name), O (the kernel opens the program: an executable it may not read runs too), F (the emulator
+# is opened at registration, so it runs from any root).
+FLAGS = "POF"
+NEEDED_FLAGS = "PF"
+PACKAGE = "binfmt-support"  # Debian's package that mounts binfmt_misc
+MOUNT_SOURCE = "cos-customizer"  # the source of a binfmt_misc mount this tool made (in /proc/self/mountinfo)
+_SERIAL = itertools.count(1)  # one registration per emulation block, even two in one process
 # Debian's qemu-user-static magic and mask for each machine's 64-bit little-endian executables (binfmt.d).
 MAGIC = {
     Arch.ARM64: (
@@ -52,10 +64,16 @@ def _escaped(hexstring: str) -> str:
     return "".join(f"\\x{hexstring[i : i + 2]}" for i in range(0, len(hexstring), 2))
 
 
+def interpreter(arch: Arch) -> str:
+    """Debian's name of the emulator for binfmt_misc's P flag (a link to it), else the emulator itself."""
+    debian = f"/usr/libexec/qemu-binfmt/{arch.uname}-binfmt-P"
+    return debian if os.path.exists(debian) else arch.qemu_user
+
+
 def registration_line(arch: Arch, name: str) -> str:
     """What is written to binfmt_misc's register file for `arch` under `name`."""
     magic, mask = MAGIC[arch]
-    return f":{name}:M::{_escaped(magic)}:{_escaped(mask)}:{arch.qemu_user}:{FLAGS}"
+    return f":{name}:M::{_escaped(magic)}:{_escaped(mask)}:{interpreter(arch)}:{FLAGS}"
 
 
 def _parse_entry(text: str) -> dict[str, str]:
@@ -75,7 +93,7 @@ def usable(entry_text: str, arch: Arch) -> bool:
     magic, mask = MAGIC[arch]
     return (
         fields.get("state") == "enabled"
-        and "F" in fields.get("flags:", "")
+        and all(flag in fields.get("flags:", "") for flag in NEEDED_FLAGS)
         and fields.get("magic", "").lower() == magic
         and fields.get("mask", mask).lower() == mask
     )
@@ -109,7 +127,7 @@ def _remove(root: Path, name: str) -> None:
 
 def _remove_stale(root: Path, names: list[str]) -> None:
     for name in names:
-        pid = name.rsplit("-", 1)[-1]
+        pid = name.rsplit("-", 2)[-2] if name.count("-") >= 3 else ""
         if name.startswith(OWN_PREFIX) and pid.isdigit() and not _alive(int(pid)):
             log.debug("removing binfmt_misc entry %s, left by a run that is gone", name)
             _remove(root, name)
@@ -123,24 +141,50 @@ def require_emulator(arch: Arch) -> None:
         )
 
 
+def _hold(root: Path) -> int | None:
+    """A descriptor of binfmt_misc's status file (None when binfmt_misc is not mounted at `root`): while it
+    is open, binfmt_misc cannot be unmounted, and an unmount would drop every registration with it."""
+    try:
+        return os.open(root / "status", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+
+
+def _mounted_by_us(root: Path) -> bool:
+    """Whether the binfmt_misc at `root` is one this tool mounted (its source is `MOUNT_SOURCE`)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            fields = line.split(" - ", 1)
+            if len(fields) == 2 and fields[0].split()[4] == str(root):
+                kind, source = [*fields[1].split(), "", ""][:2]
+                if kind == "binfmt_misc" and source == MOUNT_SOURCE:
+                    return True
+    return False
+
+
 @contextlib.contextmanager
 def _mounted(root: Path) -> Iterator[None]:
-    if (root / "register").exists():
-        yield
-        return
-    try:
-        linux.mount("binfmt_misc", str(root), "binfmt_misc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
-    except OSError as err:
-        hint = "run as root" if err.errno == errno.EPERM else "apt-get install binfmt-support (or modprobe binfmt_misc)"
-        raise ValidationError(
-            f"binfmt_misc cannot be mounted at {root} ({os.strerror(err.errno or 0)}), and running another "
-            f"machine's binaries needs it: {hint}"
-        ) from err
+    """binfmt_misc at `root`, held mounted for the block (mounted first when it is not). Afterwards a mount
+    this tool made is unmounted when no registration is left and no other run holds it (EBUSY)."""
+    fd = _hold(root)
+    if fd is None:
+        try:
+            linux.mount(MOUNT_SOURCE, str(root), "binfmt_misc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+        except OSError as err:
+            hint = "run as root" if err.errno == errno.EPERM else f"apt-get install {PACKAGE} (or modprobe binfmt_misc)"
+            raise ValidationError(
+                f"binfmt_misc cannot be mounted at {root} ({os.strerror(err.errno or 0)}), and running another "
+                f"machine's binaries needs it: {hint}"
+            ) from err
+        fd = _hold(root)
     try:
         yield
     finally:
-        with contextlib.suppress(OSError):
-            linux.umount(str(root))
+        if fd is not None:
+            os.close(fd)
+        if _mounted_by_us(root) and not entries(root):
+            with contextlib.suppress(OSError):  # EBUSY: another run holds it; that run unmounts it
+                linux.umount(str(root))
 
 
 @contextlib.contextmanager
@@ -164,7 +208,7 @@ def emulation(arch: Arch, root: Path = BINFMT_MISC) -> Iterator[str | None]:
                 log.debug("%s binaries run through binfmt_misc entry %s", arch.debian, name)
                 yield name
                 return
-        name = f"{OWN_PREFIX}{arch.uname}-{os.getpid()}"
+        name = f"{OWN_PREFIX}{arch.uname}-{os.getpid()}-{next(_SERIAL)}"
         try:
             (root / "register").write_text(registration_line(arch, name))
         except OSError as err:

@@ -423,6 +423,25 @@ def read_source_table(path: Path, *, allow_backing_file: bool | None = None) -> 
     return table
 
 
+def write_head(path: Path, target: Path, size: int, *, allow_backing_file: bool | None = None) -> None:
+    """The first `size` bytes of a source image's disk (any supported format), written raw to `target`."""
+    allowed = _allowed(allow_backing_file)
+    with _opened(path) as source:
+        fmt = _detect(source)
+        if fmt is ImageFormat.QCOW2:
+            _check_qcow2(path, source, allowed)
+            name, fds = _qemu_input(path, source, allowed)
+            _qemu_img([require_tool("qemu-img", "qemu-utils"), "dd", "-f", "qcow2", "-O", "raw", f"bs={SECTOR}",
+                       f"count={-(-size // SECTOR)}", f"if={name}", f"of={target}"], fds)  # fmt: skip
+        elif fmt is ImageFormat.TAR_GZ:
+            with _tar(path, source) as tar:
+                _first_member(path, tar)
+                target.write_bytes(tar.head(size))
+        else:
+            source.seek(0)
+            target.write_bytes(source.read(size))
+
+
 def _read(file: Path, source: Path) -> Table:
     try:
         return read_table(file)

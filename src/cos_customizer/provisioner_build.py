@@ -11,6 +11,15 @@ and staticx's embedded archive gets fixed times and owners, so the same
 sources and tools give the same bytes. Builds are cached by a hash of the
 sources and tool versions.
 
+Two machines (`Arch`): x86-64 (amd64, the default) and arm64. The other machine's
+executable (arm64 on an x86-64 machine) is frozen by the same steps inside a Debian
+root of that machine, under qemu-user-static (`provisioner_root`); its cache key adds
+the machine and the root. Each machine has its prebuilt (`prebuilt_location`):
+$COS_CUSTOMIZER_PROVISIONER or /usr/lib/cos-customizer/provisioner for x86-64,
+$COS_CUSTOMIZER_PROVISIONER_ARM64 or /usr/lib/cos-customizer/provisioner-arm64 for
+arm64, its manifest recording "arch" ("x86-64" or "arm64"); a prebuilt or a
+-provisioner-binary of the other machine is refused with one line.
+
 A prebuilt executable (the step image has one, so a GCE build does not build
 it on the Cloud Build worker) is named by $COS_CUSTOMIZER_PROVISIONER, or sits
 at /usr/lib/cos-customizer/provisioner. Beside it, `provisioner.json` (its
@@ -51,6 +60,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 import cos_customizer
+from cos_customizer import provisioner_root
+from cos_customizer.arch import ELF_MAGIC, Arch, elf_arch
 from cos_customizer.errors import CustomizerError, ValidationError
 from cos_customizer.runner import require_tool, run
 
@@ -62,8 +73,11 @@ BINARY_MAX_SIZE = 256 << 20  # -provisioner-binary: the user's own build, bounde
 MANIFEST_MAX_SIZE = 64 << 10
 PREBUILT_ENV = "COS_CUSTOMIZER_PROVISIONER"
 PREBUILT_PATH = Path("/usr/lib/cos-customizer/provisioner")
+PREBUILT_ENV_ARM64 = "COS_CUSTOMIZER_PROVISIONER_ARM64"
+PREBUILT_PATH_ARM64 = Path("/usr/lib/cos-customizer/provisioner-arm64")
 MANIFEST_SUFFIX = ".json"  # the manifest of PATH is PATH.json
-ELF_X86_64 = (b"\x7fELF\x02\x01", 62)  # 64-bit little-endian ELF, e_machine EM_X86_64
+# A manifest's "arch", and how messages name an executable's machine ("x86-64" as manifests always had it).
+ARCH_NAMES = {Arch.AMD64: "x86-64", Arch.ARM64: "arm64"}
 ENTRY = "import sys\nfrom cos_customizer.provisioner.main import main\nsys.exit(main())\n"
 # Runs staticx with its archive members normalized (times, owners), so the output is reproducible.
 STATICX_DRIVER = f"""
@@ -80,21 +94,33 @@ api.generate(sys.argv[1], sys.argv[2])
 """
 
 
-def check_toolchain() -> None:
+def check_toolchain(arch: Arch = Arch.AMD64) -> None:
+    """Refuse, in one line, a machine that cannot build the provisioner for `arch`."""
+    if arch is not Arch.host():
+        _tool_versions()  # the arm64 root's tools are pinned to this Python's
+        provisioner_root.check_host(arch)
+        return
     if not sys.base_prefix.startswith("/usr"):
         raise ValidationError(
             f"build-provisioner needs Debian's own Python (staticx refuses the interpreter at {sys.base_prefix}): "
             "run it from the virtualenv that scripts/setup makes with /usr/bin/python3"
         )
+    _tool_versions()
+    require_tool("patchelf", "patchelf")
+
+
+def _tool_versions() -> dict[str, str]:
+    """PyInstaller's and staticx's versions in this Python (a foreign machine's root gets the same)."""
+    versions = {}
     for package in ("pyinstaller", "staticx"):
         try:
-            importlib.metadata.version(package)
+            versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             raise ValidationError(
                 f"{package} is not installed in this Python: pip install 'cos-customizer[provisioner]' "
                 "(scripts/setup does)"
             ) from None
-    require_tool("patchelf", "patchelf")
+    return versions
 
 
 def _hash_sources(digest: hashlib._Hash) -> None:
@@ -110,13 +136,17 @@ def package_digest() -> str:
     return digest.hexdigest()[:32]
 
 
-def source_digest() -> str:
-    """What the executable depends on: every source file and the tool versions (the cache's key)."""
+def source_digest(arch: Arch = Arch.AMD64, root_identity: str = "") -> str:
+    """What the executable depends on: every source file and the tool versions (the cache's key); for
+    another machine than this one, also the machine and its build root (`provisioner_root.Root.identity`:
+    its key, Python and packages). This machine's key is the same as before there were two."""
     digest = hashlib.sha256()
     _hash_sources(digest)
     for package_name in ("pyinstaller", "staticx"):
         digest.update(f"{package_name}={importlib.metadata.version(package_name)}".encode())
     digest.update(sys.version.encode())
+    if arch is not Arch.host():
+        digest.update(f"\0arch={arch.debian}\0root={root_identity}".encode())
     return digest.hexdigest()[:32]
 
 
@@ -125,8 +155,17 @@ def cache_root(environ: dict[str, str]) -> Path:
     return Path(base) / "cos-customizer" / "provisioner"
 
 
+def _freeze_env() -> dict[str, str]:
+    """What PyInstaller and staticx run with, for the same bytes from the same sources."""
+    return {"SOURCE_DATE_EPOCH": EPOCH, "PYTHONHASHSEED": "0"}
+
+
+def _freeze_files() -> provisioner_root.FreezeFiles:
+    return provisioner_root.FreezeFiles(entry=ENTRY, staticx_driver=STATICX_DRIVER)
+
+
 def _compile(work: Path) -> Path:
-    env = {**os.environ, "SOURCE_DATE_EPOCH": EPOCH, "PYTHONHASHSEED": "0"}
+    env = {**os.environ, **_freeze_env()}
     entry = work / "provisioner.py"
     entry.write_text(ENTRY)
     run([sys.executable, "-m", "PyInstaller", "--onefile", "--name", "provisioner", "--noconfirm", "--clean",
@@ -141,15 +180,24 @@ def _compile(work: Path) -> Path:
     return static
 
 
-def build(output: Path, environ: dict[str, str]) -> tuple[Path, bool]:
-    """Write the executable to `output`; returns (output, whether it came from the cache)."""
-    check_toolchain()
-    cached = cache_root(environ) / source_digest() / "provisioner"
+def build(output: Path, environ: dict[str, str], *, arch: Arch = Arch.AMD64) -> tuple[Path, bool]:
+    """Write the executable for `arch` to `output`; returns (output, whether it came from the cache).
+
+    For this machine's own architecture it is frozen with this Python's PyInstaller and staticx; for the
+    other one, inside that machine's Debian build root (`provisioner_root`) under emulation."""
+    check_toolchain(arch)
+    native = arch is Arch.host()
+    root = None if native else provisioner_root.prepare(arch, _tool_versions(), environ)
+    cached = cache_root(environ) / source_digest(arch, "" if root is None else root.identity) / "provisioner"
     hit = cached.exists()
     if not hit:
-        log.info("Building the provisioner executable (PyInstaller, then staticx)...")
+        log.info("Building the %s provisioner executable (PyInstaller, then staticx)...", arch.debian)
         with tempfile.TemporaryDirectory(prefix="cos-customizer-provisioner.") as tmp:
-            static = _compile(Path(tmp))
+            if root is None:
+                static = _compile(Path(tmp))
+            else:
+                package = Path(cos_customizer.__file__).parent
+                static = provisioner_root.freeze(root, package, Path(tmp), _freeze_files(), _freeze_env(), MAX_SIZE)
             cached.parent.mkdir(parents=True, exist_ok=True)
             partial = cached.with_name(".provisioner.partial")
             shutil.copyfile(static, partial)
@@ -178,14 +226,27 @@ def manifest_path(binary: Path) -> Path:
     return binary.with_name(binary.name + MANIFEST_SUFFIX)
 
 
-def manifest(binary: Path) -> dict[str, str]:
-    """The manifest of `binary` as this package writes it: version, sources digest, the file's sha256."""
+def manifest(binary: Path, arch: Arch = Arch.AMD64) -> dict[str, str]:
+    """The manifest of `binary` as this package writes it: version, sources digest, the file's sha256, and
+    its machine (`ARCH_NAMES`: "x86-64", as every manifest had it, or "arm64")."""
     return {
         "cos_customizer": cos_customizer.__version__,
         "sources": package_digest(),
         "sha256": _file_sha256(binary),
-        "arch": "x86-64",
+        "arch": ARCH_NAMES[arch],
     }
+
+
+def prebuilt_location(arch: Arch = Arch.AMD64) -> tuple[str, Path]:
+    """(the environment variable naming the prebuilt provisioner for `arch`, its default path)."""
+    if arch is Arch.ARM64:
+        return PREBUILT_ENV_ARM64, PREBUILT_PATH_ARM64
+    return PREBUILT_ENV, PREBUILT_PATH
+
+
+def binary_name(arch: Arch = Arch.AMD64) -> str:
+    """The executable's file name in a directory holding both (`install`, the step image)."""
+    return "provisioner" if arch is Arch.AMD64 else f"provisioner-{arch.debian}"
 
 
 # Opens never block (a FIFO), never follow a final symlink, and are not kept by children.
@@ -315,10 +376,10 @@ def _stream(fd: int, limit: int, sink: BinaryIO | None, over: str) -> tuple[str,
     return digest.hexdigest(), head
 
 
-def _read_manifest(dir_fd: int, path: Path, where: str) -> object:
+def _read_manifest(dir_fd: int, path: Path, where: str, arch: Arch) -> object:
     """The manifest `path` (in the directory `dir_fd`) as JSON: a regular file of at most MANIFEST_MAX_SIZE."""
     subject = f"the prebuilt provisioner's manifest {path}"
-    remake = "make both with python -m cos_customizer.provisioner_build DIR"
+    remake = _remake(arch)
     try:
         fd = os.open(path.name, _READ_FLAGS, dir_fd=dir_fd)
     except OSError as err:
@@ -338,7 +399,7 @@ def _read_manifest(dir_fd: int, path: Path, where: str) -> object:
         raise ValidationError(f"{subject} is not JSON") from err
 
 
-def _take_prebuilt(binary: Path, how: str, into: Path | None) -> None:
+def _take_prebuilt(binary: Path, how: str, into: Path | None, arch: Arch) -> None:
     """Check the prebuilt `binary` (`check_prebuilt`), copying the bytes checked into `into` when given."""
     where = f"{binary} ({how})"
     subject = f"the prebuilt provisioner {where}"
@@ -348,109 +409,161 @@ def _take_prebuilt(binary: Path, how: str, into: Path | None) -> None:
     ):
         over = _check_file(fd, subject, MAX_SIZE, kind="an executable file")
         sha256, header = _stream(fd, MAX_SIZE, sink, over)
-        magic, machine = ELF_X86_64
-        if not header.startswith(magic) or int.from_bytes(header[18:20], "little") != machine:
-            raise ValidationError(f"{subject} is not an x86-64 ELF executable")
+        if elf_arch(header) is not arch:
+            raise ValidationError(f"{subject} is not an {ARCH_NAMES[arch]} ELF executable")
         recorded_path = manifest_path(resolved)
-        recorded = _read_manifest(dir_fd, recorded_path, where)
+        recorded = _read_manifest(dir_fd, recorded_path, where, arch)
         if not isinstance(recorded, dict) or not all(
             isinstance(recorded.get(key), str) for key in ("cos_customizer", "sources", "sha256")
         ):
             raise ValidationError(
                 f"the prebuilt provisioner's manifest {recorded_path} lacks cos_customizer, sources or sha256"
             )
+        recorded_arch = recorded.get("arch", ARCH_NAMES[Arch.AMD64])
+        if recorded_arch != ARCH_NAMES[arch]:
+            raise ValidationError(
+                f"{subject} is recorded as built for {str(recorded_arch)[:32]!r} by its manifest {recorded_path}, "
+                f"not {ARCH_NAMES[arch]}: {_remake(arch)}"
+            )
         version, sources = cos_customizer.__version__, package_digest()
         if (recorded["cos_customizer"], recorded["sources"]) != (version, sources):
             raise ValidationError(
                 f"{subject} is stale: built from cos-customizer {recorded['cos_customizer']} "
                 f"(sources {recorded['sources'][:12]}), this is {version} (sources {sources[:12]}): rebuild it with "
-                "python -m cos_customizer.provisioner_build DIR (or rebuild the step image)"
+                f"python -m cos_customizer.provisioner_build{_arch_flag(arch)} DIR (or rebuild the step image)"
             )
         if sha256 != recorded["sha256"]:
             raise ValidationError(f"{subject} is not the file its manifest {recorded_path} describes (sha256 differs)")
 
 
-def check_prebuilt(binary: Path, how: str) -> Path:
-    """`binary` if it is a prebuilt provisioner made from this very package; else one ValidationError line.
+def _arch_flag(arch: Arch) -> str:
+    """The -arch flag that asks for `arch` (none for amd64, the default)."""
+    return "" if arch is Arch.AMD64 else f" -arch={arch.debian}"
 
-    Only reads: the file (a regular executable x86-64 ELF of at most MAX_SIZE that no other user can
-    change), its manifest, and this package's sources. `how` says how it was chosen, for the message.
-    A build ships a copy checked the same way as it is made (`ship`), never the file checked here.
+
+def _remake(arch: Arch) -> str:
+    return f"make both with python -m cos_customizer.provisioner_build{_arch_flag(arch)} DIR"
+
+
+def check_prebuilt(binary: Path, how: str, *, arch: Arch = Arch.AMD64) -> Path:
+    """`binary` if it is a prebuilt provisioner for `arch` made from this very package; else one
+    ValidationError line.
+
+    Only reads: the file (a regular executable ELF of `arch` of at most MAX_SIZE that no other user can
+    change), its manifest (whose "arch" must be `arch`'s; a manifest without one is x86-64's), and this
+    package's sources. `how` says how it was chosen, for the message. A build ships a copy checked the
+    same way as it is made (`ship`), never the file checked here.
     """
-    _take_prebuilt(binary, how, None)
+    _take_prebuilt(binary, how, None, arch)
     return binary
 
 
-def _take_binary(binary: Path, into: Path | None) -> None:
+def _take_binary(binary: Path, into: Path | None, arch: Arch) -> None:
     """Check -provisioner-binary's file (no manifest: a regular file no other user can change, of bounded
-    size), copying what was read into `into` when given."""
+    size; an ELF file must be for `arch`, and for arm64 it must be an ELF file), copying what was read
+    into `into` when given."""
     subject = f"-provisioner-binary={binary}"
 
     def unreadable(err: OSError) -> str:
         return f"{subject}: no such file" if err.errno == errno.ENOENT else f"{subject} cannot be read: {err.strerror}"
 
     with _opened(binary, subject, unreadable) as (_, fd, _), _copy_to(into) as sink:
-        _stream(fd, BINARY_MAX_SIZE, sink, _check_file(fd, subject, BINARY_MAX_SIZE))
+        _, header = _stream(fd, BINARY_MAX_SIZE, sink, _check_file(fd, subject, BINARY_MAX_SIZE))
+        problem = binary_arch_problem(header, arch)
+        if problem:
+            raise ValidationError(f"{subject} {problem}")
 
 
-def check_binary(binary: Path) -> Path:
-    """`binary` (-provisioner-binary, absolute) if a build can ship it, checked as `ship` checks it."""
-    _take_binary(binary, None)
+def binary_arch_problem(header: bytes, arch: Arch) -> str | None:
+    """Why an executable starting with `header` (its first 20 bytes) cannot be the provisioner of a source
+    image of `arch`, or None. For x86-64 only an ELF header of the other machine is refused: any other file
+    is left to the user (as it always was)."""
+    found = elf_arch(header)
+    if found is arch or (arch is Arch.AMD64 and found is None):
+        return None
+    if found is not None:
+        what = f"an {ARCH_NAMES[found]} ELF executable"
+    elif header.startswith(ELF_MAGIC):
+        what = "an ELF executable for another machine"
+    else:
+        what = "not an ELF executable"
+    return (
+        f"is {what}, and the source image is {arch.debian}: give a provisioner built for {arch.debian} "
+        f"(cos-customizer build-provisioner{_arch_flag(arch)})"
+    )
+
+
+def check_binary(binary: Path, *, arch: Arch = Arch.AMD64) -> Path:
+    """`binary` (-provisioner-binary, absolute) if a build of a source image of `arch` can ship it,
+    checked as `ship` checks it."""
+    _take_binary(binary, None, arch)
     return binary
 
 
-def _choose(environ: Mapping[str, str], default: Path) -> tuple[Path, str] | None:
-    """The prebuilt provisioner named (${PREBUILT_ENV}, else `default` when it exists) and how; not checked."""
-    named = environ.get(PREBUILT_ENV, "")
+def _choose(environ: Mapping[str, str], default: Path | None, arch: Arch) -> tuple[Path, str] | None:
+    """The prebuilt provisioner for `arch` named (its variable, `prebuilt_location`; else `default`, by
+    default the arch's fixed path, when it exists) and how; not checked."""
+    variable, fixed = prebuilt_location(arch)
+    named = environ.get(variable, "")
     if named:
-        return Path(os.path.abspath(named)), f"${PREBUILT_ENV}"
+        return Path(os.path.abspath(named)), f"${variable}"
+    default = fixed if default is None else default
     if os.path.lexists(default):
         return default, "the prebuilt default"
     return None
 
 
-def prebuilt(environ: Mapping[str, str], default: Path = PREBUILT_PATH) -> Path | None:
-    """The prebuilt provisioner to use, checked (`check_prebuilt`), or None when there is none.
+def prebuilt(environ: Mapping[str, str], default: Path | None = None, *, arch: Arch = Arch.AMD64) -> Path | None:
+    """The prebuilt provisioner for `arch` to use, checked (`check_prebuilt`), or None when there is none.
 
-    ${PREBUILT_ENV} names one (it must then exist); else `default` is used when it exists.
+    ${PREBUILT_ENV} (${PREBUILT_ENV_ARM64} for arm64) names one (it must then exist); else `default` (by
+    default PREBUILT_PATH, or PREBUILT_PATH_ARM64) is used when it exists.
     """
-    chosen = _choose(environ, default)
-    return None if chosen is None else check_prebuilt(*chosen)
+    chosen = _choose(environ, default, arch)
+    return None if chosen is None else check_prebuilt(*chosen, arch=arch)
 
 
-def check_choice(binary: Path | None, environ: Mapping[str, str], default: Path = PREBUILT_PATH) -> Path | None:
+def check_choice(
+    binary: Path | None, environ: Mapping[str, str], default: Path | None = None, *, arch: Arch = Arch.AMD64
+) -> Path | None:
     """What `ship` would copy, checked as `ship` checks it, copying nothing (dry runs, early refusals):
     `binary` (-provisioner-binary), else the prebuilt provisioner; None when the build makes its own."""
-    return check_binary(binary) if binary is not None else prebuilt(environ, default)
+    return check_binary(binary, arch=arch) if binary is not None else prebuilt(environ, default, arch=arch)
 
 
-def ship(into: Path, binary: Path | None, environ: Mapping[str, str], default: Path = PREBUILT_PATH) -> Path | None:
-    """The provisioner executable a build puts on CIDATA: `into` (a new file in the build's own directory),
-    a copy of `binary` (-provisioner-binary) or of the prebuilt provisioner made through one descriptor and
-    checked as it is made; None when there is neither (the build makes its own with `build`)."""
+def ship(
+    into: Path, binary: Path | None, environ: Mapping[str, str], default: Path | None = None, *, arch: Arch = Arch.AMD64
+) -> Path | None:
+    """The provisioner executable a build of a source image of `arch` puts on CIDATA: `into` (a new file in
+    the build's own directory), a copy of `binary` (-provisioner-binary) or of the prebuilt provisioner made
+    through one descriptor and checked as it is made; None when there is neither (the build makes its own
+    with `build`)."""
     if binary is not None:
-        _take_binary(binary, into)
+        _take_binary(binary, into, arch)
         return into
-    chosen = _choose(environ, default)
+    chosen = _choose(environ, default, arch)
     if chosen is None:
         return None
-    _take_prebuilt(*chosen, into)
+    _take_prebuilt(*chosen, into, arch)
     return into
 
 
-def provide(output: Path, environ: Mapping[str, str], default: Path = PREBUILT_PATH) -> tuple[Path, str]:
-    """The provisioner executable written to `output`: the prebuilt one if there is one, else `build`'s.
+def provide(
+    output: Path, environ: Mapping[str, str], default: Path | None = None, *, arch: Arch = Arch.AMD64
+) -> tuple[Path, str]:
+    """The provisioner executable for `arch` written to `output`: the prebuilt one if there is one, else
+    `build`'s.
 
     Returns (output, where it came from: "prebuilt PATH", "from the cache" or "built").
     """
-    chosen = _choose(environ, default)
+    chosen = _choose(environ, default, arch)
     if chosen is None:
-        path, hit = build(output, dict(environ))
+        path, hit = build(output, dict(environ), arch=arch)
         return path, "from the cache" if hit else "built"
     partial = output.with_name(f".{output.name}.partial")
     partial.unlink(missing_ok=True)
     try:
-        _take_prebuilt(*chosen, partial)  # the checked bytes are those written
+        _take_prebuilt(*chosen, partial, arch)  # the checked bytes are those written
         log.info("Using the prebuilt provisioner %s (cos-customizer %s)", chosen[0], cos_customizer.__version__)
         partial.replace(output)
     finally:
@@ -458,29 +571,42 @@ def provide(output: Path, environ: Mapping[str, str], default: Path = PREBUILT_P
     return output, f"prebuilt {chosen[0]}"
 
 
-def install(directory: Path, environ: Mapping[str, str]) -> Path:
-    """Build the executable into `directory`/provisioner with its manifest beside it (for images)."""
-    binary = directory / "provisioner"
-    build(binary, dict(environ))
-    document = json.dumps(manifest(binary), indent=2, sort_keys=True) + "\n"
-    partial = directory / f".provisioner{MANIFEST_SUFFIX}.partial"
+def install(directory: Path, environ: Mapping[str, str], *, arch: Arch = Arch.AMD64) -> Path:
+    """Build the executable for `arch` into `directory` (`binary_name`: provisioner, provisioner-arm64)
+    with its manifest beside it (for images)."""
+    binary = directory / binary_name(arch)
+    build(binary, dict(environ), arch=arch)
+    document = json.dumps(manifest(binary, arch), indent=2, sort_keys=True) + "\n"
+    partial = directory / f".{binary.name}{MANIFEST_SUFFIX}.partial"
     partial.write_text(document)
     partial.replace(manifest_path(binary))
     return binary
 
 
+USAGE = "usage: python -m cos_customizer.provisioner_build [-arch=amd64|arm64] DIR\n"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """python -m cos_customizer.provisioner_build DIR: build DIR/provisioner and DIR/provisioner.json."""
+    """python -m cos_customizer.provisioner_build [-arch=ARCH] DIR: build DIR/provisioner and
+    DIR/provisioner.json (amd64, the default), or DIR/provisioner-arm64 and DIR/provisioner-arm64.json."""
     args = sys.argv[1:] if argv is None else argv
+    arch = Arch.AMD64
+    if args and args[0].startswith(("-arch=", "--arch=")):
+        try:
+            arch = Arch.parse(args[0].split("=", 1)[1])
+        except ValueError as err:
+            sys.stderr.write(f"error: {err}\n{USAGE}")
+            return 2
+        args = args[1:]
     if len(args) != 1 or args[0].startswith("-"):
-        sys.stderr.write("usage: python -m cos_customizer.provisioner_build DIR\n")
+        sys.stderr.write(USAGE)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     directory = Path(args[0]).absolute()
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        binary = install(directory, os.environ)
-        check_prebuilt(binary, "just built")
+        binary = install(directory, os.environ, arch=arch)
+        check_prebuilt(binary, "just built", arch=arch)
     except CustomizerError as err:
         sys.stderr.write(f"error: {err}\n")
         return 1

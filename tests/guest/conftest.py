@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from cos_customizer.executors.qemu import boot as qemu_boot
 from cos_customizer.sample import image as sample_image
 from tests.conftest import sh
 
@@ -27,6 +28,22 @@ def bootable_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("bootable") / "cos.raw"
     result = sh(sys.executable, "-m", "cos_customizer", "sample-image", "-bootable", "-with-containers", path,
                 check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+@pytest.fixture(scope="session")
+def bootable_arm64_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`sample-image -arch=arm64 -bootable` (Debian's arm64 guest, built under qemu-user-static and cached the first
+    time, many minutes), made by the command; tests must not write it."""
+    _tools()
+    for tool in ("qemu-system-aarch64", "qemu-aarch64-static"):
+        if not sh("which", tool, check=False).stdout.strip():
+            pytest.skip(f"{tool} is not installed (scripts/setup installs it)")
+    if not qemu_boot.ARM64_FIRMWARE.exists():
+        pytest.skip(f"{qemu_boot.ARM64_FIRMWARE} is not installed (scripts/setup installs qemu-efi-aarch64)")
+    path = tmp_path_factory.mktemp("bootable-arm64") / "cos-arm64.raw"
+    result = sh(sys.executable, "-m", "cos_customizer", "sample-image", "-arch=arm64", "-bootable", path, check=False)
     assert result.returncode == 0, result.stderr
     return path
 

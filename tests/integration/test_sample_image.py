@@ -165,6 +165,13 @@ def test_cli_grub_format(cli: CLI, tmp_path: Path) -> None:
         'cos-customizer: error: invalid value "dm-verity" for flag -grub-format: use one of dm, dm-mod\n',
     )
     assert not (tmp_path / "t.raw").exists()
+    bad = cli("sample-image", str(tmp_path / "t.raw"), "-arch=riscv64")
+    assert (bad.code, bad.err) == (
+        1,
+        "cos-customizer: error: invalid value \"riscv64\" for flag -arch: unknown architecture 'riscv64': "
+        "use amd64 or arm64\n",
+    )
+    assert not (tmp_path / "t.raw").exists()
     with pytest.raises(ValidationError, match="-grub-format=dmmod: use one of dm, dm-mod"):
         sample_image.build(tmp_path / "u.raw", grub_format="dmmod")
 

@@ -5,6 +5,9 @@ the exact names of its FROM lines:
 
 - debian:bookworm-slim: Debian 12 from `debootstrap --variant=minbase`, imported with `docker import`
   (the root file system is cached under ~/.cache/cos-customizer/step-image, keyed by its recipe);
+- arm64v8/debian:bookworm-slim: the same for arm64 (`debootstrap --arch=arm64`, its second stage under
+  qemu-user-static), imported as linux/arm64. The builder-arm64 stage runs under the same emulation:
+  the build holds cos-customizer's own binfmt_misc registration (`binfmt.emulation`);
 - gcr.io/compute-image-tools/daisy:latest: an image holding only /daisy, a shell script that prints a
   version. The real daisy (a static Go executable at the same path) cannot be pulled here, so only
   where it lands in the step image is checked, not daisy itself.
@@ -33,7 +36,9 @@ from pathlib import Path
 import pytest
 
 import cos_customizer
-from cos_customizer import privilege, provisioner_build
+from cos_customizer import binfmt, privilege, provisioner_build
+from cos_customizer.arch import Arch
+from cos_customizer.cache import home as cache_home
 from cos_customizer.disk import gpt
 from cos_customizer.sample import guest as sample_guest
 from tests.integration.test_local_build import cat
@@ -41,9 +46,11 @@ from tests.registry import DOCKER, DOCKERD, ScratchDockerd
 
 REPO = Path(__file__).resolve().parents[2]
 DEBIAN = "debian:bookworm-slim"
+DEBIAN_ARM64 = "arm64v8/debian:bookworm-slim"
 DAISY = "gcr.io/compute-image-tools/daisy:latest"
 IMAGE = "cos-customizer-step:test"
 BUILDER = "cos-customizer-step:builder"
+BUILDER_ARM64 = "cos-customizer-step:builder-arm64"
 STANDIN_LABEL = "cos-customizer.standin"
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 RECIPE = "1"  # change it when the stand-in's recipe changes: the cached root file system is rebuilt
@@ -56,7 +63,8 @@ def _why_not() -> str | None:
     if not privilege.can_mount():
         return "the step image test runs a private dockerd and debootstrap: it needs root"
     for path, package in ((DOCKERD, "docker.io"), (DOCKER, "docker.io"), ("/usr/sbin/debootstrap", "debootstrap"),
-                          ("/usr/bin/unshare", "util-linux"), ("/usr/sbin/iptables-save", "iptables")):  # fmt: skip
+                          ("/usr/bin/unshare", "util-linux"), ("/usr/sbin/iptables-save", "iptables"),
+                          (Arch.ARM64.qemu_user, "qemu-user-static")):  # fmt: skip
         if not Path(path).exists():
             return f"{path} is missing: apt-get install {package}"
     if not Path("/sys/fs/cgroup/cgroup.controllers").exists() and not Path("/sys/fs/cgroup/memory").exists():
@@ -68,7 +76,7 @@ pytestmark = [pytest.mark.root, pytest.mark.skipif(_why_not() is not None, reaso
 
 
 def cache_dir() -> Path:
-    path = sample_guest.cache_home() / "step-image"
+    path = cache_home() / "step-image"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -91,8 +99,9 @@ def host_ca_bundle() -> bytes:
     return b""
 
 
-def debian_rootfs(cache: Path) -> tuple[Path, str]:
-    """A tarball of Debian bookworm from `debootstrap --variant=minbase`, and its recipe's key (cached).
+def debian_rootfs(cache: Path, arch: Arch = Arch.AMD64) -> tuple[Path, str]:
+    """A tarball of Debian bookworm for `arch` from `debootstrap --variant=minbase`, and its recipe's key
+    (cached; arm64's second stage runs under emulation, in a mount namespace of its own).
 
     With this machine's CA bundle as /etc/ssl/host-ca-certificates.crt and an /etc/pip.conf naming
     it, so that pip in the build trusts what pip here trusts (Debian's image has neither: behind such
@@ -101,16 +110,25 @@ def debian_rootfs(cache: Path) -> tuple[Path, str]:
     mirror = sample_guest.apt_mirror()
     bundle = host_ca_bundle()
     recipe = f"{RECIPE} bookworm minbase {mirror} {hashlib.sha256(bundle).hexdigest()}"
+    if arch is not Arch.AMD64:
+        recipe += f" {arch.debian}"
     key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
-    tarball = cache / f"debian-bookworm-minbase-{key}.tar"
+    prefix = "debian-bookworm-minbase-" if arch is Arch.AMD64 else f"debian-bookworm-minbase-{arch.debian}-"
+    tarball = cache / f"{prefix}{key}.tar"
     if tarball.exists():
         return tarball, key
-    for stale in cache.glob("debian-bookworm-minbase-*"):
+    others = tuple(f"debian-bookworm-minbase-{other.debian}-" for other in Arch if other is not Arch.AMD64)
+    for stale in cache.glob(f"{prefix}*"):
+        if arch is Arch.AMD64 and stale.name.startswith(others):
+            continue  # another machine's
         sample_guest._remove_tree(stale) if stale.is_dir() else stale.unlink()
-    root = cache / f"debian-bookworm-minbase-{key}.partial"
+    root = cache / f"{prefix}{key}.partial"
+    argv = ["debootstrap", "--variant=minbase", "bookworm", str(root), mirror]
+    if arch is not Arch.AMD64:
+        argv = ["unshare", "--mount", "--propagation=private", "--", argv[0], f"--arch={arch.debian}", *argv[1:]]
     try:
-        subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(root), mirror], check=True,
-                       capture_output=True, text=True, timeout=900)  # fmt: skip
+        with binfmt.emulation(arch):
+            subprocess.run(argv, check=True, capture_output=True, text=True, timeout=1800)
     except subprocess.CalledProcessError as err:
         pytest.fail(f"debootstrap failed: {err.stdout[-2000:]}{err.stderr[-2000:]}")
     finally:
@@ -149,7 +167,7 @@ def import_standin(dockerd: ScratchDockerd, tarball: Path, name: str, key: str, 
 
 
 def from_lines() -> list[str]:
-    return re.findall(r"^FROM\s+(\S+)", (REPO / "Dockerfile").read_text(), re.MULTILINE)
+    return re.findall(r"^FROM\s+(?:--platform=\S+\s+)?(\S+)", (REPO / "Dockerfile").read_text(), re.MULTILINE)
 
 
 def network_state() -> dict[str, str]:
@@ -184,19 +202,22 @@ def step_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Scrat
     with locked(cache / ".lock"):
         started = time.monotonic()
         rootfs, key = debian_rootfs(cache)
+        rootfs_arm64, key_arm64 = debian_rootfs(cache, Arch.ARM64)
         times["rootfs"] = time.monotonic() - started
-        with scratch_dockerd(tmp, cache / "docker") as dockerd:
+        with scratch_dockerd(tmp, cache / "docker") as dockerd, binfmt.emulation(Arch.ARM64):
             try:
                 import_standin(dockerd, rootfs, DEBIAN, key)
+                import_standin(dockerd, rootfs_arm64, DEBIAN_ARM64, key_arm64, "--platform", "linux/arm64")
                 daisy_key = daisy_tarball(tmp / "daisy.tar")
                 import_standin(dockerd, tmp / "daisy.tar", DAISY, daisy_key, "--change", 'ENTRYPOINT ["/daisy"]')
                 started = time.monotonic()
                 build = dockerd.docker("build", "--network=host", "--force-rm", "-t", IMAGE, REPO, check=False,
-                                       timeout=1500)  # fmt: skip
+                                       timeout=3000)  # fmt: skip
                 times["build"] = time.monotonic() - started
                 assert build.returncode == 0, f"docker build failed:\n{build.stdout[-6000:]}\n{build.stderr[-3000:]}"
-                # The builder stage tagged too (all from the cache now), so the prune below keeps its layers.
-                dockerd.docker("build", "--network=host", "--target=builder", "-t", BUILDER, REPO, timeout=600)
+                # The builder stages tagged too (all from the cache now), so the prune below keeps their layers.
+                for stage, tag in (("builder", BUILDER), ("builder-arm64", BUILDER_ARM64)):
+                    dockerd.docker("build", "--network=host", f"--target={stage}", "-t", tag, REPO, timeout=600)
                 yield dockerd, times
             finally:
                 # Only what this build left unreferenced goes: the image and the layers it shares stay cached.
@@ -210,7 +231,11 @@ def run(dockerd: ScratchDockerd, *args: str | Path, check: bool = True) -> subpr
 
 
 def test_the_dockerfile_names_the_stand_ins() -> None:
-    assert from_lines() == [DAISY, DEBIAN, "base", "base"]
+    assert from_lines() == [DAISY, DEBIAN, "base", DEBIAN_ARM64, "base"]
+    assert (
+        "\nFROM --platform=linux/arm64 arm64v8/debian:bookworm-slim AS builder-arm64\n"
+        in (REPO / "Dockerfile").read_text()
+    )
     assert '\nENTRYPOINT ["cos-customizer"]\n' in (REPO / "Dockerfile").read_text()
     assert "COPY --from=daisy /daisy /usr/local/bin/daisy\n" in (REPO / "Dockerfile").read_text()
 
@@ -262,6 +287,28 @@ def test_the_prebuilt_provisioner_matches_these_sources(step_image: tuple[Scratc
     assert "prebuilt /usr/lib/cos-customizer/provisioner)" in result.stderr
     assert hashlib.sha256((out / "p").read_bytes()).hexdigest() == manifest["sha256"]
     help_text = run(dockerd, "--entrypoint", "/usr/lib/cos-customizer/provisioner", IMAGE, "--help").stdout
+    for command in ("run", "resume", "handle-disk-layout", "wait-metadata"):
+        assert command in help_text
+
+
+def test_the_prebuilt_arm64_provisioner_matches_these_sources(step_image: tuple[ScratchDockerd, dict[str, float]],
+                                                            tmp_path: Path) -> None:  # fmt: skip
+    """The arm64 one beside it: its manifest names arm64 and these sources, `file` calls it a static aarch64
+    executable, and it runs (under the emulation the fixture holds)."""
+    dockerd, _ = step_image
+    out = tmp_path / "out"
+    out.mkdir()
+    text = run(dockerd, "--entrypoint", "cat", IMAGE, "/usr/lib/cos-customizer/provisioner-arm64.json").stdout
+    manifest = json.loads(text)
+    assert manifest["arch"] == "arm64"
+    assert manifest["cos_customizer"] == cos_customizer.__version__
+    assert manifest["sources"] == provisioner_build.package_digest()
+    result = run(dockerd, "-v", f"{out}:/out", IMAGE, "build-provisioner", "-arch=arm64", "-output=/out/p")
+    assert "prebuilt /usr/lib/cos-customizer/provisioner-arm64)" in result.stderr
+    assert hashlib.sha256((out / "p").read_bytes()).hexdigest() == manifest["sha256"]
+    described = subprocess.run(["file", "-b", str(out / "p")], capture_output=True, text=True, check=True).stdout
+    assert "ARM aarch64" in described and "statically linked" in described, described
+    help_text = run(dockerd, "--entrypoint", "/usr/lib/cos-customizer/provisioner-arm64", IMAGE, "--help").stdout
     for command in ("run", "resume", "handle-disk-layout", "wait-metadata"):
         assert command in help_text
 

@@ -315,38 +315,214 @@ def test_timeout_lets_daisy_clean_up(started: CLI, gcs: Any, daisy: tuple[Path, 
     assert managed(gcs) == []
 
 
-ARM64_REFUSAL = (
-    "cos-customizer: error: the source image {name} is arm64 and build-provisioner makes an x86-64 provisioner: "
-    "pass -provisioner-binary=PATH with a provisioner built for arm64\n"
-)
+# -- arm64 sources: the architecture comes from Compute (else the name); CIDATA gets that architecture's
+# provisioner, the machine type defaults to one Compute has for it, a -provisioner-binary for another is refused.
+
+EM_X86_64, EM_AARCH64 = 62, 183  # the ELF specification's e_machine numbers (oracle: not our constants)
+ARM64_SOURCES = [("cos-cloud", "cos-arm64-stable-109-17800-66-0"), ("my-proj", "my-arm")]
 
 
-@pytest.mark.parametrize(("project", "name"), [("cos-cloud", "cos-arm64-stable-109-17800-66-0"), ("my-proj", "my-arm")])
-def test_an_arm64_source_is_refused_before_anything_unless_a_provisioner_binary_is_given(
-    cli: CLI, compute: Compute, gcs: Any, daisy: tuple[Path, Path], context_dir: Path, tmp_path: Path,
-    workspace_root: Path, project: str, name: str,
-) -> None:  # fmt: skip
-    """The original puts one provisioner per architecture on CIDATA; ours is x86-64 only, so arm64 is refused."""
-    compute.add_image(project, name, architecture="ARM64")
+def elf_file(path: Path, machine: int) -> Path:
+    """An executable that starts with a 64-bit little-endian ELF header for `machine`."""
+    header = bytearray(64)
+    header[:7] = b"\x7fELF\x02\x01\x01"  # ELFCLASS64, ELFDATA2LSB, EV_CURRENT
+    header[16:18] = (2).to_bytes(2, "little")  # ET_EXEC
+    header[18:20] = machine.to_bytes(2, "little")
+    path.write_bytes(bytes(header) + b"provisioner stand-in")
+    path.chmod(0o755)
+    return path
+
+
+def e_machine(data: bytes) -> int:
+    assert data[:6] == b"\x7fELF\x02\x01", data[:6]
+    return int.from_bytes(data[18:20], "little")
+
+
+def start_from(cli: CLI, compute: Compute, context_dir: Path, project: str, name: str, architecture: str) -> None:
+    compute.add_image(project, name, architecture=architecture)
     start = cli("start-image-build", f"-build-context={context_dir}", f"-image-project={project}",
                 f"-image-name={name}", f"-gcs-bucket={BUCKET}", "-gcs-workdir=build-7")  # fmt: skip
     assert start.code == 0, start.err
+
+
+FINISH_OUT = ["finish-image-build", "-zone=us-central1-a", "-project=my-proj", "-image-project=my-proj",
+              "-image-name=out"]  # fmt: skip
+
+
+def test_an_arm64_dry_run_names_the_architecture_its_provisioner_and_an_arm64_machine_type(
+    cli: CLI, compute: Compute, context_dir: Path, tmp_path: Path, workspace_root: Path
+) -> None:  # fmt: skip
+    """Compute's `architecture` decides, not the name: `my-arm` says nothing of arm64."""
+    start_from(cli, compute, context_dir, "my-proj", "my-arm", "ARM64")
+    dry = cli(*FINISH_OUT, "-dry-run")
+    assert dry.code == 0, dry.err
+    plan = json.loads(dry.out)
+    assert plan["architecture"] == {"arch": "arm64", "gce": "ARM64", "from": "Compute: architecture ARM64"}
+    assert plan["build_config"]["MachineType"] == "t2a-standard-1"
+    args = plan["daisy_args"]
+    assert args[args.index("-var:machine_type") + 1] == "t2a-standard-1"
+    built = "build-provisioner's executable for arm64 (built at build time, or from its cache)"
+    assert plan["cidata_provisioner"] == built
+    assert "  arch:      arm64 (aarch64; Compute: architecture ARM64)\n" in dry.err
+    assert "  build in:  project my-proj, zone us-central1-a, t2a-standard-1\n" in dry.err
+    assert f"  CIDATA:    {built}\n" in dry.err
+    # A given -machine-type is kept; a -provisioner-binary for arm64 is named.
+    binary = elf_file(tmp_path / "provisioner-arm64", EM_AARCH64)
+    given = cli(*FINISH_OUT, "-machine-type=c4a-standard-2", f"-provisioner-binary={binary}", "-dry-run")
+    assert given.code == 0, given.err
+    plan = json.loads(given.out)
+    assert plan["build_config"]["MachineType"] == "c4a-standard-2"
+    assert plan["cidata_provisioner"] == f"{binary} (-provisioner-binary)"
+    assert f"  CIDATA:    {binary} (-provisioner-binary)\n" in given.err
+    # -machine-type= (an empty substitution) is no -machine-type, as in the original: the arm64 default.
+    empty = cli(*FINISH_OUT, "-machine-type=", "-dry-run")
+    assert json.loads(empty.out)["build_config"]["MachineType"] == "t2a-standard-1"
+    assert workspace_root.exists()
+
+
+@pytest.mark.parametrize(
+    ("architecture", "name", "endpoint", "arch", "said"),
+    [
+        ("", "cos-arm64-stable-109-17800-66-0", None, "arm64",
+         "the name says arm64; Compute gives no architecture (none)"),
+        ("", "my-arm", None, "amd64",
+         "Compute gives no architecture (none); x86-64, as Compute takes an image that does not say"),
+        ("X86_64", "cos-arm64-stable-109-17800-66-0", None, "amd64", "Compute: architecture X86_64"),
+        ("ARM64", "cos-arm64-stable-109-17800-66-0", "http://127.0.0.1:9/compute/v1/", "arm64",
+         "the name says arm64; Compute could not be asked: image cos-arm64-stable-109-17800-66-0 in project "
+         "cos-cloud: Compute Engine did not answer (ConnectionError)"),
+    ],
+)  # fmt: skip
+def test_the_name_decides_only_when_compute_says_nothing(
+    cli: CLI, compute: Compute, context_dir: Path, architecture: str, name: str, endpoint: str | None, arch: str,
+    said: str,
+) -> None:  # fmt: skip
+    start_from(cli, compute, context_dir, "cos-cloud", name, architecture)
+    dry = cli(*FINISH_OUT, "-dry-run", env={"COS_CUSTOMIZER_COMPUTE_ENDPOINT": endpoint} if endpoint else None)
+    assert dry.code == 0, dry.err
+    plan = json.loads(dry.out)
+    assert plan["architecture"]["arch"] == arch
+    assert plan["architecture"]["from"] == said
+    assert plan["build_config"]["MachineType"] == {"arm64": "t2a-standard-1", "amd64": "n1-standard-1"}[arch]
+
+
+def test_a_build_that_cannot_ask_compute_is_refused_with_one_line(
+    cli: CLI, compute: Compute, context_dir: Path, daisy: tuple[Path, Path], workspace_root: Path
+) -> None:  # fmt: skip
+    start_from(cli, compute, context_dir, "my-proj", "my-arm", "ARM64")
+    environ = {
+        "COS_CUSTOMIZER_DAISY": str(daisy[0]),
+        "COS_CUSTOMIZER_COMPUTE_ENDPOINT": "http://127.0.0.1:9/compute/v1/",
+    }
+    result = cli(*FINISH_OUT, env=environ)
+    assert (result.code, result.err) == (1, "cos-customizer: error: image my-arm in project my-proj: Compute Engine "
+                                            "did not answer (ConnectionError)\n")  # fmt: skip
+    assert not daisy[1].exists()
+    assert workspace_root.exists()
+
+
+def keeping_cidata(daisy: tuple[Path, Path], kept: Path) -> tuple[Path, Path]:
+    """The daisy stand-in behind a wrapper that first copies the CIDATA archive it is given to `kept`."""
+    wrapper = daisy[0].with_name("daisy-keeping-cidata")
+    wrapper.write_text(
+        "#!/bin/sh\nprev=\n"
+        f'for arg in "$@"; do [ "$prev" = -var:cidata_img ] && cp "$arg" {kept}; prev=$arg; done\n'
+        f'exec {daisy[0]} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return wrapper, daisy[1]
+
+
+def cidata_provisioner(archive: Path, tmp: Path) -> tuple[list[str], bytes]:
+    """The files of the CIDATA disk in `archive` (mdir) and its /provisioner's bytes (mcopy)."""
+    import subprocess
+    import tarfile
+
+    tmp.mkdir()
+    with tarfile.open(archive) as tar:
+        assert tar.getnames() == ["disk.raw"]
+        member = tar.extractfile("disk.raw")
+        assert member is not None
+        (tmp / "disk.raw").write_bytes(member.read())
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+    listing = subprocess.run(["mdir", "-b", "-i", str(tmp / "disk.raw"), "::/"], capture_output=True, text=True,
+                             env=env, check=True)  # fmt: skip
+    files = sorted(line.strip().removeprefix("::/") for line in listing.stdout.splitlines() if line.strip())
+    subprocess.run(["mcopy", "-n", "-i", str(tmp / "disk.raw"), "::/provisioner", str(tmp / "provisioner")],
+                   env=env, check=True)  # fmt: skip
+    return files, (tmp / "provisioner").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("architecture", "machine", "machine_type"),
+    [("ARM64", EM_AARCH64, "t2a-standard-1"), ("X86_64", EM_X86_64, "n1-standard-1")],
+)
+@pytest.mark.parametrize("how", ["binary", "prebuilt", "built"])
+def test_cidata_carries_the_sources_provisioner_and_the_machine_type_is_one_for_it(
+    cli: CLI, compute: Compute, gcs: Any, daisy: tuple[Path, Path], context_dir: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, architecture: str, machine: int, machine_type: str, how: str,
+) -> None:  # fmt: skip
+    from cos_customizer import provisioner_build
+    from cos_customizer.arch import Arch
+
+    start_from(cli, compute, context_dir, "my-proj", "my-source", architecture)
+    kept = tmp_path / "cidata-kept.tar.gz"
+    wrapper, record = keeping_cidata(daisy, kept)
+    environ = {"COS_CUSTOMIZER_DAISY": str(wrapper), "DAISY_STANDIN_RECORD": str(record),
+               "STORAGE_EMULATOR_HOST": os.environ["STORAGE_EMULATOR_HOST"]}  # fmt: skip
+    extra = []
+    if how == "binary":
+        extra.append(f"-provisioner-binary={elf_file(tmp_path / 'given', machine)}")
+    elif how == "prebuilt":  # the step image's, for the source's architecture, with its manifest
+        arch = Arch.parse(architecture)
+        (tmp_path / "prebuilt").mkdir()
+        binary = elf_file(tmp_path / "prebuilt" / "provisioner", machine)
+        document = provisioner_build.manifest(binary, arch=arch)
+        provisioner_build.manifest_path(binary).write_text(json.dumps(document))
+        environ[provisioner_build.prebuilt_location(arch)[0]] = str(binary)
+    else:  # no provisioner given or prebuilt: the build makes one for the source (not here: a stand-in)
+        asked: list[Arch] = []
+
+        def build(output: Path, _environ: dict[str, str], *, arch: Arch = Arch.AMD64) -> tuple[Path, bool]:
+            asked.append(arch)
+            elf_file(output, machine)
+            return output, True
+
+        monkeypatch.setattr(provisioner_build, "build", build)
+        monkeypatch.setattr(provisioner_build, "prebuilt_location", lambda arch: ("UNSET", tmp_path / "none"))
+    result = cli(*FINISH_OUT, *extra, env=environ)
+    assert result.code == 0, result.err
+    files, provisioner = cidata_provisioner(kept, tmp_path / "cidata")
+    assert files == ["config.json", "meta-data", "provisioner", "user-data"]
+    assert e_machine(provisioner) == machine
+    assert json.loads(record.read_text())["vars"]["machine_type"] == machine_type
+    if how == "built":
+        assert asked == [Arch.parse(architecture)]
+    # A given -machine-type is kept, whatever the architecture (the workspace is gone: start again).
+    start_from(cli, compute, context_dir, "my-proj", "my-source", architecture)
+    given = cli(*FINISH_OUT, *extra, "-machine-type=e2-custom-4-8192", env=environ)
+    assert given.code == 0, given.err
+    assert json.loads(record.read_text())["vars"]["machine_type"] == "e2-custom-4-8192"
+
+
+@pytest.mark.parametrize(("project", "name"), ARM64_SOURCES)
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_provisioner_binary_for_another_machine_is_refused_with_one_line_before_anything(
+    cli: CLI, compute: Compute, gcs: Any, daisy: tuple[Path, Path], context_dir: Path, tmp_path: Path,
+    workspace_root: Path, project: str, name: str, dry_run: bool,
+) -> None:  # fmt: skip
+    start_from(cli, compute, context_dir, project, name, "ARM64")
+    binary = elf_file(tmp_path / "provisioner-x86", EM_X86_64)
     environ = {"COS_CUSTOMIZER_DAISY": str(daisy[0]), "DAISY_STANDIN_RECORD": str(daisy[1]),
                "STORAGE_EMULATOR_HOST": os.environ["STORAGE_EMULATOR_HOST"]}  # fmt: skip
-    flags = ["finish-image-build", "-zone=us-west1-b", "-project=my-proj", "-image-project=my-proj", "-image-name=out"]
-    result = cli(*flags, env=environ)
-    assert (result.code, result.err[-len(ARM64_REFUSAL.format(name=name)) :]) == (1, ARM64_REFUSAL.format(name=name))
+    result = cli(*FINISH_OUT, f"-provisioner-binary={binary}", *(["-dry-run"] if dry_run else []), env=environ)
+    assert result.code == 1
+    assert result.err.startswith(f"cos-customizer: error: -provisioner-binary={binary} ")
+    assert result.err.count("\n") == 1 and result.err.endswith("\n")  # one line, and nothing before it
+    assert "arm64" in result.err
     assert not daisy[1].exists()
-    assert managed(gcs) == []
-    # Known from the name: refused while planning, the workspace kept; known from the API: refused at the build.
-    assert workspace_root.exists() == name.startswith("cos-arm64")
-    if name.startswith("cos-arm64"):  # the name says it: the dry run refuses too, with no cloud call
-        binary = tmp_path / "arm64-provisioner"
-        binary.write_bytes(b"\x7fELF arm64 stand-in")
-        dry = cli(*flags, f"-provisioner-binary={binary}", "-dry-run", env=environ)
-        assert dry.code == 0, dry.err
-        assert json.loads(dry.out)["cidata_provisioner"] == f"{binary} (-provisioner-binary)"
-        assert f"  CIDATA:    {binary} (-provisioner-binary)\n" in dry.err
+    assert list(gcs.list_blobs(BUCKET)) == []  # nothing was uploaded
+    assert workspace_root.exists()
 
 
 @pytest.mark.parametrize("fail", [False, True])

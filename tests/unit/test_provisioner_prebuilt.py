@@ -18,6 +18,7 @@ import pytest
 
 import cos_customizer
 from cos_customizer import provisioner_build
+from cos_customizer.arch import Arch
 from cos_customizer.errors import CustomizerError, ValidationError
 from cos_customizer.executors import disks
 from tests.conftest import CLI
@@ -466,3 +467,206 @@ def test_the_rehearsal_dry_run_checks_the_prebuilt_as_the_rehearsal_does(local_b
     assert (dry.code, dry.err, dry.out) == (1, expected, "")
     assert not output.exists()
     assert local_build("finish-image-build", "-executor=qemu", f"-output={output}", "-dry-run").code == 0  # kept
+
+
+# --- arm64 (issue 23): a prebuilt for each machine, and -provisioner-binary checked against the source's ---
+
+EM_X86_64, EM_AARCH64 = 62, 183  # the ELF specification's e_machine numbers (not this package's constants)
+ENV_ARM64 = "COS_CUSTOMIZER_PROVISIONER_ARM64"
+
+
+def make_arm64_prebuilt(directory: Path, content: bytes | None = None, **changes: Any) -> Path:
+    """An aarch64 executable named as the step image names it, with the manifest written for arm64."""
+    directory.mkdir(parents=True, exist_ok=True)
+    binary = directory / "provisioner-arm64"
+    binary.write_bytes(elf(EM_AARCH64, b"arm64 provisioner stand-in") if content is None else content)
+    binary.chmod(0o755)
+    document = {**provisioner_build.manifest(binary, Arch.ARM64), **changes}
+    provisioner_build.manifest_path(binary).write_text(json.dumps(document))
+    return binary
+
+
+def refused_arm64(environ: dict[str, str], default: Path | None = None) -> str:
+    with pytest.raises(ValidationError) as caught:
+        provisioner_build.prebuilt(environ, default, arch=Arch.ARM64)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_each_machine_has_its_variable_and_default_path() -> None:
+    assert provisioner_build.prebuilt_location(Arch.AMD64) == (
+        "COS_CUSTOMIZER_PROVISIONER",
+        Path("/usr/lib/cos-customizer/provisioner"),
+    )
+    assert provisioner_build.prebuilt_location(Arch.ARM64) == (
+        ENV_ARM64,
+        Path("/usr/lib/cos-customizer/provisioner-arm64"),
+    )
+    assert provisioner_build.prebuilt_location() == provisioner_build.prebuilt_location(Arch.AMD64)
+
+
+def test_the_arm64_manifest_records_arm64(tmp_path: Path) -> None:
+    binary = make_arm64_prebuilt(tmp_path)
+    document = json.loads((tmp_path / "provisioner-arm64.json").read_text())
+    assert document["arch"] == "arm64"
+    assert document["sha256"] == hashlib.sha256(binary.read_bytes()).hexdigest()
+
+
+def test_an_arm64_prebuilt_is_chosen_by_its_own_variable_or_default(tmp_path: Path) -> None:
+    arm64 = make_arm64_prebuilt(tmp_path / "arm64")
+    amd64 = make_prebuilt(tmp_path / "amd64")
+    assert provisioner_build.prebuilt({ENV_ARM64: str(arm64)}, arch=Arch.ARM64) == arm64
+    assert provisioner_build.prebuilt({}, arm64, arch=Arch.ARM64) == arm64
+    # Each machine's variable names that machine's only.
+    assert provisioner_build.prebuilt({ENV: str(amd64)}, tmp_path / "absent", arch=Arch.ARM64) is None
+    assert provisioner_build.prebuilt({ENV_ARM64: str(arm64)}, tmp_path / "absent") is None
+    assert provisioner_build.prebuilt({ENV: str(amd64), ENV_ARM64: str(arm64)}) == amd64
+
+
+def test_an_x86_64_prebuilt_is_refused_for_arm64_and_the_other_way(tmp_path: Path) -> None:
+    amd64 = make_prebuilt(tmp_path / "amd64")
+    assert refused_arm64({ENV_ARM64: str(amd64)}) == (
+        f"the prebuilt provisioner {amd64} (${ENV_ARM64}) is not an arm64 ELF executable"
+    )
+    arm64 = make_arm64_prebuilt(tmp_path / "arm64")
+    assert refused({ENV: str(arm64)}) == f"the prebuilt provisioner {arm64} (${ENV}) is not an x86-64 ELF executable"
+
+
+@pytest.mark.parametrize(("machine", "recorded"), [(EM_AARCH64, "x86-64"), (EM_X86_64, "arm64")])
+def test_a_manifest_naming_another_machine_is_refused(tmp_path: Path, machine: int, recorded: str) -> None:
+    """The file is the machine's, but its manifest says it was built for the other one."""
+    arch = Arch.ARM64 if machine == EM_AARCH64 else Arch.AMD64
+    binary = make_prebuilt(tmp_path, content=elf(machine, b"mislabelled"), arch=recorded)
+    variable = ENV_ARM64 if arch is Arch.ARM64 else ENV
+    with pytest.raises(ValidationError) as caught:
+        provisioner_build.check_prebuilt(binary, f"${variable}", arch=arch)
+    message = str(caught.value)
+    assert "\n" not in message
+    flag = " -arch=arm64" if arch is Arch.ARM64 else ""
+    assert message == (
+        f"the prebuilt provisioner {binary} (${variable}) is recorded as built for {recorded!r} by its manifest "
+        f"{tmp_path / 'provisioner.json'}, not {'arm64' if arch is Arch.ARM64 else 'x86-64'}: "
+        f"make both with python -m cos_customizer.provisioner_build{flag} DIR"
+    )
+
+
+def test_an_x86_64_manifest_without_arch_is_still_accepted(tmp_path: Path) -> None:
+    binary = make_prebuilt(tmp_path)
+    document = json.loads((tmp_path / "provisioner.json").read_text())
+    del document["arch"]
+    (tmp_path / "provisioner.json").write_text(json.dumps(document))
+    assert provisioner_build.prebuilt({ENV: str(binary)}) == binary
+    with pytest.raises(ValidationError, match="is not an arm64 ELF executable"):
+        provisioner_build.prebuilt({ENV_ARM64: str(binary)}, arch=Arch.ARM64)
+
+
+def test_a_stale_arm64_prebuilt_names_the_arm64_rebuild(tmp_path: Path) -> None:
+    binary = make_arm64_prebuilt(tmp_path, sources="0" * 32)
+    assert refused_arm64({ENV_ARM64: str(binary)}).endswith(
+        "rebuild it with python -m cos_customizer.provisioner_build -arch=arm64 DIR (or rebuild the step image)"
+    )
+
+
+def provisioner_binary_refusal(binary: Path, arch: Arch) -> str:
+    with pytest.raises(ValidationError) as caught:
+        provisioner_build.check_binary(binary, arch=arch)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_provisioner_binary_for_the_other_machine_is_refused(tmp_path: Path) -> None:
+    x86 = tmp_path / "x86"
+    x86.write_bytes(elf(EM_X86_64, b"x86-64 provisioner"))
+    arm = tmp_path / "arm"
+    arm.write_bytes(elf(EM_AARCH64, b"arm64 provisioner"))
+    assert provisioner_binary_refusal(x86, Arch.ARM64) == (
+        f"-provisioner-binary={x86} is an x86-64 ELF executable, and the source image is arm64: give a provisioner "
+        "built for arm64 (cos-customizer build-provisioner -arch=arm64)"
+    )
+    assert provisioner_binary_refusal(arm, Arch.AMD64) == (
+        f"-provisioner-binary={arm} is an arm64 ELF executable, and the source image is amd64: give a provisioner "
+        "built for amd64 (cos-customizer build-provisioner)"
+    )
+    assert provisioner_build.check_binary(arm, arch=Arch.ARM64) == arm
+    assert provisioner_build.check_binary(x86) == x86
+    assert provisioner_build.check_binary(x86, arch=Arch.AMD64) == x86
+
+
+def test_a_provisioner_binary_of_neither_machine_is_the_users_for_x86_64_only(tmp_path: Path) -> None:
+    script = tmp_path / "script"
+    script.write_bytes(b"#!/bin/sh\necho a provisioner of the user's own\n")
+    assert provisioner_build.check_binary(script) == script  # as before: any file
+    assert provisioner_binary_refusal(script, Arch.ARM64) == (
+        f"-provisioner-binary={script} is not an ELF executable, and the source image is arm64: give a provisioner "
+        "built for arm64 (cos-customizer build-provisioner -arch=arm64)"
+    )
+    i386 = tmp_path / "i386"
+    header = bytearray(elf(3))
+    header[4] = 1  # ELFCLASS32
+    i386.write_bytes(bytes(header))
+    assert provisioner_build.check_binary(i386) == i386  # neither machine's: the user's, as before
+    assert "is an ELF executable for another machine, and the source image is arm64" in provisioner_binary_refusal(
+        i386, Arch.ARM64
+    )
+
+
+def test_ship_copies_the_arm64_binary_and_refuses_an_x86_64_one_before_writing(tmp_path: Path) -> None:
+    arm = tmp_path / "arm"
+    arm.write_bytes(elf(EM_AARCH64, b"arm64 provisioner"))
+    into = tmp_path / "cidata-provisioner"
+    assert provisioner_build.ship(into, arm, {}, arch=Arch.ARM64) == into
+    assert into.read_bytes() == arm.read_bytes()
+    x86 = tmp_path / "x86"
+    x86.write_bytes(elf(EM_X86_64, b"x86-64 provisioner"))
+    other = tmp_path / "cidata-2"
+    with pytest.raises(ValidationError, match="is an x86-64 ELF executable, and the source image is arm64"):
+        provisioner_build.ship(other, x86, {}, arch=Arch.ARM64)
+    assert not other.exists()
+    prebuilt = make_arm64_prebuilt(tmp_path / "prebuilt")
+    shipped = tmp_path / "cidata-3"
+    assert provisioner_build.ship(shipped, None, {ENV_ARM64: str(prebuilt)}, tmp_path / "absent", arch=Arch.ARM64)
+    assert shipped.read_bytes() == prebuilt.read_bytes()
+    assert provisioner_build.check_choice(None, {ENV_ARM64: str(prebuilt)}, arch=Arch.ARM64) == prebuilt
+    assert provisioner_build.check_choice(None, {ENV: str(prebuilt)}, tmp_path / "absent", arch=Arch.ARM64) is None
+
+
+def test_build_provisioner_arm64_copies_the_arm64_prebuilt(
+    cli: CLI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    binary = make_arm64_prebuilt(tmp_path / "prebuilt")
+    monkeypatch.setattr(provisioner_build, "build", lambda *_, **__: pytest.fail("built although a prebuilt was given"))
+    for name in ("arm64", "aarch64"):
+        output = tmp_path / f"out-{name}"
+        result = cli("build-provisioner", f"-arch={name}", f"-output={output}", env={ENV_ARM64: str(binary)})
+        assert result.code == 0, result.err
+        assert f"prebuilt {binary})" in result.err
+        assert output.read_bytes() == binary.read_bytes()
+    # What $COS_CUSTOMIZER_PROVISIONER_ARM64 names is checked as the x86-64 one is: a directory is refused.
+    result = cli("build-provisioner", "-arch=arm64", f"-output={tmp_path / 'x'}", env={ENV_ARM64: str(tmp_path)})
+    assert result.code == 1
+    assert result.err == (
+        f"cos-customizer: error: the prebuilt provisioner {tmp_path} (${ENV_ARM64}) is not an executable file\n"
+    )
+
+
+def test_build_provisioner_refuses_an_unknown_arch_with_one_line(cli: CLI, tmp_path: Path) -> None:
+    result = cli("build-provisioner", "-arch=sparc", f"-output={tmp_path / 'p'}")
+    assert result.code == 1  # as every string flag's value check
+    assert result.err == (
+        "cos-customizer: error: invalid value \"sparc\" for flag -arch: unknown architecture 'sparc': use amd64 or arm64\n"
+    )
+    assert not (tmp_path / "p").exists()
+
+
+def test_module_main_arch_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    assert provisioner_build.main(["-arch=sparc", "dir"]) == 2
+    assert provisioner_build.main(["-arch=arm64"]) == 2
+    assert "usage: python -m cos_customizer.provisioner_build [-arch=amd64|arm64] DIR" in capsys.readouterr().err
+
+
+def test_the_x86_64_cache_key_is_unchanged_and_arm64_has_its_own() -> None:
+    assert provisioner_build.source_digest(Arch.AMD64) == provisioner_build.source_digest()
+    arm64 = provisioner_build.source_digest(Arch.ARM64, "root-1")
+    assert arm64 not in (provisioner_build.source_digest(), provisioner_build.source_digest(Arch.ARM64, "root-2"))

@@ -130,7 +130,8 @@ COMMAND = Command(
         "when the guest stops before a match. Without -success-match it is an interactive console: serial "
         f"port 1 on this terminal (the bootable sample logs root in), until the guest powers off or "
         f"{console.ESCAPE_NAME} stops the VM. KVM is used where a kernel runs under it, else TCG "
-        "($COS_CUSTOMIZER_QEMU_ACCEL=kvm|tcg forces one)."
+        "($COS_CUSTOMIZER_QEMU_ACCEL=kvm|tcg forces one). An arm64 image (its kernel says so) boots under "
+        "qemu-system-aarch64's virt machine with EDK2 firmware, its serial ports 2 to 4 PCI UARTs."
     ),
     flags=(
         Flag("image-file", Kind.STRING, "The image file to boot: raw, .qcow2 or GCE .tar.gz (required).", ours=True),

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from cos_customizer import provisioner_build
+from cos_customizer.arch import Arch
 from cos_customizer.cli.command import Command, Context
 from cos_customizer.cli.flags import Flag, Kind, Parsed
 from cos_customizer.errors import ValidationError
@@ -39,6 +40,7 @@ def handle_sample_image(_context: Context, args: Parsed) -> int:
         grub_format=args["grub-format"],
         bootable=args["bootable"],
         with_containers=args["with-containers"],
+        arch=Arch.parse(args["arch"]),
     )
     allocated = output.stat().st_blocks * 512
     log.info(
@@ -63,6 +65,15 @@ SAMPLE_IMAGE = Command(
     ),
     flags=(
         Flag("size-gb", Kind.INT, "Size of the disk image in GB.", default=10, ours=True),
+        Flag(
+            "arch",
+            Kind.STRING,
+            "The image's machine: amd64 (x86-64) or arm64. Another machine's commands (and with -bootable its "
+            "Debian root and kernel) come from Debian's packages for it; needs root and debootstrap.",
+            default=Arch.host().debian,
+            check=Arch.parse,
+            ours=True,
+        ),
         Flag(
             "grub-format",
             Kind.STRING,
@@ -104,7 +115,7 @@ def handle_build_provisioner(context: Context, args: Parsed) -> int:
     if not output.parent.is_dir():
         raise ValidationError(f"{output}: the directory {output.parent} does not exist")
     started = time.monotonic()
-    path, origin = provisioner_build.provide(output, context.environ)
+    path, origin = provisioner_build.provide(output, context.environ, arch=Arch.parse(args["arch"]))
     log.info(
         "Wrote %s (%s, %s) in %.1f s",
         path,
@@ -119,6 +130,17 @@ BUILD_PROVISIONER = Command(
     name="build-provisioner",
     synopsis="Build the standalone provisioner executable for COS VMs.",
     description="Build the provisioner as one static executable that runs on a COS VM with nothing installed.",
-    flags=(Flag("output", Kind.STRING, "Where to write the executable.", ours=True),),
+    flags=(
+        Flag("output", Kind.STRING, "Where to write the executable.", ours=True),
+        Flag(
+            "arch",
+            Kind.STRING,
+            "The machine it runs on: amd64 (x86-64) or arm64 (aarch64). arm64 on an x86-64 machine is frozen in "
+            "a Debian arm64 root under qemu-user-static (root, debootstrap; the root is built once and cached).",
+            default="amd64",
+            check=Arch.parse,
+            ours=True,
+        ),
+    ),
     handler=handle_build_provisioner,
 )

@@ -74,6 +74,7 @@ def _run_gce(context: Context, finish: FinishPlan) -> int:
         enable_cleanup=finish.enable_cleanup,
         build_context=context.workspace.build_context_archive,
         provisioner_binary=finish.provisioner_binary,
+        arch=finish.arch,
     )
     if finish.sbom_paths is not None:
         input_path, output_path = finish.sbom_paths

@@ -9,9 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from cos_customizer import plan, provisioner_build
+from cos_customizer.arch import Arch
 from cos_customizer.cli.flags import Flag, Kind, Parsed
 from cos_customizer.errors import ValidationError
 from cos_customizer.executors import Executor, sbom
+from cos_customizer.executors.gce.preload import DEFAULT_MACHINE_TYPES
 from cos_customizer.units import format_duration
 
 FLAG_FORMATTERS = {Kind.DURATION: format_duration}
@@ -53,7 +55,12 @@ FLAGS = (
     ),
     Flag("zone", Kind.STRING, "Zone to make GCE resources in."),
     Flag("project", Kind.STRING, "Project to make GCE resources in."),
-    Flag("machine-type", Kind.STRING, "Machine type to use during the build.", default="n1-standard-1"),
+    Flag(
+        "machine-type",
+        Kind.STRING,
+        f"Machine type to use during the build (for an arm64 source: {DEFAULT_MACHINE_TYPES[Arch.ARM64]}).",
+        default=DEFAULT_MACHINE_TYPES[Arch.AMD64],
+    ),
     Flag("service-account", Kind.STRING, "Service account to be used by the preload VM.", default="default"),
     Flag("gpu-type", Kind.STRING, "GPU type attached to the preload VM, e.g. 'nvidia-tesla-t4'."),
     Flag(
@@ -174,7 +181,10 @@ QEMU_TAKES = frozenset({
 
 
 def check_gce_flags(args: Parsed) -> None:
-    """A GCE build's flags: the output image, the GCE options, and no flag of a local build."""
+    """A GCE build's flags: the output image, the GCE options, and no flag of a local build.
+
+    -provisioner-binary is checked once the source's architecture is known (`check_provisioner_binary`).
+    """
     if "output" in args.given:
         raise ValidationError("-output is for local builds (started with -image-file); a GCE build makes a GCE image")
     if not args["image-name"] and not args["image-suffix"]:
@@ -194,17 +204,17 @@ def check_gce_flags(args: Parsed) -> None:
         raise ValidationError("-sbom-input-path and -sbom-output-path must be set together")
     if args["sbom-output-path"]:
         sbom.check_output_path(args["sbom-output-path"])
-    check_provisioner_binary(args)
     if args["allow-backing-file"]:
         raise ValidationError("-allow-backing-file is for local builds (started with a .qcow2 -image-file)")
     for name in sorted(SANDBOX_FLAGS & args.given):
         raise ValidationError(f"-{name} is for local builds (started with -image-file)")
 
 
-def check_provisioner_binary(args: Parsed) -> None:
-    """-provisioner-binary's file, checked as the build checks the copy it ships (`provisioner_build.ship`)."""
+def check_provisioner_binary(args: Parsed, arch: Arch = Arch.AMD64) -> None:
+    """-provisioner-binary's file, checked as the build checks the copy it ships (`provisioner_build.ship`):
+    an executable for `arch`, the source's architecture."""
     if args["provisioner-binary"]:
-        provisioner_build.check_binary(Path(args["provisioner-binary"]).absolute())
+        provisioner_build.check_binary(Path(args["provisioner-binary"]).absolute(), arch=arch)
 
 
 def check_local_flags(args: Parsed, executor: Executor) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cos_customizer import images, plan, provisioner_build, workspace
+from cos_customizer.arch import Arch
 from cos_customizer.cli import finish_flags
 from cos_customizer.cli.command import Context
 from cos_customizer.cli.flags import Parsed
@@ -66,6 +67,9 @@ class FinishPlan:
     enable_cleanup: bool = False  # GCE: -enable-cleanup
     # GCE: (-sbom-input-path, -sbom-output-path); the input is read from the build context when the build starts.
     sbom_paths: tuple[str, str] | None = None
+    # GCE and qemu: the source's architecture (`preload.source_arch`, `rehearsal.source_arch`): the provisioner's
+    arch: Arch = Arch.AMD64
+    arch_reason: str = ""  # GCE and qemu: what said so
 
     def workflow_image(self) -> workflow.OutputImage:
         """The output image as the workflow names it (GCE builds and rehearsals)."""
@@ -112,20 +116,23 @@ class FinishPlan:
                 workflow_path=f"{BUILD_DIR}/build_image.wf.json",
             )
             doc["build_files"] = f"{BUILD_DIR} is a temporary directory made at build time"
-            doc["cidata_provisioner"] = describe_binary(self.provisioner_binary, self.prebuilt)
+            doc["cidata_provisioner"] = describe_binary(self.provisioner_binary, self.prebuilt, self.arch)
+        if self.arch_reason:
+            doc["architecture"] = {"arch": self.arch.debian, "gce": self.arch.gce, "from": self.arch_reason}
         return doc
 
 
 INHERITED_LABELS = "the source image's labels are read when the build starts (-labels wins); the dry run reads none"
 
 
-def describe_binary(binary: Path | None, prebuilt: Path | None = None) -> str:
-    """Which provisioner executable goes on the CIDATA disk."""
+def describe_binary(binary: Path | None, prebuilt: Path | None = None, arch: Arch = Arch.AMD64) -> str:
+    """Which provisioner executable goes on the CIDATA disk (as /provisioner), for the source's `arch`."""
     if binary is not None:
         return f"{binary} (-provisioner-binary)"
     if prebuilt is not None:
         return f"{prebuilt} (prebuilt for this cos-customizer, checked against its manifest)"
-    return f"build-provisioner's executable for {preload.PROVISIONER_ARCH} (built at build time, or from its cache)"
+    name = provisioner_build.ARCH_NAMES[arch]
+    return f"build-provisioner's executable for {name} (built at build time, or from its cache)"
 
 
 def choose_executor(source: SourceImage, value: str) -> Executor:
@@ -179,8 +186,10 @@ def make_plan(context: Context, args: Parsed) -> FinishPlan:
     if source.is_local:
         finish_flags.check_local_flags(args, executor)
         output = check_output(args, source, context.workspace_root)
-    if executor is Executor.QEMU:
-        finish_flags.check_provisioner_binary(args)
+    qemu_arch = Arch.AMD64
+    if executor is Executor.QEMU:  # the machine of the kernel the source boots picks the provisioner
+        qemu_arch = rehearsal.source_arch(Path(source.ImageFile))
+        finish_flags.check_provisioner_binary(args, qemu_arch)
     if executor is Executor.GCE:
         finish_flags.check_gce_flags(args)
         if context.compute_endpoint:
@@ -205,13 +214,18 @@ def make_plan(context: Context, args: Parsed) -> FinishPlan:
     binary = Path(args["provisioner-binary"]).absolute() if args["provisioner-binary"] else None
     if executor is Executor.QEMU:
         # The rehearsal ships what a GCE build ships: its dry run checks the prebuilt provisioner as the run does.
-        prebuilt = provisioner_build.prebuilt(context.environ) if binary is None else None
-        return _qemu_plan(source, build, config, args, output, binary, prebuilt)
+        prebuilt = provisioner_build.prebuilt(context.environ, arch=qemu_arch) if binary is None else None
+        return _qemu_plan(source, build, config, args, output, binary, prebuilt, qemu_arch)
+    # The source's architecture picks the provisioner (-provisioner-binary must be one for it) and, when
+    # -machine-type is not given, the machine type. A dry run asks Compute too, and goes by the name if it cannot.
+    source_arch = preload.source_arch(source, context.compute_endpoint, dry_run=args["dry-run"])
+    finish_flags.check_provisioner_binary(args, source_arch.arch)
+    given_type = args["machine-type"] if "machine-type" in args.given else None
     build = build.model_copy(
         update={
             "Project": args["project"],
             "Zone": args["zone"],
-            "MachineType": args["machine-type"],
+            "MachineType": preload.machine_type(given_type, source_arch.arch),
             "ServiceAccount": args["service-account"],
             "DiskType": args["disk-type"],
             "Network": args["network"],
@@ -229,9 +243,8 @@ def make_plan(context: Context, args: Parsed) -> FinishPlan:
         "Licenses": [item for item in args["licenses"] if item],
         "InheritLabels": args["inherit-labels"],
     }
-    if binary is None and source.Name:
-        preload.check_architecture(source.Name, preload.architecture_from_name(source.Name))
-    prebuilt = provisioner_build.prebuilt(context.environ) if binary is None else None  # a stale one: refused
+    # A stale or foreign prebuilt one: refused.
+    prebuilt = provisioner_build.prebuilt(context.environ, arch=source_arch.arch) if binary is None else None
     sbom_paths = (args["sbom-input-path"], args["sbom-output-path"]) if args["sbom-input-path"] else None
     return FinishPlan(
         executor,
@@ -246,7 +259,12 @@ def make_plan(context: Context, args: Parsed) -> FinishPlan:
         old_image_ttl=args["old-image-ttl"],
         enable_cleanup=args["enable-cleanup"],
         sbom_paths=sbom_paths,
+        arch=source_arch.arch,
+        arch_reason=source_arch.reason,
     )
+
+
+QEMU_ARCH_REASON = "the kernel the source's grub.cfg boots"
 
 
 def _qemu_plan(
@@ -257,6 +275,7 @@ def _qemu_plan(
     output: Output | None,
     binary: Path | None,
     prebuilt: Path | None,
+    arch: Arch,
 ) -> FinishPlan:
     """A rehearsal: the GCE build's workflow and provisioner config, with local defaults for what GCE needs."""
     assert output is not None
@@ -285,7 +304,7 @@ def _qemu_plan(
     return FinishPlan(
         Executor.QEMU, source, build, workflow.guest_provisioner(config, build), args["timeout"] / 1e9,
         output=output, output_image=output_image, disk_plan=disk_plan, provisioner_binary=binary, prebuilt=prebuilt,
-        allow_backing_file=args["allow-backing-file"],
+        allow_backing_file=args["allow-backing-file"], arch=arch, arch_reason=QEMU_ARCH_REASON,
     )  # fmt: skip
 
 
@@ -344,8 +363,10 @@ def describe(finish: FinishPlan) -> str:
         )
         if image["InheritLabels"]:
             lines.append(f"  labels:    {INHERITED_LABELS}")
+        if finish.arch_reason:
+            lines.append(f"  arch:      {finish.arch.debian} ({finish.arch.uname}; {finish.arch_reason})")
         lines.append(f"  build in:  project {build.Project}, zone {build.Zone}, {build.MachineType}")
-        lines.append(f"  CIDATA:    {describe_binary(finish.provisioner_binary, finish.prebuilt)}")
+        lines.append(f"  CIDATA:    {describe_binary(finish.provisioner_binary, finish.prebuilt, finish.arch)}")
     size = f"{build.DiskSize} GB" if build.DiskSize else f"{plan.IMAGE_SIZE_GB} GB (the image's size)"
     lines.append(f"  disk:      {size}; {plan.describe_boot_disk(finish.provisioner.boot_disk, sealed)}")
     lines.append(f"  timeout:   {build.Timeout}")

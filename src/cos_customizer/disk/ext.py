@@ -17,11 +17,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import stat
 import struct
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from cos_customizer.disk import loop
 from cos_customizer.errors import CustomizerError
@@ -244,3 +245,36 @@ def resize(path: Path, offset: int, size_bytes: int) -> None:
     # short) as on a block device (see `_on_device`).
     with loop.attach(path, offset=offset, size=size_bytes) as dev:
         run([tool, str(dev), f"{size_bytes // 512}s"])
+
+
+def _debugfs(image: str, command: str) -> str:
+    return run([require_tool("debugfs", E2FSPROGS), "-R", command, image], check=False).stdout.decode(errors="replace")
+
+
+def file_head(path: Path, offset: int, name: str, *, hops: int = 8) -> bytes | None:
+    """The first 32 bytes of the file `name` (absolute) in the ext file system at `offset` of the image `path`,
+    its symbolic links followed inside that file system; None when there is no such regular file.
+
+    Read with debugfs (nothing mounted, nothing run): `stat` says what the inode is and a fast link's
+    target, `block_dump -f` shows the file's first block, of which two lines are read.
+    """
+    image = device(path, offset)
+    current = PurePosixPath(name)
+    for _ in range(hops):
+        text = _debugfs(image, f'stat "{current}"')
+        kind = re.search(r"Type: (\S+)", text)
+        if kind is None:
+            return None
+        dump = _debugfs(image, f'block_dump -f "{current}" 0') if kind.group(1) in ("regular", "symlink") else ""
+        rows = [line.split()[1:9] for line in dump.splitlines() if re.match(r"[0-7]{4}  ", line)]
+        data = bytes.fromhex("".join("".join(row) for row in rows[: 2 if kind.group(1) == "regular" else None]))
+        if kind.group(1) == "regular":
+            return data
+        if kind.group(1) != "symlink":
+            return None
+        fast = re.search(r'Fast link dest: "(.*)"', text)
+        target = fast.group(1) if fast else data.split(b"\0", 1)[0].decode(errors="replace")
+        if '"' in target or "\n" in target or not target:
+            return None  # not a path debugfs can be given
+        current = PurePosixPath(os.path.normpath(current.parent / target))
+    return None

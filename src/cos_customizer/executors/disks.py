@@ -1,6 +1,10 @@
 """The two disks a preload VM gets beside its boot disk, for the GCE and qemu executors: CIDATA (the
 provisioner, its config and cloud-init's NoCloud pair, on FAT) and SCRATCH (an empty ext4), each a
-`.tar.gz` holding `disk.raw`, as Compute Engine imports it."""
+`.tar.gz` holding `disk.raw`, as Compute Engine imports it.
+
+CIDATA holds one provisioner, `/provisioner`, built for the source image's architecture (the original
+ships one per architecture, `provisioner_amd64` and `provisioner_arm64`, and picks by `uname -m`): the VM
+boots the source, so its machine is the source's, and the startup script runs that one file."""
 
 from __future__ import annotations
 

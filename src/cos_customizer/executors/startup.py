@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from cos_customizer.provisioner.vmsetup import REBOOT_MARKER
 
-PROVISIONER = "/mnt/disks/cidata/provisioner"
+PROVISIONER = "/mnt/disks/cidata/provisioner"  # built for the source's architecture, so this VM's (`disks`)
 CONFIG = "/mnt/disks/cidata/config.json"
 # Where the provisioner's loaders (staticx, PyInstaller) unpack themselves: a tmpfs of its own, because
 # COS mounts /tmp noexec and an unpacked program there cannot start.

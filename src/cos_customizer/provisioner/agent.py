@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from cos_customizer.arch import Arch
 from cos_customizer.disk import apply, blockdev, ext, gpt, mover, planner
 from cos_customizer.disk.gpt import SECTOR
 from cos_customizer.disk.planner import OEM, STATE
@@ -51,6 +52,12 @@ Say = Callable[[str], None]
 
 class RebootRequired(Exception):
     """The disk changed in a way the running system must reboot to see."""
+
+
+def status_port(machine: Arch | None = None) -> str:
+    """Serial port 3, where the build's status lines go: /dev/ttyS2 on x86-64, the third PL011 /dev/ttyAMA2
+    on arm64 (the startup script picks the same by `uname -m`, as the original's)."""
+    return "/dev/ttyAMA2" if (machine or Arch.host()) is Arch.ARM64 else "/dev/ttyS2"
 
 
 def state_dir(target: Target) -> Path:
@@ -162,7 +169,7 @@ def relocate(target: Target, state: State, say: Say) -> None:
         "Before=mnt-stateful_partition.mount usr-share-oem.mount\nAfter=tmp.mount\n\n"
         "[Service]\nType=oneshot\nRemainAfterExit=true\nExecStart=/bin/true\n"
         f"ExecStop=/bin/bash -c '{command} 2>&1 | sed \"s/^/BuildStatus: /\"'\n"
-        "TimeoutStopSec=600\nStandardOutput=tty\nStandardError=tty\nTTYPath=/dev/ttyS2\n"
+        f"TimeoutStopSec=600\nStandardOutput=tty\nStandardError=tty\nTTYPath={status_port()}\n"
     )
     state.save()
     target.systemctl_run("daemon-reload")

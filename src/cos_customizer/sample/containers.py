@@ -14,7 +14,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from cos_customizer.arch import Arch
 from cos_customizer.errors import ValidationError
+from cos_customizer.sample import userland as sample_userland
+from cos_customizer.sample.userland import MULTIARCH
 
 # ROOT-A path, host path (symlinks resolved when copying), Debian package that provides it.
 BINARIES: tuple[tuple[str, str, str], ...] = (
@@ -28,7 +31,7 @@ BINARIES: tuple[tuple[str, str, str], ...] = (
     ("usr/bin/runc", "/usr/sbin/runc", "runc"),
 )
 XTABLES_MULTI = "/usr/sbin/xtables-legacy-multi"  # COS uses legacy iptables
-XTABLES_MODULES = "/usr/lib/x86_64-linux-gnu/xtables"
+XTABLES_MODULES = "/usr/lib/{multiarch}/xtables"
 IPTABLES_LINKS = ("iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save", "ip6tables-restore")
 DOCKER_GROUP = "docker:x:412:chronos"
 
@@ -108,10 +111,14 @@ WantedBy=multi-user.target
 UNITS = {"containerd.service": CONTAINERD_SERVICE, "docker.socket": DOCKER_SOCKET, "docker.service": DOCKER_SERVICE}
 
 
+def _xtables_modules(arch: Arch) -> str:
+    return XTABLES_MODULES.format(multiarch=MULTIARCH[arch])
+
+
 def check_host() -> None:
     """Refuse, in one line naming the Debian package, a machine without the runtime to copy."""
     wanted = [(host, package) for _, host, package in BINARIES]
-    wanted += [(XTABLES_MULTI, "iptables"), (XTABLES_MODULES, "iptables")]
+    wanted += [(XTABLES_MULTI, "iptables"), (_xtables_modules(Arch.host()), "iptables")]
     for host, package in wanted:
         if not Path(host).exists():
             raise ValidationError(
@@ -120,26 +127,35 @@ def check_host() -> None:
             )
 
 
-def install(root: Path) -> list[Path]:
+def install(root: Path, source: Path = Path("/"), arch: Arch | None = None) -> list[Path]:
     """Copy the runtime and write its units and group into the root tree `root` (made by `root_tree`).
 
-    Returns the host executables and modules whose shared libraries `root` also needs.
+    `source`: where the runtime is taken from: this machine (/), or Debian's packages for `arch`
+    unpacked there (`sample_userland`). Returns the executables and modules (under `source`) whose
+    shared libraries `root` also needs.
     """
-    check_host()
+    arch = arch or Arch.host()
+    if source == Path("/"):
+        check_host()
+
+    def found(path: str) -> Path:
+        return Path(path).resolve() if source == Path("/") else sample_userland.inside(source, path)
+
     needs_libraries: list[Path] = []
     for inside, host, _ in BINARIES:
         target = root / inside
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(Path(host).resolve(), target)
-        needs_libraries.append(Path(host))
+        shutil.copy2(found(host), target)
+        needs_libraries.append(found(host))
     (root / "usr/sbin").mkdir(parents=True, exist_ok=True)
-    shutil.copy2(XTABLES_MULTI, root / XTABLES_MULTI.lstrip("/"))
+    shutil.copy2(found(XTABLES_MULTI), root / XTABLES_MULTI.lstrip("/"))
     for name in IPTABLES_LINKS:
         (root / "usr/sbin" / name).symlink_to("xtables-legacy-multi")
-    modules = root / XTABLES_MODULES.lstrip("/")
-    shutil.copytree(XTABLES_MODULES, modules, symlinks=True)
-    needs_libraries.append(Path(XTABLES_MULTI))
-    needs_libraries += sorted(p for p in Path(XTABLES_MODULES).glob("*.so") if not p.is_symlink())
+    xtables = _xtables_modules(arch)
+    modules = root / xtables.lstrip("/")
+    shutil.copytree(found(xtables), modules, symlinks=True)
+    needs_libraries.append(found(XTABLES_MULTI))
+    needs_libraries += sorted(p for p in found(xtables).glob("*.so") if not p.is_symlink())
     units = root / "usr/lib/systemd/system"
     units.mkdir(parents=True, exist_ok=True)
     for name, text in UNITS.items():

@@ -35,30 +35,38 @@ digest of the os-release the image carries):
   devices) or `dm-mod.create="..."` (upstream form) with dmsetup, mounts `root=` read-only, and
   switches to `init=`. A verity device or root that cannot be set up or read stops the boot with
   `cos-initrd: FATAL:` on the console and powers off: it never falls back to the unverified partition.
+
+`prepare(..., arch=Arch.ARM64)` builds the same guest from Debian's arm64 packages on this x86-64 machine
+(cached apart, under arm64-RECIPE_ARM64-DIGEST): debootstrap's second stage, the chroot commands and the
+root's own apt-get (fetching Debian's arm64 kernel and busybox-static) run under qemu-aarch64-static
+(`binfmt.emulation`); the serial console is ttyAMA0 and GCE's ports 2-4 are /dev/ttyAMA1..3
+(`sample.guest_arm64`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
+import gzip
 import hashlib
 import logging
-import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-from cos_customizer import privilege
+from cos_customizer import binfmt, privilege
+from cos_customizer.arch import Arch
+from cos_customizer.cache import home as cache_home
+from cos_customizer.cache import locked as cache_lock
 from cos_customizer.errors import CustomizerError, ValidationError
 from cos_customizer.runner import require_tool, run
-from cos_customizer.sample import initramfs
+from cos_customizer.sample import guest_arm64, initramfs
 
 log = logging.getLogger(__name__)
 
 RECIPE = "3"  # change it when the guest's recipe changes: the cached guest is rebuilt
+RECIPE_ARM64 = "2"  # the same for the arm64 guest
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 PACKAGES = ("systemd", "systemd-sysv", "udev", "kmod", "e2fsprogs", "util-linux", "mount", "fdisk", "cloud-init",
@@ -193,7 +201,8 @@ COS_UNITS = {
         "Wants=network-online.target\nAfter=network-online.target\n\n[Install]\nWantedBy=multi-user.target\n"
     ),
 }
-# The serial console (ttyS0, `cos-customizer boot`'s console mode): root is logged in, no password (a test image).
+# The serial console (ttyS0, ttyAMA0 on arm64: `cos-customizer boot`'s console mode): root is logged in, no
+# password (a test image).
 AUTOLOGIN = """[Service]
 ExecStart=
 ExecStart=-/sbin/agetty --autologin root --noclear --keep-baud 115200,57600,38400,9600 - $TERM
@@ -233,7 +242,7 @@ def _symlink(link: Path, target: str) -> None:
     link.symlink_to(target)
 
 
-def configure(root: Path, os_release: str) -> None:
+def configure(root: Path, os_release: str, arch: Arch = Arch.AMD64) -> None:
     """Lay out a debootstrapped root as COS: units, mount points, cloud-init, network, masks, rootdev."""
     units = root / "usr/lib/systemd/system"
     for name, fields in _MOUNTS.items():
@@ -274,8 +283,11 @@ def configure(root: Path, os_release: str) -> None:
     rootdev = root / "usr/bin/rootdev"
     rootdev.write_text(ROOTDEV)
     rootdev.chmod(0o755)
-    (etc / "systemd/system/serial-getty@ttyS0.service.d").mkdir(parents=True, exist_ok=True)
-    (etc / "systemd/system/serial-getty@ttyS0.service.d/autologin.conf").write_text(AUTOLOGIN)
+    console, autologin = ("ttyS0", AUTOLOGIN) if arch is Arch.AMD64 else (guest_arm64.CONSOLE, guest_arm64.AUTOLOGIN)
+    (etc / f"systemd/system/serial-getty@{console}.service.d").mkdir(parents=True, exist_ok=True)
+    (etc / f"systemd/system/serial-getty@{console}.service.d/autologin.conf").write_text(autologin)
+    if arch is Arch.ARM64:
+        guest_arm64.configure(root)
     for name, text in COS_UNITS.items():
         (units / name).write_text(text)
         _symlink(etc / "systemd/system/multi-user.target.wants" / name, f"/lib/systemd/system/{name}")
@@ -298,12 +310,6 @@ def enable_containers(root: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The kernel and its modules
-
-
-def cache_home() -> Path:
-    """~/.cache/cos-customizer (or $XDG_CACHE_HOME/cos-customizer)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "cos-customizer"
 
 
 def _kernel_package() -> str:
@@ -331,7 +337,7 @@ def fetch_kernel(cache: Path | None = None) -> tuple[Path, Path]:
         return [vmlinuz for _, vmlinuz in sorted(found)]
 
     if not cached():
-        with _locked(cache / ".lock", "the Debian kernel"):
+        with cache_lock(cache / ".lock", "the Debian kernel"):
             if not cached():
                 package = _kernel_package()
                 directory = cache / package
@@ -355,11 +361,11 @@ def fetch_kernel(cache: Path | None = None) -> tuple[Path, Path]:
     return vmlinuz, vmlinuz.parents[1] / "lib" / "modules" / vmlinuz.name.removeprefix("vmlinuz-")
 
 
-def prune_modules(source: Path, root: Path) -> Path:
-    """Copy the modules of `VM_MODULES` (and dependencies) from `source` into `root`; index them with depmod."""
+def prune_modules(source: Path, root: Path, wanted: tuple[str, ...] = VM_MODULES) -> Path:
+    """Copy the modules of `wanted` (and dependencies) from `source` into `root`; index them with depmod."""
     version = source.name
     target = root / "usr/lib/modules" / version
-    for ko in initramfs.module_order(source, VM_MODULES):
+    for ko in initramfs.module_order(source, wanted):
         copy = target / ko.relative_to(source)
         copy.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ko, copy)
@@ -374,14 +380,16 @@ def prune_modules(source: Path, root: Path) -> Path:
 # Building and caching
 
 
-def check_host() -> None:
+def check_host(arch: Arch = Arch.AMD64) -> None:
     """Refuse, in one line, a machine that cannot build the guest."""
     if not privilege.is_root():
         raise ValidationError("-bootable builds a Debian root with debootstrap and chroot: run it as root")
     for tool, package in (("debootstrap", "debootstrap"), ("apt-get", "apt"), ("dpkg-deb", "dpkg")):
         if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
             raise ValidationError(f"-bootable needs {tool}: apt-get install {package} (scripts/setup does)")
-    if not initramfs.BUSYBOX.exists():
+    if arch is not Arch.AMD64:
+        binfmt.require_emulator(arch)  # its busybox comes from Debian's packages for it
+    elif not initramfs.BUSYBOX.exists():
         raise ValidationError("-bootable needs /bin/busybox for the initramfs: apt-get install busybox-static")
 
 
@@ -406,20 +414,6 @@ def apt_mirror(sources: Path = Path("/etc/apt")) -> str:
         if SUITE in suites and "main" in components and uri.startswith(("http://", "https://", "file:/")):
             return uri.rstrip("/")
     return DEFAULT_MIRROR
-
-
-@contextlib.contextmanager
-def _locked(path: Path, what: str) -> Iterator[None]:
-    with open(path, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("Waiting for another process building %s (%s)...", what, path)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _mounts_under(path: Path) -> list[str]:
@@ -451,11 +445,13 @@ def _remove_tree(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def _debootstrap(target: Path, mirror: str) -> None:
+def _debootstrap(target: Path, mirror: str, arch: Arch = Arch.AMD64) -> None:
     tool = require_tool("debootstrap", "debootstrap")
+    args = [] if arch is Arch.AMD64 else [f"--arch={arch.debian}"]
     try:
         hint = f"debootstrap of Debian {SUITE} from {mirror}; its log: {target}/debootstrap/debootstrap.log"
-        run([tool, "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(target), mirror], hint=hint)
+        run([tool, *args, "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(target), mirror],
+            hint=hint)  # fmt: skip
     finally:
         _unmount_all(target)
 
@@ -490,19 +486,21 @@ def _guest(directory: Path, cached: bool) -> Guest:
     return Guest(directory, directory / "root", directory / "vmlinuz", directory / "initrd.img", version, cached)
 
 
-def cache_key(os_release: str) -> str:
-    return f"{RECIPE}-{hashlib.sha256(os_release.encode()).hexdigest()[:12]}"
+def cache_key(os_release: str, arch: Arch = Arch.AMD64) -> str:
+    digest = hashlib.sha256(os_release.encode()).hexdigest()[:12]
+    return f"{RECIPE}-{digest}" if arch is Arch.AMD64 else f"{arch.debian}-{RECIPE_ARM64}-{digest}"
 
 
-def prepare(os_release: str, *, cache: Path | None = None) -> Guest:
-    """The guest, from the cache or built into it (once per machine; a second process waits for the first)."""
-    check_host()
+def prepare(os_release: str, *, arch: Arch = Arch.AMD64, cache: Path | None = None) -> Guest:
+    """The guest for `arch`, from the cache or built into it (once per machine and architecture; a second
+    process waits for the first)."""
+    check_host(arch)
     base = cache or cache_home() / "sample-guest"
     base.mkdir(parents=True, exist_ok=True)
-    final = base / cache_key(os_release)
+    final = base / cache_key(os_release, arch)
     if (final / "done").exists():
         return _guest(final, True)
-    with _locked(base / ".lock", "the sample image's guest"):
+    with cache_lock(base / ".lock", "the sample image's guest"):
         if (final / "done").exists():
             return _guest(final, True)
         for stale in base.glob("*.partial"):
@@ -510,14 +508,17 @@ def prepare(os_release: str, *, cache: Path | None = None) -> Guest:
         partial = base / f"{final.name}.partial"
         started = time.monotonic()
         try:
-            _build(partial, os_release)
+            if arch is Arch.AMD64:
+                _build(partial, os_release)
+            else:
+                _build_foreign(partial, os_release, arch)
             _remove_tree(final)
             partial.rename(final)
         except BaseException:
             with contextlib.suppress(CustomizerError, OSError):
                 _remove_tree(partial)
             raise
-        log.info("Built the sample image's guest in %s in %.0f s", final, time.monotonic() - started)
+        log.info("Built the sample image's %s guest in %s in %.0f s", arch.debian, final, time.monotonic() - started)
         return _guest(final, False)
 
 
@@ -535,3 +536,43 @@ def _build(directory: Path, os_release: str) -> None:
     (directory / "initrd.img").write_bytes(initramfs.initramfs(root, pruned))
     (directory / "kernel-version").write_text(modules.name + "\n")
     (directory / "done").write_text(f"recipe {RECIPE}\n")
+
+
+def _build_foreign(directory: Path, os_release: str, arch: Arch) -> None:
+    """The guest for another machine (arm64 on x86-64): its programs run under qemu-user-static."""
+    directory.mkdir(parents=True)
+    mirror = apt_mirror()
+    log.info("Building the sample image's %s guest: debootstrap %s from %s, its second stage under emulation "
+             "(many minutes, once)...", arch.debian, SUITE, mirror)  # fmt: skip
+    with binfmt.emulation(arch):
+        _debootstrap(directory / "root", mirror, arch)
+        _finish_foreign(directory, os_release, arch)
+
+
+def _finish_foreign(directory: Path, os_release: str, arch: Arch) -> None:
+    """`directory`/root, debootstrapped, made the guest: kernel, busybox, configuration, initramfs. It runs the
+    root's programs: call it under `binfmt.emulation(arch)`."""
+    root = directory / "root"
+    dpkg_deb = require_tool("dpkg-deb", "dpkg")
+    kernel_deb, busybox_deb = guest_arm64.download(root, root / "cos-customizer-debs")
+    for deb, into in ((kernel_deb, directory / "kernel"), (busybox_deb, directory / "busybox")):
+        run([dpkg_deb, "-x", str(deb), str(into)])
+    shutil.rmtree(root / "cos-customizer-debs")
+    _strip(root)
+    configure(root, os_release, arch)
+    vmlinuz = next((directory / "kernel/boot").glob("vmlinuz-*"), None)
+    if vmlinuz is None:
+        raise CustomizerError(f"{kernel_deb.name}: the Debian kernel package holds no boot/vmlinuz-*")
+    modules = directory / "kernel/lib/modules" / vmlinuz.name.removeprefix("vmlinuz-")
+    pruned = prune_modules(modules, root, (*VM_MODULES, *guest_arm64.MODULES))
+    initrd = initramfs.initramfs(root, pruned, busybox=directory / "busybox" / guest_arm64.BUSYBOX,
+                                 wanted=(*guest_arm64.INITRD_MODULES, *initramfs.INITRD_MODULES))  # fmt: skip
+    # Debian's arm64 vmlinuz is an uncompressed Image (33 MB, more than the sample's 32 MiB EFI-SYSTEM): it is
+    # stored gzip-compressed, which QEMU's loader (the one booting it) unpacks.
+    with open(vmlinuz, "rb") as image, gzip.GzipFile(directory / "vmlinuz", "wb", 6, mtime=0) as compressed:
+        shutil.copyfileobj(image, compressed)
+    (directory / "initrd.img").write_bytes(initrd)
+    (directory / "kernel-version").write_text(modules.name + "\n")
+    shutil.rmtree(directory / "kernel")
+    shutil.rmtree(directory / "busybox")
+    (directory / "done").write_text(f"recipe {RECIPE_ARM64} {arch.debian}\n")

@@ -35,6 +35,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from cos_customizer.arch import Arch
 from cos_customizer.disk import grub
 from cos_customizer.disk.gpt import (
     BIOS_BOOT,
@@ -49,15 +50,17 @@ from cos_customizer.disk.gpt import (
     write_table,
 )
 from cos_customizer.disk.verity import format_verity, random_salt
-from cos_customizer.errors import ValidationError
+from cos_customizer.errors import CustomizerError, ValidationError
 from cos_customizer.runner import require_tool, run
 from cos_customizer.sample import containers as sample_containers
 from cos_customizer.sample import guest as sample_guest
+from cos_customizer.sample import userland as sample_userland
 
 GiB = 1 << 30
 ROOT_FS_BLOCKS = 516096  # 2 GiB less 32 MiB: the hash tree follows the file system in ROOT-A
 VERSION = "113.18244.85.59"
 MILESTONE = "113"
+CONSOLE = {Arch.AMD64: "ttyS0", Arch.ARM64: "ttyAMA0"}  # the first serial port (as GCE's VMs name it)
 # How grub.cfg declares the root's verity device: ChromeOS `dm="..."`, or upstream `dm-mod.create="..."`.
 GRUB_FORMATS = ("dm", "dm-mod")
 
@@ -106,15 +109,18 @@ def grub_cfg(
     grub_format: str = "dm",
     *,
     initrd: bool = False,
+    arch: Arch = Arch.AMD64,
 ) -> str:
     """A grub.cfg of the COS shape: local and verified entries for A and B, each line with cros_efi.
 
     `grub_format` is how the verified entries declare the root's verity device: "dm" (ChromeOS
     `dm="1 vroot none ro 1,..."`) or "dm-mod" (upstream `dm-mod.create="vroot,,,ro,..."`, newer COS).
     With `initrd`, each entry also loads `/syslinux/initrd.A` (or `.B`): the bootable sample's.
+    The console is the machine's first serial port: ttyS0 on x86-64, the PL011 ttyAMA0 on arm64.
     """
     _check_grub_format(grub_format)
-    common = "init=/usr/lib/systemd/systemd boot=local rootwait ro noresume noswap loglevel=7 console=ttyS0"
+    console = CONSOLE[arch]
+    common = f"init=/usr/lib/systemd/systemd boot=local rootwait ro noresume noswap loglevel=7 console={console}"
     sectors = ROOT_FS_BLOCKS * 8
 
     def dm(part: Partition) -> str:
@@ -178,27 +184,60 @@ def os_release() -> str:
     )
 
 
-def root_tree(root: Path, *, with_containers: bool = False) -> None:
-    """A small runnable COS-like root file system; `with_containers`: with `sample_containers`' runtime."""
+def _place_unpacked(source: Path, arch: Arch, binaries: list[Path], root: Path) -> None:
+    """Copy the libraries `binaries` (files of the unpacked tree `source`) need from `source` into `root`
+    (/lib's under /usr, as the root's /lib links there), leaving those `root` already has."""
+    for library in sample_userland.needed(source, arch, binaries):
+        relative = str(library).lstrip("/")
+        target = root / ("usr/" + relative if relative.startswith(("lib/", "lib64/")) else relative)
+        if not sample_userland.inside(root, library).exists() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(sample_userland.inside(source, library), target)
+
+
+def _tools(source: Path, arch: Arch) -> list[Path]:
+    """`TOOLS` as files: this machine's (`source` is /) or those of the unpacked tree `source` for `arch`."""
+    found = []
+    for name in TOOLS:
+        if arch is Arch.host():
+            path = shutil.which(name, path="/usr/bin:/bin")
+            if path is None:
+                raise ValidationError(
+                    f"{name} is not on this machine; sample-image copies it from here (apt-get install it)"
+                )
+        else:
+            path = str(sample_userland.inside(source, f"/usr/bin/{name}"))
+            if not os.path.exists(path):
+                raise CustomizerError(f"{name} is not in Debian's {arch.debian} packages unpacked in {source}")
+        found.append(Path(path))
+    return found
+
+
+def root_tree(root: Path, *, with_containers: bool = False, arch: Arch | None = None) -> None:
+    """A small runnable COS-like root file system; `with_containers`: with `sample_containers`' runtime.
+
+    `arch` (default: this machine's): another machine's commands and libraries come from Debian's
+    packages for it (`sample_userland`), found without running them.
+    """
+    arch = arch or Arch.host()
+    native = arch is Arch.host()
+    source = Path("/") if native else sample_userland.prepare(arch)
     for directory in ("usr/bin", "usr/sbin", "usr/lib", "usr/lib64", "usr/share/oem", "etc", "proc", "sys",
                       "dev", "run", "tmp", "var", "home", "root", "mnt/stateful_partition", "mnt/disks"):  # fmt: skip
         (root / directory).mkdir(parents=True, exist_ok=True)
     for link, target in (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")):
         (root / link).symlink_to(target)
-    binaries = []
-    for name in TOOLS:
-        path = shutil.which(name, path="/usr/bin:/bin")
-        if path is None:
-            raise ValidationError(
-                f"{name} is not on this machine; sample-image copies it from here (apt-get install it)"
-            )
-        binaries.append(Path(path))
-        shutil.copy2(Path(path).resolve(), root / "usr/bin" / name)
+    binaries = _tools(source, arch)
+    for name, path in zip(TOOLS, binaries, strict=True):
+        shutil.copy2(path.resolve() if native else path, root / "usr/bin" / name)
     (root / "etc/group").write_text("root:x:0:\nchronos:x:1000:\n")
     if with_containers:
-        binaries += sample_containers.install(root)
-    for library in _libraries(binaries):
-        _place(library, root / "usr" if str(library).startswith(("/lib", "/lib64")) else root)
+        binaries += sample_containers.install(root, source, arch)
+    if native:
+        for library in _libraries(binaries):
+            _place(library, root / "usr" if str(library).startswith(("/lib", "/lib64")) else root)
+    else:
+        _place_unpacked(source, arch, binaries, root)
     (root / "usr/bin/sh").symlink_to("bash")
     (root / "etc/os-release").write_text(os_release())
     (root / "etc/hosts").write_text("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n")  # as COS's
@@ -251,12 +290,17 @@ def _efi(image: Path, part: Partition, cfg: str, files: dict[str, Path] | None =
             run([mcopy, "-i", f"{image}@@{part.first * SECTOR}", str(local), f"::/syslinux/{name}"], env=env)
 
 
-def _guest_with_containers(guest: sample_guest.Guest, root: Path) -> None:
-    """A copy of the guest's root at `root` (owners and modes kept) with this machine's runtime, started at boot."""
+def _guest_with_containers(guest: sample_guest.Guest, root: Path, arch: Arch) -> None:
+    """A copy of the guest's root at `root` (owners and modes kept) with the runtime, started at boot:
+    this machine's, or for another `arch` that of Debian's packages for it (`sample_userland`)."""
     cp = require_tool("cp", "coreutils")
     run([cp, "-a", "--reflink=auto", "--", str(guest.root), str(root)])
-    for library in _libraries(sample_containers.install(root)):
-        _place(library, root)  # only what the guest's own Debian lacks (libip6tc for ip6tables)
+    if arch is Arch.host():
+        for library in _libraries(sample_containers.install(root)):
+            _place(library, root)  # only what the guest's own Debian lacks (libip6tc for ip6tables)
+    else:
+        source = sample_userland.prepare(arch)
+        _place_unpacked(source, arch, sample_containers.install(root, source, arch), root)
     sample_guest.enable_containers(root)
 
 
@@ -292,7 +336,13 @@ def _check_grub_format(grub_format: str) -> None:
 
 
 def build(
-    output: Path, size_gb: int = 10, *, grub_format: str = "dm", bootable: bool = False, with_containers: bool = False
+    output: Path,
+    size_gb: int = 10,
+    *,
+    grub_format: str = "dm",
+    bootable: bool = False,
+    with_containers: bool = False,
+    arch: Arch | None = None,
 ) -> Sample:
     """Write the sample image to `output` (replaced atomically).
 
@@ -300,13 +350,15 @@ def build(
     `bootable`: ROOT-A is `sample_guest`'s systemd root and EFI-SYSTEM has its kernel and initramfs
     (needs root, debootstrap and busybox-static; the guest is built once per machine and cached).
     `with_containers`: ROOT-A also has this machine's container runtime (`sample_containers`).
+    `arch` (default: this machine's): the image's machine (another one's programs come from Debian's packages).
     """
+    arch = arch or Arch.host()
     _check_grub_format(grub_format)
-    if with_containers:
+    if with_containers and arch is Arch.host():
         sample_containers.check_host()
     if size_gb < 10:
         raise ValidationError(f"-size-gb={size_gb}: a sample COS image needs at least 10 GB")
-    guest = sample_guest.prepare(os_release()) if bootable else None
+    guest = sample_guest.prepare(os_release(), arch=arch) if bootable else None
     disk_sectors = size_gb * GiB // SECTOR
     table = new_table(disk_sectors, partitions(disk_sectors))
     parts = {p.name: p for p in table.partitions if p.name != "reserved"}
@@ -317,9 +369,9 @@ def build(
         write_table(image, table)
         root = staging / "root"
         if guest is None:
-            root_tree(root, with_containers=with_containers)
+            root_tree(root, with_containers=with_containers, arch=arch)
         elif with_containers:
-            _guest_with_containers(guest, root)
+            _guest_with_containers(guest, root, arch)
         else:
             root = guest.root
         _mke2fs(image, parts["ROOT-A"], "ext2", "ROOT-A", root, ROOT_FS_BLOCKS, lazy=guest is None)
@@ -336,7 +388,7 @@ def build(
         oem_tree(staging / "oem")
         _mke2fs(image, parts["OEM"], "ext4", "OEM", staging / "oem", lazy=guest is None)
         cfg = grub_cfg(parts["ROOT-A"], parts["ROOT-B"], params.root_hexdigest, params.salt_hex, grub_format,
-                       initrd=guest is not None)  # fmt: skip
+                       initrd=guest is not None, arch=arch)  # fmt: skip
         files = _boot_files(guest, parts["EFI-SYSTEM"]) if guest else None
         _efi(image, parts["EFI-SYSTEM"], cfg, files)
     return Sample(output, params.root_hexdigest, params.salt_hex)

@@ -293,12 +293,14 @@ INIT_TOOLS = ("/usr/sbin/dmsetup", "/usr/sbin/blkid")
 _DIR, _EXEC, _FILE = stat.S_IFDIR | 0o755, stat.S_IFREG | 0o755, stat.S_IFREG | 0o644
 
 
-def initramfs(root: Path, modules: Path) -> bytes:
-    """The gzip-compressed initramfs: busybox, dmsetup and blkid of `root`, the boot modules, /init."""
+def initramfs(root: Path, modules: Path, *, busybox: Path = BUSYBOX, wanted: Iterable[str] = INITRD_MODULES) -> bytes:
+    """The gzip-compressed initramfs: `busybox` (a static one), dmsetup and blkid of `root`, the boot modules
+    (`wanted` and their dependencies, in load order), /init. Another machine's root: run it under
+    `binfmt.emulation` (the root's ldd runs)."""
     entries = [CpioEntry(d, _DIR) for d in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys",
                                             "run", "tmp", "newroot", "modules", "lib", "lib64", "etc")]  # fmt: skip
     entries.append(CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)))
-    entries.append(CpioEntry("bin/busybox", _EXEC, BUSYBOX.read_bytes()))
+    entries.append(CpioEntry("bin/busybox", _EXEC, busybox.read_bytes()))
     made = {e.path for e in entries}
     for path in sorted({*INIT_TOOLS, *_libraries(root, INIT_TOOLS)}):
         inside = path.lstrip("/")
@@ -309,7 +311,7 @@ def initramfs(root: Path, modules: Path) -> bytes:
                 entries.append(CpioEntry(directory, _DIR))
                 made.add(directory)
         entries.append(CpioEntry(inside, _EXEC, (root / inside).resolve().read_bytes()))
-    order = module_order(modules, INITRD_MODULES)
+    order = module_order(modules, wanted)
     entries += [CpioEntry(f"modules/{ko.name}", _FILE, ko.read_bytes()) for ko in order]
     entries.append(CpioEntry("modules/order", _FILE, "".join(f"{ko.name}\n" for ko in order).encode()))
     entries.append(CpioEntry("init", _EXEC, INIT.encode()))

@@ -55,6 +55,7 @@ def valid_driver_versions() -> list[str]:
 
 @contextmanager
 def _api(what: str) -> Iterator[None]:
+    import requests
     from google.api_core import exceptions
     from google.auth import exceptions as auth_exceptions
 
@@ -69,6 +70,8 @@ def _api(what: str) -> Iterator[None]:
             f"{what}: no Google credentials: run `gcloud auth application-default login` "
             "or set GOOGLE_APPLICATION_CREDENTIALS"
         ) from err
+    except requests.exceptions.RequestException as err:  # the REST transport's own: no answer at all
+        raise GceError(f"{what}: Compute Engine did not answer ({type(err).__name__})") from err
 
 
 def _options(endpoint: str) -> dict[str, Any]:

@@ -4,13 +4,17 @@
 2. if the output image exists: say so and stop (exit 0), as the original;
 3. inherit the source's labels (`-labels` wins);
 4. upload the build context and the deps files to the managed GCS directory;
-5. make the CIDATA disk (FAT labelled CIDATA: the provisioner executable and
-   its final `config.json`) and the SCRATCH disk, each a `.tar.gz` holding
-   `disk.raw`; write the startup cloud-config and the workflow;
+5. make the CIDATA disk (FAT labelled CIDATA: the provisioner executable for
+   the source's architecture and its final `config.json`) and the SCRATCH
+   disk, each a `.tar.gz` holding `disk.raw`; write the startup cloud-config
+   and the workflow;
 6. run daisy, its output streamed with a prefix, bounded by `-timeout`
    (on expiry or Ctrl-C daisy gets SIGINT, so it deletes what it created);
 7. deprecate older images of the family (`-deprecate-old-images`);
 and, whatever happens, delete the managed GCS directory.
+
+The source's architecture (`source_arch`: Compute's `architecture`, else its name) is decided when the plan
+is made; it picks the provisioner shipped and, unless -machine-type is given, the machine type.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from cos_customizer import provisioner_build, runner
+from cos_customizer.arch import Arch
 from cos_customizer.config import BuildConfig, SourceImage
-from cos_customizer.errors import BuildFailed, CustomizerError, ValidationError
+from cos_customizer.errors import BuildFailed, CustomizerError
 from cos_customizer.executors import disks, failed_step, sbom, startup, workflow
 from cos_customizer.executors.gce import compute as gce
 from cos_customizer.provisioner.config import ProvisionerConfig
@@ -41,9 +46,10 @@ from cos_customizer.units import parse_duration
 log = logging.getLogger("cos_customizer")
 
 DAISY_ENV = "COS_CUSTOMIZER_DAISY"
-# What build-provisioner makes (the original ships one provisioner per architecture; we ship this one).
-PROVISIONER_ARCH = "x86-64"
 STOP_GRACE_SECONDS = 600.0
+# The preload VM's machine type when -machine-type is not given: the original's n1-standard-1 for x86-64; for
+# arm64 (no N1 machine is), Tau T2A's smallest, which takes the workflow's pd-standard disks (Axion C4A's do not).
+DEFAULT_MACHINE_TYPES = {Arch.AMD64: "n1-standard-1", Arch.ARM64: "t2a-standard-1"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +65,7 @@ class GceBuild:
     build_context: Path
     provisioner_binary: Path | None
     sbom: tuple[dict[str, Any], str] | None = None  # (the SBOM input, the gs:// directory to write to)
+    arch: Arch = Arch.AMD64  # the source's (`source_arch`): the provisioner shipped is built for it
 
 
 def daisy_binary(environ: dict[str, str]) -> str:
@@ -141,13 +148,46 @@ def architecture_from_name(name: str) -> str:
     return "ARM64" if "arm64" in name.split("-") else ""
 
 
-def check_architecture(name: str, architecture: str) -> None:
-    """Refuse a source our provisioner cannot run on, before anything is made."""
-    if architecture.upper() == "ARM64":
-        raise ValidationError(
-            f"the source image {name} is arm64 and build-provisioner makes an {PROVISIONER_ARCH} provisioner: "
-            "pass -provisioner-binary=PATH with a provisioner built for arm64"
-        )
+@dataclasses.dataclass(frozen=True)
+class SourceArch:
+    """The source image's architecture and what said so (for the plan)."""
+
+    arch: Arch
+    reason: str
+
+
+def source_arch(source: SourceImage, compute_endpoint: str, *, dry_run: bool = False) -> SourceArch:
+    """The architecture of the GCE source image: Compute's `architecture` field; when Compute says nothing,
+    its name (`cos-arm64-...`); else x86-64, as Compute takes an image that does not say.
+
+    A build needs Compute's answer (a failed call is one line); a dry run that cannot ask goes by the name.
+    """
+    if not source.Name:
+        return _by_name(source.Name, "the source has no image name yet")
+    try:
+        field = gce.image_architecture(gce.images_client(compute_endpoint), source.Project, source.Name)
+    except CustomizerError as err:
+        if not dry_run:
+            raise
+        return _by_name(source.Name, f"Compute could not be asked: {err}")
+    try:
+        arch = Arch.parse(field) if field else None
+    except ValueError:
+        arch = None
+    if arch is not None:
+        return SourceArch(arch, f"Compute: architecture {field}")
+    return _by_name(source.Name, f"Compute gives no architecture ({field or 'none'})")
+
+
+def _by_name(name: str, why: str) -> SourceArch:
+    if architecture_from_name(name):
+        return SourceArch(Arch.ARM64, f"the name says arm64; {why}")
+    return SourceArch(Arch.AMD64, f"{why}; x86-64, as Compute takes an image that does not say")
+
+
+def machine_type(given: str | None, arch: Arch) -> str:
+    """-machine-type when given, else the default for the source's architecture."""
+    return given if given else DEFAULT_MACHINE_TYPES[arch]
 
 
 def run_daisy(
@@ -188,7 +228,7 @@ def finish(job: GceBuild, environ: dict[str, str], compute_endpoint: str) -> boo
     daisy = daisy_binary(environ)
     # What CIDATA will hold, checked before anything is made (a stale prebuilt one is refused); the copy
     # shipped is made and checked again below.
-    provisioner_build.check_choice(job.provisioner_binary, environ)
+    provisioner_build.check_choice(job.provisioner_binary, environ, arch=job.arch)
     build = job.build
     images = gce.images_client(compute_endpoint)
     if job.enable_cleanup:
@@ -201,17 +241,15 @@ def finish(job: GceBuild, environ: dict[str, str], compute_endpoint: str) -> boo
     if gce.image_exists(images, job.image.project, job.image.name):
         log.info("Result image %s already exists in project %s. Exiting.", job.image.name, job.image.project)
         return False
-    if job.provisioner_binary is None:
-        check_architecture(job.source.Name, gce.image_architecture(images, job.source.Project, job.source.Name))
     image = job.image
     if job.inherit_labels:
         inherited = gce.image_labels(images, job.source.Project, job.source.Name)
         image = dataclasses.replace(image, labels=tuple({**inherited, **dict(image.labels)}.items()))
     with tempfile.TemporaryDirectory(prefix="cos-customizer-gce.") as tmp, managed_directory(build) as bucket:
         work = Path(tmp)
-        binary = provisioner_build.ship(work / "provisioner", job.provisioner_binary, environ)
+        binary = provisioner_build.ship(work / "provisioner", job.provisioner_binary, environ, arch=job.arch)
         if binary is None:
-            binary, _ = provisioner_build.build(work / "provisioner", dict(environ))
+            binary, _ = provisioner_build.build(work / "provisioner", dict(environ), arch=job.arch)
         upload(bucket, build, job.build_context)
         cidata, scratch = disks.cidata_disk(work, binary, job.provisioner), disks.scratch_disk(work)
         cloud = work / "startup.yaml"

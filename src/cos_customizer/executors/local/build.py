@@ -58,7 +58,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cos_customizer import images, output, privilege, report, runner
+from cos_customizer import binfmt, images, output, privilege, report, runner
+from cos_customizer.arch import Arch, elf_arch
 from cos_customizer.disk import apply, ext, loop, reproducible
 from cos_customizer.disk.gpt import SECTOR, Table
 from cos_customizer.disk.planner import OEM, ROOT_A, ROOT_B, STATE, DiskPlan
@@ -369,7 +370,9 @@ def _memory_file(name: str, data: bytes = b"") -> int:
     return fd
 
 
-def _run_stage(build: LocalBuild, work: _Work, contexts: dict[str, str], deadline: float) -> dict[str, object]:
+def _run_stage(
+    build: LocalBuild, work: _Work, contexts: dict[str, str], deadline: float, *, emulated: bool = False
+) -> dict[str, object]:
     table = build.plan.after
     root = ROOT_B if build.config.boot_disk.reclaim_sda3 else ROOT_A
     result_fd = _memory_file("cos-customizer-stage-result")
@@ -387,6 +390,7 @@ def _run_stage(build: LocalBuild, work: _Work, contexts: dict[str, str], deadlin
             containers=build.containers,
             cgroup=work.cgroup,
             reproducible=build.epoch is not None,
+            emulated=emulated,
         )
         spec_fd = _memory_file("cos-customizer-stage-spec", json.dumps(spec.to_json()).encode())
         try:
@@ -445,6 +449,14 @@ def _offline_steps(build: LocalBuild, disk: Path, summary: Summary) -> None:
     summary.oem_verity = verity if isinstance(verity, VerityParams) else None
 
 
+def _image_arch(build: LocalBuild, disk: Path) -> Arch:
+    """The machine the image's programs are for: the ELF header of /bin/sh in the root the steps run in
+    (read with debugfs), else this machine's."""
+    root = ROOT_B if build.config.boot_disk.reclaim_sda3 else ROOT_A
+    head = ext.file_head(disk, build.plan.after.partition(root).first * SECTOR, "/bin/sh")
+    return (elf_arch(head) if head else None) or Arch.host()
+
+
 def run_build(build: LocalBuild, contexts: dict[str, str]) -> Summary:
     """Run the whole build; on any failure nothing is left behind but the untouched source."""
     summary = Summary()
@@ -466,9 +478,16 @@ def run_build(build: LocalBuild, contexts: dict[str, str]) -> Summary:
             with _phase(summary, "apply the disk plan"), report.progress_bar("move") as progress:
                 apply.apply(disk, build.plan, report=lambda message: log.info("    %s", message), progress=progress)
             doing = "running the steps"
-            with _phase(summary, "run the steps in the COS runtime layout"):
+            arch = _image_arch(build, disk)
+            with (
+                _phase(summary, f"run the steps in the COS runtime layout ({arch.debian})"),
+                binfmt.emulation(arch) as emulated,
+            ):
+                if emulated is not None:
+                    log.info("    the image is %s: its programs run under %s (binfmt_misc %s)", arch.debian,
+                             arch.qemu_user, emulated)  # fmt: skip
                 work.make_cgroup()
-                result = _run_stage(build, work, contexts, deadline)
+                result = _run_stage(build, work, contexts, deadline, emulated=emulated is not None)
                 summary.steps.extend((str(s["name"]), float(s["seconds"])) for s in result["steps"])  # type: ignore[attr-defined]
                 summary.cleanup = [str(item) for item in result["cleanup"]]  # type: ignore[attr-defined]
             if build.epoch is not None:

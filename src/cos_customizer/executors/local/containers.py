@@ -61,15 +61,26 @@ class ContainersError(Exception):
     """The daemons could not start or stop; the message says what and quotes their log."""
 
 
-def find(root: Path) -> tuple[daemon_units.Daemon, ...]:
-    """The image's daemons, their argv adapted to the build (docker by socket activation)."""
+EMULATED_DOCKERD = "--iptables=false"
+
+
+def find(root: Path, *, emulated: bool = False) -> tuple[daemon_units.Daemon, ...]:
+    """The image's daemons, their argv adapted to the build (docker by socket activation).
+
+    `emulated` (the image is another machine's, run under qemu-user): dockerd gets `--iptables=false`,
+    as qemu-user cannot run iptables (its netfilter socket options fail), so containers get no NAT.
+    """
     found = daemon_units.daemons(root, docker_socket=DOCKER_SOCKET, containerd_socket=CONTAINERD_SOCKET)
     adapted = []
     for daemon in found:
         argv = tuple("fd://" if arg == f"unix://{DOCKER_SOCKET}" else arg for arg in daemon.argv)
+        notes = daemon.notes
         if daemon.name == "dockerd":
             argv = tuple(a.replace(f"--host=unix://{DOCKER_SOCKET}", "--host=fd://") for a in argv)
-        adapted.append(dataclasses.replace(daemon, argv=argv))
+            if emulated:
+                argv += (EMULATED_DOCKERD,)
+                notes += (f"dockerd runs with {EMULATED_DOCKERD}: iptables cannot run under qemu-user emulation",)
+        adapted.append(dataclasses.replace(daemon, argv=argv, notes=notes))
     return tuple(adapted)
 
 
@@ -165,6 +176,8 @@ class DaemonHost:
                 "cos-customizer: a script uses containers: starting the image's "
                 + " and ".join(d.name for d in self.daemons)
             )
+            for note in (n for d in self.daemons for n in d.notes if EMULATED_DOCKERD in d.argv and "qemu" in n):
+                self.say(f"cos-customizer: {note}")
             began = time.monotonic()
             with contextlib.suppress(BrokenPipeError):  # their host is gone: its status says why
                 os.write(self._cmd_w, b"s")

@@ -95,6 +95,7 @@ class StageSpec:
     containers: str = "auto"  # the image's containerd and dockerd for scripts: auto, on, off (-containers)
     cgroup: str = ""  # the build's cgroup name (cgroups.NAME), for the daemons' containers
     reproducible: bool = False  # SOURCE_DATE_EPOCH is set: STATE and OEM allocate blocks deterministically
+    emulated: bool = False  # the image is another machine's: its programs run under qemu-user (binfmt)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -114,6 +115,7 @@ class StageSpec:
             containers=str(data.get("containers", "auto")),
             cgroup=str(data.get("cgroup", "")),
             reproducible=bool(data.get("reproducible", False)),
+            emulated=bool(data.get("emulated", False)),
         )
 
 
@@ -237,7 +239,7 @@ def unpack_contexts(root: Path, contexts: dict[str, str]) -> None:
 def _daemons(spec: StageSpec, root: Path) -> tuple[daemon_units.Daemon, ...]:
     if spec.containers == "off" or not spec.cgroup:
         return ()
-    found = containers.find(root)
+    found = containers.find(root, emulated=spec.emulated)
     if not found and spec.containers == "on":
         raise StageError(
             "-containers=on, but the image has no containerd or dockerd (no unit file names one and none is on "

@@ -38,6 +38,18 @@ for offline (local executor) builds only. A bootable sample puts a Debian kernel
 `initrd` line in the entry (`BootChoice.initrd`, copied out with mtools like the kernel); its
 initrd sets up the verity root from the same `dm=`/`dm-mod.create=` argument before switching to
 ROOT-A's systemd.
+
+arm64 images
+------------
+The kernel chosen says which machine boots it (`kernel_arch`: an arm64 Linux `Image` has "ARM\\x64" at
+byte 56). An arm64 one boots under `qemu-system-aarch64`: the `virt` machine with GCE T2A's core
+(Neoverse N1), TCG on an x86-64 machine, and the EDK2 firmware of Debian's qemu-efi-aarch64 (`-bios`),
+which loads the kernel QEMU is given (`-kernel`, `-initrd`, `-append`: the same direct boot of the
+grub.cfg entry; the firmware adds `initrd=initrd` to the command line) and gives the guest the SMBIOS
+tables saying "Google Compute Engine" (cloud-init's GCE datasource reads them; without firmware an arm64
+kernel has no DMI). The `virt` machine has one PL011 UART, the guest's ttyAMA0: serial port 1. Ports 2
+to 4 are PCI 16550 UARTs in fixed slots (`ARM64_SERIAL_SLOTS`: the guest's ttyS0..2), which the arm64
+bootable sample links to the names COS on arm64 uses, /dev/ttyAMA1..3 (udev rules of `sample.guest_arm64`).
 """
 
 from __future__ import annotations
@@ -52,16 +64,26 @@ import re
 import socket
 import subprocess
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cos_customizer import runner
+from cos_customizer.arch import Arch, elf_arch
 from cos_customizer.disk import gpt
 from cos_customizer.errors import CustomizerError
 from cos_customizer.executors.qemu.loopback_http import SAFE_PATH
 from cos_customizer.runner import die_with_us
 
 QEMU = "qemu-system-x86_64"
+QEMU_PACKAGES = {Arch.AMD64: "qemu-system-x86", Arch.ARM64: "qemu-system-arm"}
+ARM64_FIRMWARE = Path("/usr/share/qemu-efi-aarch64/QEMU_EFI.fd")  # Debian's qemu-efi-aarch64
+ARM64_CPU = "neoverse-n1"  # the cores of GCE's T2A (Ampere Altra)
+# GCE's serial ports 2, 3 and 4 on arm64: PCI 16550 UARTs in these slots of the virt machine's PCIe bus.
+ARM64_SERIAL_SLOTS = {2: 0x1D, 3: 0x1E, 4: 0x1F}
+ARM64_IMAGE_MAGIC = (56, b"ARM\x64")  # arm64 Linux `Image` header: the magic's offset and value
+KERNEL_HEAD = 4096  # bytes of a kernel file read to tell its machine
 METADATA_IP = "169.254.169.254"
 GUEST_NET = "169.254.0.0/16"
 SERIAL_PORTS = 4  # GCE's serial ports 1..4 are the guest's ttyS0..ttyS3
@@ -216,6 +238,47 @@ def choose_kernel(table: gpt.Table, grub_cfg: str) -> BootChoice:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Which machine boots a kernel
+
+
+def kernel_arch_of(head: bytes) -> Arch:
+    """The machine of a kernel file's first bytes: an arm64 Linux `Image` (or a PE/EFI image for arm64, or an
+    arm64 ELF vmlinux, or any of them gzip-compressed) is arm64; anything else (bzImage, x86-64 ELF) x86-64."""
+    if head[:2] == b"\x1f\x8b":
+        with contextlib.suppress(OSError, EOFError, zlib.error):
+            head = zlib.decompressobj(wbits=31).decompress(head, KERNEL_HEAD)
+    offset, magic = ARM64_IMAGE_MAGIC
+    if head[offset : offset + len(magic)] == magic:
+        return Arch.ARM64
+    if head[:2] == b"MZ" and len(head) >= 0x40:  # a PE image: its COFF header's machine (0xAA64: arm64)
+        pe = int.from_bytes(head[0x3C:0x40], "little")
+        if head[pe : pe + 4] == b"PE\0\0" and head[pe + 4 : pe + 6] == b"\x64\xaa":
+            return Arch.ARM64
+    return elf_arch(head) or Arch.AMD64
+
+
+def kernel_arch(kernel: Path) -> Arch:
+    """The machine `kernel` (a file copied off EFI-SYSTEM) is built for (`kernel_arch_of`); one that cannot be
+    read is left to QEMU for x86-64, as before arm64 was known (QEMU then says what is wrong with it)."""
+    try:
+        with open(kernel, "rb") as file:
+            return kernel_arch_of(file.read(KERNEL_HEAD))
+    except OSError:
+        return Arch.AMD64
+
+
+def require_machine(arch: Arch) -> str:
+    """The QEMU emulating `arch`, refused in one line (naming the Debian package) when it or its firmware is not
+    installed."""
+    qemu = runner.require_tool(arch.qemu_system, QEMU_PACKAGES[arch])
+    if arch is Arch.ARM64 and not ARM64_FIRMWARE.is_file():
+        raise runner.MissingToolError(
+            f"{ARM64_FIRMWARE} is not installed: install the Debian package qemu-efi-aarch64 (scripts/setup does)"
+        )
+    return qemu
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The QEMU command line
 
 
@@ -259,8 +322,10 @@ class InstanceSpec:
     serial_ports: tuple[tuple[int, Path], ...] = ()
     # Serial port 1 as a unix socket QEMU listens on (an interactive console), still logged to `console`.
     console_socket: Path | None = None
-    qemu: str = QEMU
+    qemu: str = ""  # the QEMU program; empty: the arch's (`Arch.qemu_system`)
     socat: str = "socat"
+    arch: Arch = Arch.AMD64  # the machine: q35 for x86-64, virt with firmware for arm64 (`kernel_arch`)
+    firmware: Path = ARM64_FIRMWARE  # arm64's EDK2 firmware
 
     def __post_init__(self) -> None:
         if not self.disks:
@@ -285,9 +350,16 @@ def _opt(value: str | os.PathLike[str]) -> str:
 
 def qemu_argv(spec: InstanceSpec) -> list[str]:
     """QEMU's argument list for `spec` (no shell involved)."""
-    argv = [spec.qemu, "-name", "cos-customizer,debug-threads=on", "-machine", "q35", "-accel", spec.accel]
+    arm64 = spec.arch is Arch.ARM64
+    machine = "virt" if arm64 else "q35"
+    argv = [spec.qemu or spec.arch.qemu_system, "-name", "cos-customizer,debug-threads=on", "-machine", machine,
+            "-accel", spec.accel]  # fmt: skip
     if spec.accel == "kvm":
         argv += ["-cpu", "host"]
+    elif arm64:
+        argv += ["-cpu", ARM64_CPU]
+    if arm64:
+        argv += ["-bios", os.fspath(spec.firmware)]
     argv += ["-m", str(spec.memory_mb), "-smp", str(spec.cpus), "-nodefaults", "-no-user-config", "-display", "none"]
     argv += ["-device", "virtio-scsi-pci,id=scsi0"]
     for index, disk in enumerate(spec.disks):
@@ -311,7 +383,11 @@ def qemu_argv(spec: InstanceSpec) -> list[str]:
             backend = f"socket,id=serial1,path={_opt(spec.console_socket)},server=on,wait=off"
             if path is not None:
                 backend += f",logfile={_opt(path)},logappend={'on' if spec.serial_append else 'off'}"
-        argv += ["-chardev", backend, "-serial", f"chardev:serial{port}"]
+        argv += ["-chardev", backend]
+        if arm64 and port > 1:  # the virt machine has one PL011: the other ports are PCI 16550 UARTs
+            argv += ["-device", f"pci-serial,chardev=serial{port},addr={ARM64_SERIAL_SLOTS[port]:#x}"]
+        else:
+            argv += ["-serial", f"chardev:serial{port}"]
     forwards = ((METADATA_IP, 80, spec.metadata_socket), *spec.forwards)
     guestfwds = "".join(
         f",guestfwd={_opt(f'tcp:{address}:{port}-cmd:{spec.socat} - UNIX-CONNECT:{os.fspath(path)}')}"

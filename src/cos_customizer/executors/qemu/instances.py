@@ -19,6 +19,10 @@ opened in append mode, so their output accumulates across boots. QEMU gets
 `runner.die_with_us()`, so it dies with the tool; the step's cleanup quits it through QMP, kills it
 if it does not go, and removes the instance's directory.
 
+The kernel chosen says which QEMU boots it (`qemu_boot.kernel_arch`): an arm64 one gets
+`qemu-system-aarch64`'s virt machine under TCG (no KVM probe on another machine's kernel); `image_arch`
+tells a rehearsal the source's machine the same way, before anything runs.
+
 WaitForInstancesSignal `[{Name, SerialOutput: {Port, SuccessMatch, FailureMatch, StatusMatch}, Stopped}]`:
 `SerialOutput` watches the port file with `daisy_local.SerialWatcher` (status lines go to
 `context.status`, a failure match fails the step with the matched line, a success match ends the
@@ -46,7 +50,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from cos_customizer import runner
+from cos_customizer import images, runner
+from cos_customizer.arch import Arch
 from cos_customizer.disk import gpt, grub
 from cos_customizer.errors import CustomizerError
 from cos_customizer.executors.qemu import boot as qemu_boot
@@ -103,6 +108,32 @@ def plan_boot(boot_disk: Path, into: Path) -> tuple[BootChoice, Path, Path | Non
     kernel = copy(choice.kernel, "kernel")
     initrd = copy(choice.initrd, "initrd") if choice.initrd else None
     return choice, kernel, initrd
+
+
+def image_arch(image: Path, work: Path) -> Arch:
+    """The machine an image file (raw, qcow2 or GCE .tar.gz) boots: that of the kernel its GPT and grub.cfg
+    choose (`plan_boot`, `qemu_boot.kernel_arch`). A raw image is read in place; of another format, only
+    the disk's head up to the end of EFI-SYSTEM is made raw, in `work` (a private directory), and removed."""
+    if images.detect(image) is images.ImageFormat.RAW:
+        _, kernel, _ = plan_boot(image, work)
+    else:
+        table = images.read_source_table(image)  # refuses what a working copy would refuse
+        efi = next((p for p in table.partitions if p.type_guid == gpt.EFI_SYSTEM), None)
+        if efi is None:
+            raise InstanceError(f"{image.name}: the image has no EFI system partition")
+        head = work / "head.raw"
+        try:
+            images.write_head(image, head, (efi.last + 1) * gpt.SECTOR)
+            with open(head, "ab") as file:  # the backup GPT header, where the table says the disk ends
+                file.truncate(table.disk_sectors * gpt.SECTOR)
+            _, kernel, _ = plan_boot(head, work)
+        finally:
+            head.unlink(missing_ok=True)
+    try:
+        return qemu_boot.kernel_arch(kernel)
+    finally:
+        kernel.unlink(missing_ok=True)
+        (work / "initrd").unlink(missing_ok=True)
 
 
 @dataclasses.dataclass
@@ -183,7 +214,7 @@ class Machine:
             with self.instance.lock, contextlib.suppress(QmpError, OSError, ValueError):
                 text = str(qmp.execute("human-monitor-command", **{"command-line": "info registers -a"}))
                 for number, registers in re.findall(r"CPU#(\d+)\s*\n(.*?)(?=CPU#|\Z)", text, re.S):
-                    rip, halted = re.search(r"RIP=(\w+)", registers), re.search(r"HLT=(\d)", registers)
+                    rip, halted = re.search(r"(?:RIP|PC)=(\w+)", registers), re.search(r"HLT=(\d)", registers)
                     cpus.append(
                         f"{number} at {rip[1] if rip else '?'}{' halted' if halted and halted[1] == '1' else ''}"
                     )
@@ -197,6 +228,7 @@ class Machine:
         return f"vCPUs: {', '.join(cpus) or '?'}; QEMU's threads: {', '.join(threads) or '?'}"
 
     def _argv(self, choice: BootChoice, kernel: Path, initrd: Path | None) -> list[str]:
+        arch = qemu_boot.kernel_arch(kernel)
         spec = InstanceSpec(
             disks=self.disks,
             serial_port3=self.port3,
@@ -214,6 +246,8 @@ class Machine:
             forwards=self.forwards,
             serial_ports=tuple((port, self.serial_log(port)) for port in self.serial_ports if port not in (1, 3)),
             console_socket=self.console_socket if self.interactive else None,
+            qemu=qemu_boot.QEMU if arch is Arch.AMD64 else qemu_boot.require_machine(arch),
+            arch=arch,
         )
         return qemu_boot.qemu_argv(spec)
 
@@ -432,7 +466,8 @@ class QemuInstances:
             context.add_cleanup(f"stop instance {name}", delete)
             if not self.accel:
                 _, kernel, _ = plan_boot(machine.disks[0], directory)
-                self.accel = "kvm" if qemu_boot.kvm_runs(kernel, directory) else "tcg"
+                native = qemu_boot.kernel_arch(kernel) is Arch.host()  # KVM runs this machine's kernels only
+                self.accel = "kvm" if native and qemu_boot.kvm_runs(kernel, directory) else "tcg"
             machine.accel = self.accel
             machine.start()
 

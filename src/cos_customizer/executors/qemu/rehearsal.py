@@ -19,6 +19,9 @@ and the document runs with `daisy_local.run` against local resources:
   unit, the provisioner's included, sees it: the one change to what a VM on GCE is given);
 - the `image` step's `CreateImages` writes `-output` (raw, qcow2 or tar.gz).
 
+The source's machine (`qemu_instances.image_arch`: that of the kernel its grub.cfg boots) picks the
+provisioner shipped on CIDATA (`provisioner_build.ship`/`build` for that arch) and the QEMU that boots it.
+
 Every workflow step is reported as it starts and ends, the serial `BuildStatus:` lines are
 streamed, and every boot of the guest is reported with the line that preceded it.
 """
@@ -35,9 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from cos_customizer import provisioner_build, runner
+from cos_customizer.arch import Arch
 from cos_customizer.config import BuildConfig, SourceImage
 from cos_customizer.disk import gpt
-from cos_customizer.errors import BuildFailed
+from cos_customizer.errors import BuildFailed, CustomizerError
 from cos_customizer.executors import disks, failed_step, startup, workflow
 from cos_customizer.executors.qemu import boot as qemu_boot
 from cos_customizer.executors.qemu import daisy as daisy_local
@@ -45,7 +49,7 @@ from cos_customizer.executors.qemu import loopback_http
 from cos_customizer.executors.qemu.boot import BootChoice
 from cos_customizer.executors.qemu.daisy import StepContext, StepEvent
 from cos_customizer.executors.qemu.gcs_server import GcsServer
-from cos_customizer.executors.qemu.instances import Machine, QemuInstances
+from cos_customizer.executors.qemu.instances import Machine, QemuInstances, image_arch
 from cos_customizer.executors.qemu.resources import Resources
 from cos_customizer.images import ImageFormat
 from cos_customizer.provisioner.config import ProvisionerConfig
@@ -220,14 +224,29 @@ def check_tools() -> None:
         runner.require_tool(tool, package)
 
 
+def source_arch(source: Path) -> Arch:
+    """The machine the source image boots (`image_arch`); its QEMU (and firmware) must be installed. A source
+    whose kernel cannot be read is taken for x86-64: its boot then fails as it did before arm64 was known."""
+    with tempfile.TemporaryDirectory(prefix="cos-customizer-arch.") as tmp:
+        try:
+            arch = image_arch(source, Path(tmp))
+        except CustomizerError as err:
+            log.debug("qemu: the source's machine is taken for x86-64: %s", err)
+            arch = Arch.AMD64
+    if arch is not Arch.AMD64:
+        qemu_boot.require_machine(arch)
+    return arch
+
+
 def run(job: Rehearsal, environ: Mapping[str, str], say: Callable[[str], None]) -> Result:
     """Rehearse the GCE build of `job`; the output file exists only when it succeeded."""
     check_tools()
     if job.accel not in ("", "kvm", "tcg"):
         raise BuildFailed(f"${ACCEL_ENV}={job.accel}: use kvm or tcg, or leave it unset")
+    arch = source_arch(Path(job.source.ImageFile))
     # What CIDATA will hold, checked before anything is made (a stale prebuilt one is refused); the copy
     # shipped is made and checked again below.
-    provisioner_build.check_choice(job.provisioner_binary, environ)
+    provisioner_build.check_choice(job.provisioner_binary, environ, arch=arch)
     result = Result()
     progress = _Progress(result, say)
     build = job.build
@@ -237,9 +256,9 @@ def run(job: Rehearsal, environ: Mapping[str, str], say: Callable[[str], None]) 
         tempfile.TemporaryDirectory(prefix="cos-qemu.", dir=socket_parent()) as run_dir,
     ):
         work = Path(tmp)
-        binary = provisioner_build.ship(work / "provisioner", job.provisioner_binary, environ)
+        binary = provisioner_build.ship(work / "provisioner", job.provisioner_binary, environ, arch=arch)
         if binary is None:
-            binary, _ = provisioner_build.build(work / "provisioner", dict(environ))
+            binary, _ = provisioner_build.build(work / "provisioner", dict(environ), arch=arch)
         cidata, scratch = disks.cidata_disk(work, binary, job.provisioner), disks.scratch_disk(work)
         cloud = work / "startup.yaml"
         cloud.write_text(startup.cloud_config())
