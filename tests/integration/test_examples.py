@@ -84,8 +84,8 @@ def cloudbuild_invocations(path: Path) -> list[list[str]]:
         elif step.get("entrypoint") == "bash":
             for line in args[-1].splitlines():
                 words = shlex.split(line)
-                if words[:2] == ["docker", "run"]:
-                    image = next(i for i, word in enumerate(words) if word.endswith("cos-customizer:latest"))
+                image = next((i for i, word in enumerate(words) if word.endswith("cos-customizer:latest")), None)
+                if words[:2] == ["docker", "run"] and image is not None:  # not another image's container
                     found.append(words[image + 1 :])
     return found
 
