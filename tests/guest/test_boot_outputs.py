@@ -73,6 +73,7 @@ write_files:
         check stateSize '(( $(df --output=size --block-size=1M /mnt/stateful_partition | tail -n 1) > 7168 ))'
         check oemMountMasked '[[ "$(systemctl show -p LoadState --value usr-share-oem.mount)" == masked ]]'
         check autoUpdateMasked '! sudo systemctl -q status update-engine.service >/dev/null'
+        check entropySource '[[ $(cat /sys/class/misc/hw_random/rng_current) == virtio_rng.* ]]'
         check osRelease '(. /etc/os-release && [[ $ID == cos && -n $VERSION_ID && -n $BUILD_ID ]])'
         [[ $RESULT == pass ]]
       }

@@ -97,6 +97,7 @@ def test_qemu_argv_of_an_arm64_instance() -> None:
         "-chardev", "null,id=serial4", "-device", "pci-serial,chardev=serial4,addr=0x1f",
         "-netdev", "user,id=n0,net=169.254.0.0/16,guestfwd=tcp:169.254.169.254:80-cmd:socat - UNIX-CONNECT:/w/md.x/http.sock",
         "-device", "virtio-net-pci,netdev=n0,romfile=",
+        "-device", "virtio-rng-pci",
         "-smbios", "type=1,manufacturer=Google,product=Google Compute Engine",
         "-chardev", "socket,id=qmp,path=/w/qmp.sock,server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",

@@ -395,6 +395,9 @@ def qemu_argv(spec: InstanceSpec) -> list[str]:
     )
     argv += ["-netdev", f"user,id=n0,net={GUEST_NET}{guestfwds}"]
     argv += ["-device", "virtio-net-pci,netdev=n0,romfile="]
+    # An entropy source: under TCG the CPU has no RDRAND/RNDR, and a guest's getrandom() then waits on the
+    # kernel's jitter entropy, which a loaded host made take minutes (a CI boot hung in it).
+    argv += ["-device", "virtio-rng-pci"]
     argv += ["-smbios", "type=1,manufacturer=Google,product=Google Compute Engine"]
     argv += ["-chardev", f"socket,id=qmp,path={_opt(spec.qmp_socket)},server=on,wait=off"]
     argv += ["-mon", "chardev=qmp,mode=control"]
