@@ -1,4 +1,4 @@
-"""The mover against a model of the bytes (on a file and on a loop device), and e2image moves checked with e2fsck."""
+"""The mover against a model of the bytes (on a file and on a loop device); moves by used blocks: test_relocation."""
 
 from __future__ import annotations
 
@@ -111,27 +111,6 @@ def read_file(image: Path, offset: int, name: str) -> bytes:
         ["debugfs", "-R", f"cat {name}", ext.device(image, offset)], check=True, capture_output=True
     )
     return result.stdout
-
-
-@pytest.mark.parametrize(("src", "dst"), [(16 * MiB, 40 * MiB), (40 * MiB, 16 * MiB), (16 * MiB, 200 * MiB)])
-def test_move_ext_keeps_the_file_system(tmp_path: Path, src: int, dst: int) -> None:
-    rng = random.Random(src + dst)
-    tree = tmp_path / "tree"
-    (tree / "var_overlay" / "lib").mkdir(parents=True)
-    files = {f"/var_overlay/lib/f{i}": rng.randbytes(rng.randrange(1, 300_000)) for i in range(20)}
-    for name, content in files.items():
-        (tree / name.lstrip("/")).write_bytes(content)
-    image = tmp_path / "disk.raw"
-    with open(image, "wb") as out:
-        out.truncate(512 * MiB)
-    make_ext(image, src, 64 * MiB, tree)
-    mover.move_ext(image, src, dst)
-    ext.check(image, dst)
-    info = ext.info(image, dst)
-    assert (info.label, info.size) == ("STATE", 64 * MiB)
-    for name, content in files.items():
-        assert read_file(image, dst, name) == content
-    assert allocated(image) < 40 * MiB
 
 
 @pytest.mark.parametrize("delta", [-8 * MiB, 12 * MiB, -4096, 4096])

@@ -21,6 +21,7 @@ from cos_customizer import privilege, runner
 from cos_customizer.disk import ext, gpt, loop, planner
 from cos_customizer.provisioner.agent import plan_from
 from cos_customizer.provisioner.main import main
+from tests.integration.test_extmap import dumpe2fs_used
 
 GiB = 1 << 30
 # What the Go original relies on in the COS image for the layout, and losetup (util-linux, on COS too): on the
@@ -116,7 +117,7 @@ def test_handle_disk_layout_on_a_block_device_runs_only_e2fsck_resize2fs_and_los
     disk_size: int,
 ) -> None:
     """The shutdown handler as on the VM, after the reboots that reclaim ROOT-A and grow the disk:
-    OEM and STATE move by copy, grow with resize2fs only (on loop devices); e2image, tune2fs and dumpe2fs are not
+    OEM and STATE move by the blocks their file systems use, grow with resize2fs only (on loop devices); e2image, tune2fs and dumpe2fs are not
     on PATH."""
     image = tmp_path / "disk.raw"
     subprocess.run(["cp", "--sparse=always", str(sample_raw), str(image)], check=True)
@@ -138,6 +139,8 @@ def test_handle_disk_layout_on_a_block_device_runs_only_e2fsck_resize2fs_and_los
     inputs = {"disk_sectors": disk_size // 512, "reclaim_sda3": True, "oem_size": oem_size, "oem_fs_size_4k": oem_fs_4k}
     expected = plan_from({"disk": str(image), **inputs})
     assert [m.name for m in expected.moves] == ["OEM", "STATE"]
+    # What each file system uses, by stock dumpe2fs: the handler copies that and no more (issue 24).
+    used = {n: len(dumpe2fs_used(image, table.partition(n).first * 512)) * 4096 for n in (planner.OEM, planner.STATE)}
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -157,7 +160,10 @@ def test_handle_disk_layout_on_a_block_device_runs_only_e2fsck_resize2fs_and_los
             with caplog.at_level(logging.DEBUG, logger="cos_customizer.run"):
                 assert main(["handle-disk-layout", f"--plan={plan_file}"]) == 0
     out = capsys.readouterr().out
-    assert "moving OEM\n" in out and "moving STATE\n" in out and out.endswith("Partitions relocated\n")
+    assert f"moving the {used[planner.OEM] / 2**20:.1f} MiB OEM uses of 16.0 MiB\n" in out, out
+    assert f"moving the {used[planner.STATE] / 2**20:.1f} MiB STATE uses of " in out, out
+    assert f"Disk space: the relocation copied {sum(used.values()) / 2**20:.1f} MiB and discarded " in out, out
+    assert out.endswith("Partitions relocated\n")
     ran = [record.getMessage().removeprefix("run: ").split()[0] for record in caplog.records]
     # losetup only where the kernel cannot attach with LOOP_CONFIGURE (disk.loop attaches by ioctl since 5.8)
     assert {"e2fsck", "resize2fs"} <= {Path(tool).name for tool in ran} <= set(COS_TOOLS), ran

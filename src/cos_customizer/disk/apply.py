@@ -10,11 +10,14 @@ STATE is the last partition of a COS disk, so when it moves inside a regular
 file the file's tail is shifted in place (extent maps only) instead of
 copying its data; other moves copy only data extents, holes stay holes.
 
-Tools: by default only e2fsck and resize2fs run (what the Go original relies
-on in the COS image; the provisioner applies the plan on the VM at shutdown),
-so a move on a block device is an ordered copy of the whole partition, as
-`sfdisk --move-data` does there. `e2image=True` (a builder machine with
-e2fsprogs) moves an ext file system on a block device by its used blocks.
+On a block device (the provisioner's VM disk at shutdown) no hole tells
+data from free space, so an ext file system that was cleanly unmounted
+moves by the blocks its bitmaps call used (`disk.extmap`) and the rest of
+its destination is zeroed by discard; any other partition (not ext, not
+clean) is copied whole, as `sfdisk --move-data` does in the Go original.
+Then the space the new table leaves outside every partition, that a
+partition held before, is discarded too. Only e2fsck and resize2fs run (what the Go original relies on in
+the COS image).
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from cos_customizer.disk import ext, gpt, mover
+from cos_customizer.disk import ext, extmap, gpt, mover
 from cos_customizer.disk.gpt import SECTOR
 from cos_customizer.disk.planner import OEM, STATE, DiskPlan, MoveKind
+from cos_customizer.units import human_size
 
 Report = Callable[[str], None]
 
@@ -44,31 +48,93 @@ def apply(
     progress: mover.Progress | None = None,
     *,
     grow: bool = True,
-    e2image: bool = False,
-) -> None:
-    """Move data, write the new table, and (with `grow`) grow the file systems.
+    full_copy: bool = False,
+) -> mover.Moved:
+    """Move data, write the new table, and (with `grow`) grow the file systems; returns what the moves did.
 
-    With `e2image`, ext file systems on a block device move with e2image (used blocks only).
+    `full_copy` (a private switch, for benchmarks) moves block-device partitions whole, as before bitmaps.
     """
     target_size = plan.after.disk_sectors * SECTOR
+    moved = mover.Moved()
     for move in plan.moves:
         src, dst, length = move.src * SECTOR, move.dst * SECTOR, move.sectors * SECTOR
         if move.kind is MoveKind.COPY:
             report(f"copying ROOT-A to {move.name}")
-            mover.copy_range(image, src, dst, length, progress)
+            moved += mover.copy_range(image, src, dst, length, progress)
         elif move.number == STATE and _is_tail(plan, STATE) and mover.shift_tail(image, src, dst - src):
             report(f"moved {move.name} by shifting the image's tail")
-        elif e2image and stat.S_ISBLK(os.stat(image).st_mode):
-            report(f"moving {move.name} (used blocks only)")
-            mover.move_ext(image, src, dst)  # a device has no holes to skip: let the file system say what is used
         else:
-            report(f"moving {move.name}")
-            mover.copy_range(image, src, dst, length, progress)
+            moved += move_partition(image, move.name, src, dst, length, report, progress, full_copy=full_copy)
     if stat.S_ISREG(os.stat(image).st_mode) and os.stat(image).st_size != target_size:
         os.truncate(image, target_size)
     gpt.write_table(image, plan.after)
+    moved += discard_freed(image, plan)
     if grow:
         grow_file_systems(image, plan, report)
+    return moved
+
+
+def move_partition(
+    image: Path,
+    name: str,
+    src: int,
+    dst: int,
+    length: int,
+    report: Report = lambda _: None,
+    progress: mover.Progress | None = None,
+    *,
+    full_copy: bool = False,
+) -> mover.Moved:
+    """Move the partition `name` of `length` bytes from byte `src` to `dst`: on a block device, the blocks
+    its ext file system uses when it can be trusted (the rest of the destination is discarded), else all of
+    it; in a file, its data extents."""
+    if stat.S_ISBLK(os.stat(image).st_mode) and not full_copy:
+        found = extmap.used_map(image, src, length)
+        if isinstance(found, str):
+            report(f"moving all of {name} ({human_size(length)}): {found}")
+            return mover.copy_range(image, src, dst, length, progress)
+        report(f"moving the {human_size(found.used_bytes)} {name} uses of {human_size(length)}")
+        return mover.copy_range(image, src, dst, length, progress, used=found.ranges)
+    report(f"moving {name}")
+    return mover.copy_range(image, src, dst, length, progress)
+
+
+def freed_ranges(plan: DiskPlan) -> list[tuple[int, int]]:
+    """(first sector, sectors) that a partition held before the plan and none holds after it."""
+    taken = sorted((p.first, p.last + 1) for p in plan.after.partitions)
+    freed: list[tuple[int, int]] = []
+    for part in sorted(plan.before.partitions, key=lambda p: p.first):
+        pos, end = part.first, min(part.last + 1, plan.after.disk_sectors)
+        for first, stop in taken:
+            if stop <= pos or first >= end:
+                continue
+            if first > pos:
+                freed.append((pos, first - pos))
+            pos = max(pos, stop)
+        if pos < end:
+            freed.append((pos, end - pos))
+    merged: list[tuple[int, int]] = []
+    for first, sectors in sorted(freed):
+        if merged and first <= merged[-1][0] + merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], first + sectors - merged[-1][0]))
+        else:
+            merged.append((first, sectors))
+    return merged
+
+
+def discard_freed(image: Path, plan: DiskPlan) -> mover.Moved:
+    """Zero (discard, or punch holes in a file) what `freed_ranges` names, once the new table is written."""
+    if not plan.changed:
+        return mover.Moved()
+    freed = freed_ranges(plan)
+    fd = os.open(image, os.O_RDWR)
+    try:
+        for first, sectors in freed:
+            mover.zero_range(fd, first * SECTOR, sectors * SECTOR)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return mover.Moved(zeroed=sum(sectors for _, sectors in freed) * SECTOR)
 
 
 def grow_file_systems(image: Path, plan: DiskPlan, report: Report = lambda _: None) -> None:

@@ -1,9 +1,9 @@
 """Relocate data inside one image file or block device, keeping it sparse.
 
-Two movers, both correct when source and destination overlap in either
-direction:
+`copy_range` is correct when source and destination overlap in either
+direction (`shift_tail` moves a file's tail by its extent maps alone):
 
-- `copy_range`: any byte range, byte for byte, in our own code: data
+- any byte range, byte for byte, in our own code: data
   extents found with `SEEK_DATA`/`SEEK_HOLE` are copied with
   `copy_file_range`, and holes in the source become holes (or zeros) at the
   destination, so the result is identical to the source and the image stays
@@ -11,10 +11,10 @@ direction:
   runs that read as zeros are zeroed at the destination (`zero_range`)
   rather than written. This is what the provisioner uses on the VM, as
   `sfdisk --move-data` does in the Go original: it needs no tool at all.
-- `move_ext`: an ext2/3/4 file system, with `e2image -ra -o SRC -O DST
-  IMAGE` given ONE file argument (an in-place move that copies only the
-  blocks the file system uses). Cost follows the data, not the partition;
-  for builder machines with e2fsprogs (a COS image may lack e2image).
+- with `used` (the byte ranges an ext file system's bitmaps call used,
+  `disk.extmap`), `copy_range` copies only those and makes the rest of
+  the destination zeros by discard: on a device, cost follows the data,
+  not the partition.
 
 Order of writes and crash safety: the movers only write the destination
 range, in an order that never overwrites source bytes not yet copied
@@ -31,16 +31,17 @@ Standard library only: the provisioner uses this module too.
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import errno
 import fcntl
 import os
 import stat
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from cos_customizer import linux
-from cos_customizer.runner import require_tool, run
 
 CHUNK = 8 << 20
 ZERO_GRAIN = 64 << 10  # runs of zeros this long are zeroed (holes), not written
@@ -48,14 +49,6 @@ _ZEROS = bytes(ZERO_GRAIN)
 Progress = Callable[[int, int], None]
 
 _BLKZEROOUT = 0x127F  # _IO(0x12, 127)
-
-
-def move_ext(image: Path, src_offset: int, dst_offset: int) -> None:
-    """Move the ext file system at byte `src_offset` of `image` to `dst_offset`."""
-    if src_offset == dst_offset:
-        return
-    tool = require_tool("e2image", "e2fsprogs")
-    run([tool, "-ra", "-o", str(src_offset), "-O", str(dst_offset), str(image)])
 
 
 def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
@@ -233,13 +226,64 @@ def shift_tail(path: Path, start: int, delta: int) -> bool:
         os.close(fd)
 
 
-def copy_range(path: Path, src: int, dst: int, length: int, progress: Progress | None = None) -> None:
-    """Copy `length` bytes from `src` to `dst` inside `path`, byte for byte and overlap-safe."""
+@dataclasses.dataclass(frozen=True)
+class Moved:
+    """What a move did: bytes copied, and bytes of the destination made zeros without writing them."""
+
+    copied: int = 0
+    zeroed: int = 0
+
+    def __add__(self, other: Moved) -> Moved:
+        return Moved(self.copied + other.copied, self.zeroed + other.zeroed)
+
+
+def _only(pieces: list[tuple[int, int, bool]], used: Sequence[tuple[int, int]]) -> list[tuple[int, int, bool]]:
+    """`pieces` with data kept only inside the `used` ranges (relative, sorted, disjoint)."""
+    out: list[tuple[int, int, bool]] = []
+
+    def add(offset: int, size: int, is_data: bool) -> None:
+        if size <= 0:
+            return
+        if out and out[-1][2] == is_data and out[-1][0] + out[-1][1] == offset:
+            offset, size = out[-1][0], out[-1][1] + size
+            out.pop()
+        out.append((offset, size, is_data))
+
+    ends = [start + length for start, length in used]
+    for offset, size, is_data in pieces:
+        pos, end = offset, offset + size
+        if is_data:
+            index = bisect.bisect_right(ends, pos)  # the first used range ending after `pos`
+            while index < len(used) and used[index][0] < end:
+                first, last = max(used[index][0], pos), min(ends[index], end)
+                add(pos, first - pos, False)
+                add(first, last - first, True)
+                pos = last
+                index += 1
+        add(pos, end - pos, False)
+    return out
+
+
+def copy_range(
+    path: Path,
+    src: int,
+    dst: int,
+    length: int,
+    progress: Progress | None = None,
+    *,
+    used: Sequence[tuple[int, int]] | None = None,
+) -> Moved:
+    """Copy `length` bytes from `src` to `dst` inside `path`, byte for byte and overlap-safe.
+
+    With `used` (byte ranges relative to `src`, sorted and disjoint: what a file system uses), only those
+    bytes are copied and the rest of the destination is made zeros (unmapped where the file or device can)."""
     if src == dst or length <= 0:
-        return
+        return Moved()
     fd = os.open(path, os.O_RDWR)
     try:
         segments = _segments(fd, src, length)
+        if used is not None:
+            segments = _only(segments, used)
         total = sum(size for _, size, is_data in segments if is_data)
         distance = abs(dst - src)
         step = min(CHUNK, distance) if distance < length else CHUNK
@@ -257,5 +301,6 @@ def copy_range(path: Path, src: int, dst: int, length: int, progress: Progress |
                 if progress is not None:
                     progress(done, total)
         os.fsync(fd)
+        return Moved(copied=done, zeroed=length - done)
     finally:
         os.close(fd)

@@ -28,13 +28,15 @@ from cos_customizer.provisioner import cleanup, download, steps, vmsetup
 from cos_customizer.provisioner.config import ProvisionerConfig
 from cos_customizer.provisioner.state import State
 from cos_customizer.provisioner.target import Target
-from cos_customizer.units import parse_size
+from cos_customizer.units import human_size, parse_size
 
 REBOOT = 3
 RESIZE_WAIT_SECONDS = 180
 WAITING_LINE = "waiting for the boot disk size to change"
 LAYOUT_PLAN = "/tmp/cos-customizer-layout.json"
 LAYOUT_UNIT = "cos-customizer-disk-layout.service"
+# Status lines saying what the disk's data cost (moved, discarded, trimmed): the rehearsal's summary keeps them.
+DISK_SPACE = "Disk space:"
 SERVICES_TO_STOP = (
     "crash-reporter.service",
     "crash-sender.service",
@@ -117,6 +119,7 @@ def layout_inputs(target: Target, config: ProvisionerConfig) -> dict[str, object
         "reclaim_sda3": boot.reclaim_sda3,
         "oem_size": parse_size(boot.oem_size) if boot.oem_size else 0,
         "oem_fs_size_4k": boot.oem_fs_size_4k,
+        **({"full_copy": True} if boot.full_copy_relocation else {}),
     }
 
 
@@ -199,7 +202,8 @@ def handle_disk_layout(plan_file: Path, say: Say) -> None:
     inputs = json.loads(plan_file.read_text())
     blockdev.drop_cache(Path(str(inputs["disk"])))  # STATE and OEM were written through their own devices
     plan = plan_from(inputs)
-    apply.apply(Path(inputs["disk"]), plan, report=say, e2image=False)
+    moved = apply.apply(Path(inputs["disk"]), plan, report=say, full_copy=bool(inputs.get("full_copy")))
+    say(f"{DISK_SPACE} the relocation copied {human_size(moved.copied)} and discarded {human_size(moved.zeroed)}")
     say("Partitions relocated")
 
 
@@ -254,6 +258,8 @@ def execute(target: Target, state: State, say: Say) -> None:
     for line in cleanup.clean(target.root):
         say(line)
     target.unmount(target.path("/root"))
+    for line in cleanup.trim(target.root):  # last: nothing writes to STATE after this
+        say(f"{DISK_SPACE} {line}")
 
 
 def start(target: Target, config: ProvisionerConfig) -> State:

@@ -118,6 +118,9 @@ class BootDisk:
     oem_fs_size_4k: int = _field("OEMFSSize4K", 0)
     reclaim_sda3: bool = _field("ReclaimSDA3", False)
     wait_for_disk_resize: bool = _field("WaitForDiskResize", False)
+    # Private (benchmarks): the shutdown relocation copies whole partitions, as before it read ext bitmaps.
+    # Its key starts with "_" and is written only when set.
+    full_copy_relocation: bool = _field("_FullCopyRelocation", False)
 
     def to_json(self) -> dict[str, Any]:
         return _to_json(self)
@@ -183,6 +186,8 @@ def _to_json(value: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for field in dataclasses.fields(value):
         item = getattr(value, field.name)
+        if field.metadata["json"].startswith("_") and item == field.default:
+            continue  # a private field at its default: not in the document
         out[field.metadata["json"]] = list(item) if isinstance(item, tuple) else item
     return out
 

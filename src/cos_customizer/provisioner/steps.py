@@ -21,7 +21,7 @@ from cos_customizer.disk.gpt import read_table
 from cos_customizer.disk.planner import OEM
 from cos_customizer.disk.verity import derived_salt, format_verity, random_salt
 from cos_customizer.errors import CustomizerError
-from cos_customizer.provisioner import download, gpu
+from cos_customizer.provisioner import cleanup, download, gpu
 from cos_customizer.provisioner.cleanup import STATE_DIR
 from cos_customizer.provisioner.config import (
     InstallGPUArgs,
@@ -134,6 +134,8 @@ def seal_oem(ctx: Context, _args: StepArgs) -> None:
                 ctx.target.unmount(Path(tmp))
     grub.check_oem_verity(current)
     ctx.say("Sealing the OEM partition with dm-verity")
+    for line in cleanup.trim(ctx.target.root, ("usr/share/oem",)):  # free blocks read as zeros in the hash tree
+        ctx.say(line)
     ctx.target.systemctl_run("stop", "usr-share-oem.mount")
     ctx.target.unmount(ctx.target.path("/usr/share/oem"))
     blockdev.drop_cache(ctx.target.disk)  # what the OEM's own device wrote, not /dev/sda's stale pages

@@ -45,7 +45,7 @@ from typing import Any
 from cos_customizer.disk import loop
 from cos_customizer.executors.local import cgroups, containers, daemon_units, idmap, relay, sandbox
 from cos_customizer.provisioner import steps
-from cos_customizer.provisioner.cleanup import STATE_DIR, clean
+from cos_customizer.provisioner.cleanup import STATE_DIR, clean, trim
 from cos_customizer.provisioner.config import ProvisionerConfig, RunScriptArgs
 from cos_customizer.provisioner.state import State
 from cos_customizer.provisioner.target import Target
@@ -377,7 +377,7 @@ def stage(spec: StageSpec) -> dict[str, Any]:
                         err.info["index"] = index
                         raise
                     timings.append({"name": script.name, "seconds": round(time.monotonic() - started, 3)})
-        cleaned = clean(root)
+        cleaned = clean(root) + trim(root)
     return {"ok": True, "steps": timings, "cleanup": cleaned}
 
 

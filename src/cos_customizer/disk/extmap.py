@@ -1,0 +1,208 @@
+"""Which blocks an ext2/3/4 file system uses, read from its block bitmaps in pure Python.
+
+The shutdown handler moves STATE and the OEM on the VM's disk, where no
+hole tells data from free space: this map lets it copy only what the file
+system uses. A block counts as used when its group's block bitmap says so;
+a group whose bitmap was never initialized (`BLOCK_UNINIT`) uses only its
+superblock and descriptor backups, as the kernel computes it; the bitmaps
+and inode tables of every group count as used wherever they lie (flex_bg).
+Blocks past the file system's end, up to the partition's end, count as
+used too: only the file system says what is free inside it.
+
+The map is trusted only for a file system that says it was cleanly
+unmounted (no journal to replay, no errors); with anything else
+(not ext, not clean, meta_bg or bigalloc layouts) `used_map` gives the
+reason instead, and the caller copies everything. Standard library only:
+the provisioner uses this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import struct
+from pathlib import Path
+
+SUPERBLOCK = 1024
+MAGIC = 0xEF53
+STATE_VALID = 0x0001
+STATE_ERROR = 0x0002
+INCOMPAT_RECOVER = 0x0004
+INCOMPAT_JOURNAL_DEV = 0x0008
+INCOMPAT_META_BG = 0x0010
+INCOMPAT_64BIT = 0x0080
+RO_COMPAT_SPARSE_SUPER = 0x0001
+RO_COMPAT_BIGALLOC = 0x0200
+COMPAT_SPARSE_SUPER2 = 0x0200
+BG_BLOCK_UNINIT = 0x0002
+_NONZERO = re.compile(rb"[^\x00]+")
+
+
+@dataclasses.dataclass(frozen=True)
+class UsedMap:
+    """Byte ranges (offset, length) from the file system's start, sorted and disjoint, that hold data."""
+
+    ranges: tuple[tuple[int, int], ...]
+    length: int  # the bytes covered (the partition's length)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(size for _, size in self.ranges)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    block_size: int
+    block_count: int
+    first_data_block: int
+    blocks_per_group: int
+    groups: int
+    desc_size: int
+    wide: bool
+    inode_table_blocks: int
+    sparse_super: bool
+    sparse_super2: tuple[int, int] | None
+    reserved_gdt: int
+
+    def group_start(self, group: int) -> int:
+        return self.first_data_block + group * self.blocks_per_group
+
+    def group_blocks(self, group: int) -> int:
+        return min(self.blocks_per_group, self.block_count - self.group_start(group))
+
+    def has_super(self, group: int) -> bool:
+        """Whether `group` holds a superblock and descriptor backup (mke2fs's rule)."""
+        if group == 0:
+            return True
+        if self.sparse_super2 is not None:
+            return group in self.sparse_super2
+        if not self.sparse_super or group == 1:
+            return True
+        return any(_power_of(group, base) for base in (3, 5, 7))
+
+    def gdt_blocks(self) -> int:
+        return -(-self.groups * self.desc_size // self.block_size)
+
+
+def _power_of(n: int, base: int) -> bool:
+    while n % base == 0:
+        n //= base
+    return n == 1
+
+
+def _layout(sb: bytes) -> _Layout | str:
+    """The geometry of the file system, or why its bitmaps cannot be trusted for a move."""
+    if len(sb) < 1024 or struct.unpack_from("<H", sb, 0x38)[0] != MAGIC:
+        return "not an ext file system"
+    blocks_lo, _r, _f, _fi, first_data, log_block, log_cluster, bpg, _cpg, ipg = struct.unpack_from("<10I", sb, 0x04)
+    state, errors_behaviour = struct.unpack_from("<HH", sb, 0x3A)
+    del errors_behaviour
+    rev_level = struct.unpack_from("<I", sb, 0x4C)[0]
+    inode_size = struct.unpack_from("<H", sb, 0x58)[0] if rev_level else 128
+    compat, incompat, ro_compat = struct.unpack_from("<III", sb, 0x5C)
+    if not state & STATE_VALID or state & STATE_ERROR:
+        return "the file system was not cleanly unmounted"
+    if incompat & INCOMPAT_RECOVER:
+        return "the file system's journal needs recovery"
+    if incompat & (INCOMPAT_META_BG | INCOMPAT_JOURNAL_DEV) or ro_compat & RO_COMPAT_BIGALLOC:
+        return "the file system's layout (meta_bg, bigalloc or a journal device) is not read here"
+    if log_block > 6 or log_cluster != log_block or not bpg or not ipg:
+        return "the superblock's geometry is not valid"
+    wide = bool(incompat & INCOMPAT_64BIT)
+    blocks_hi = struct.unpack_from("<I", sb, 0x150)[0] if wide else 0
+    desc_size = (struct.unpack_from("<H", sb, 0xFE)[0] or 32) if wide else 32
+    block_size = 1024 << log_block
+    block_count = blocks_hi << 32 | blocks_lo
+    if block_count <= first_data or inode_size < 128 or desc_size < 32:
+        return "the superblock's geometry is not valid"
+    backups = struct.unpack_from("<II", sb, 0x24C) if compat & COMPAT_SPARSE_SUPER2 else None
+    return _Layout(
+        block_size=block_size,
+        block_count=block_count,
+        first_data_block=first_data,
+        blocks_per_group=bpg,
+        groups=-(-(block_count - first_data) // bpg),
+        desc_size=desc_size,
+        wide=wide,
+        inode_table_blocks=-(-ipg * inode_size // block_size),
+        sparse_super=bool(ro_compat & RO_COMPAT_SPARSE_SUPER),
+        sparse_super2=backups,
+        reserved_gdt=struct.unpack_from("<H", sb, 0xCE)[0],
+    )
+
+
+def _bitmap_runs(bitmap: bytes, bits: int) -> list[tuple[int, int]]:
+    """(first, count) of every run of set bits among the first `bits` of an ext bitmap (LSB first)."""
+    runs: list[tuple[int, int]] = []
+    for match in _NONZERO.finditer(bitmap[: -(-bits // 8)]):
+        value = int.from_bytes(match.group(), "little")
+        base = match.start() * 8
+        while value:
+            low = (value & -value).bit_length() - 1  # the lowest set bit
+            value >>= low
+            ones = (~value & (value + 1)).bit_length() - 1  # the run of ones starting there
+            start = base + low
+            if start >= bits:
+                break
+            runs.append((start, min(ones, bits - start)))
+            value >>= ones
+            base = start + ones
+    return runs
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for start, size in sorted(r for r in ranges if r[1] > 0):
+        if merged and start <= merged[-1][0] + merged[-1][1]:
+            last_start, last_size = merged[-1]
+            merged[-1] = (last_start, max(last_size, start + size - last_start))
+        else:
+            merged.append((start, size))
+    return merged
+
+
+def used_map(path: Path, offset: int, length: int) -> UsedMap | str:
+    """The used bytes of the file system at `offset` of `path` (a partition of `length` bytes), or why not."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        layout = _layout(os.pread(fd, 1024, offset + SUPERBLOCK))
+        if isinstance(layout, str):
+            return layout
+        size = layout.block_size
+        if layout.block_count * size > length:
+            return "the file system is larger than its partition"
+        gdt_at = (layout.first_data_block + 1) * size
+        table = os.pread(fd, layout.groups * layout.desc_size, offset + gdt_at)
+        if len(table) < layout.groups * layout.desc_size:
+            return "the group descriptors could not be read"
+        blocks: list[tuple[int, int]] = [(0, layout.first_data_block + 1)]  # the boot block and the superblock
+        for group in range(layout.groups):
+            desc = table[group * layout.desc_size : (group + 1) * layout.desc_size]
+            block_bitmap, inode_bitmap, inode_table = struct.unpack_from("<III", desc, 0)
+            flags = struct.unpack_from("<H", desc, 0x12)[0]
+            if layout.wide and layout.desc_size >= 64:
+                hi = struct.unpack_from("<III", desc, 0x20)
+                block_bitmap, inode_bitmap, inode_table = (
+                    hi[0] << 32 | block_bitmap, hi[1] << 32 | inode_bitmap, hi[2] << 32 | inode_table
+                )  # fmt: skip
+            if not all(0 < b < layout.block_count for b in (block_bitmap, inode_bitmap, inode_table)):
+                return f"group {group}'s descriptor points outside the file system"
+            blocks += [(block_bitmap, 1), (inode_bitmap, 1), (inode_table, layout.inode_table_blocks)]
+            start = layout.group_start(group)
+            if flags & BG_BLOCK_UNINIT:
+                if layout.has_super(group):
+                    blocks.append((start, 1 + layout.gdt_blocks() + layout.reserved_gdt))
+                continue
+            bitmap = os.pread(fd, size, offset + block_bitmap * size)
+            if len(bitmap) < size:
+                return f"group {group}'s block bitmap could not be read"
+            blocks += [(start + first, count) for first, count in _bitmap_runs(bitmap, layout.group_blocks(group))]
+    finally:
+        os.close(fd)
+    ranges = [(first * size, count * size) for first, count in _merge(blocks)]
+    fs_end = layout.block_count * size
+    ranges = [(start, min(part, fs_end - start)) for start, part in ranges if start < fs_end]
+    if fs_end < length:  # the partition's tail past the file system: not the file system's to call free
+        ranges.append((fs_end, length - fs_end))
+    return UsedMap(ranges=tuple(_merge(ranges)), length=length)
