@@ -143,6 +143,18 @@ def test_the_rehearsal_builds_what_the_local_executor_builds(
     assert "BuildStatus: waiting for the boot disk size to change" in err
     assert "BuildStatus: Partitions relocated" in err  # the shutdown unit's ExecStop, at a real shutdown
     assert "BuildSucceeded:" in err
+    # Issue 24: the relocation copied what STATE and the OEM use (megabytes), not the partitions (6 GB); the
+    # rest, and STATE's free space after the cleanup, went back to the disk: the output's allocated size is
+    # the local executor's (its working copy is sparse) within a few MiB.
+    copied = re.search(
+        r"^Disk space: the relocation copied ([\d.]+) (KiB|MiB|GiB) and discarded ([\d.]+) GiB$", out, re.M
+    )
+    assert copied is not None, out
+    assert copied[2] != "GiB" and float(copied[3]) > 5, copied[0]
+    assert re.search(r"^Disk space: trimmed [\d.]+ \w+ of free space on /mnt/stateful_partition$", out, re.M), out
+    allocated, local_allocated = raw.stat().st_blocks * 512, local.stat().st_blocks * 512
+    print(f"allocated: rehearsal {allocated / 2**20:.1f} MiB, local {local_allocated / 2**20:.1f} MiB")
+    assert abs(allocated - local_allocated) < 8 << 20, (allocated, local_allocated)
     # Independent checks of the output, as for the local executor.
     assert "No problems found" in sh("sgdisk", "-v", raw).stdout
     table = gpt.read_table(raw)

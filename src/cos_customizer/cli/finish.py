@@ -151,6 +151,7 @@ def _run_qemu(context: Context, finish: FinishPlan) -> int:
     notes = [
         f"Guest: {result.boots} boot(s), {result.guest_seconds:.1f}s of guest time ({result.accel.upper()})",
         *(f"Reboot {n}: {why}" for n, why in enumerate(result.reboot_reasons, 1)),
+        *(f"Disk space: {line}" for line in result.disk_space),
     ]
     summary = report.Summary(phases=[("guest (QEMU)", result.guest_seconds)], steps=result.steps, notes=notes)
     sys.stdout.write(report.summary(built, summary))

@@ -123,14 +123,14 @@ def freed_ranges(plan: DiskPlan) -> list[tuple[int, int]]:
 
 
 def discard_freed(image: Path, plan: DiskPlan) -> mover.Moved:
-    """Zero (discard, or punch holes in a file) what `freed_ranges` names, once the new table is written."""
+    """Discard (punch holes in a file) what `freed_ranges` names, once the new table is written."""
     if not plan.changed:
         return mover.Moved()
     freed = freed_ranges(plan)
     fd = os.open(image, os.O_RDWR)
     try:
         for first, sectors in freed:
-            mover.zero_range(fd, first * SECTOR, sectors * SECTOR)
+            mover.discard_range(fd, first * SECTOR, sectors * SECTOR)
         os.fsync(fd)
     finally:
         os.close(fd)

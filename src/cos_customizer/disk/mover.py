@@ -49,6 +49,7 @@ _ZEROS = bytes(ZERO_GRAIN)
 Progress = Callable[[int, int], None]
 
 _BLKZEROOUT = 0x127F  # _IO(0x12, 127)
+_BLKDISCARD = 0x1277  # _IO(0x12, 119)
 
 
 def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
@@ -113,6 +114,22 @@ def zero_range(fd: int, offset: int, length: int) -> None:
     done = 0
     while done < length:
         done += os.pwrite(fd, zeros[: min(len(zeros), length - done)], offset + done)
+
+
+def discard_range(fd: int, offset: int, length: int) -> None:
+    """Give [offset, offset+length) back to the storage: BLKDISCARD on a block device (a persistent disk unmaps
+    the blocks, QEMU's `discard=unmap` and a loop device punch holes; all three then read zeros), a hole in a
+    file; `zero_range` where the device cannot discard."""
+    if length <= 0:
+        return
+    if stat.S_ISBLK(os.fstat(fd).st_mode):
+        try:
+            fcntl.ioctl(fd, _BLKDISCARD, struct.pack("QQ", offset, length))
+            return
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
+                raise
+    zero_range(fd, offset, length)
 
 
 def sparsify(path: Path, grain: int = 4096) -> None:
@@ -290,8 +307,8 @@ def copy_range(
         backwards = dst > src
         done = 0
         for offset, size, is_data in reversed(segments) if backwards else segments:
-            if not is_data:
-                zero_range(fd, dst + offset, size)
+            if not is_data:  # what the file system does not use is discarded; a hole or zeros stay zeros
+                (zero_range if used is None else discard_range)(fd, dst + offset, size)
                 continue
             starts = range(offset, offset + size, step)
             for piece in reversed(starts) if backwards else starts:

@@ -363,7 +363,10 @@ def qemu_argv(spec: InstanceSpec) -> list[str]:
     argv += ["-m", str(spec.memory_mb), "-smp", str(spec.cpus), "-nodefaults", "-no-user-config", "-display", "none"]
     argv += ["-device", "virtio-scsi-pci,id=scsi0"]
     for index, disk in enumerate(spec.disks):
-        argv += ["-drive", f"if=none,id=d{index},file={_opt(disk)},format=raw"]
+        # discard=unmap: the guest's discards (a relocation's, fstrim's) punch holes in the disk's file; and
+        # detect-zeroes=unmap: so do the zeros it writes (the kernel's lazy inode-table zeroing of a grown file
+        # system is a SCSI WRITE SAME without unmap here), so the files' allocation measures data.
+        argv += ["-drive", f"if=none,id=d{index},file={_opt(disk)},format=raw,discard=unmap,detect-zeroes=unmap"]
         if index == 0:
             argv += ["-device", "scsi-hd,drive=d0,bus=scsi0.0,scsi-id=0,lun=0"]
         else:  # see InstanceSpec: only the boot disk is SCSI, so it is /dev/sda on every boot

@@ -52,6 +52,7 @@ from cos_customizer.executors.qemu.gcs_server import GcsServer
 from cos_customizer.executors.qemu.instances import Machine, QemuInstances, image_arch
 from cos_customizer.executors.qemu.resources import Resources
 from cos_customizer.images import ImageFormat
+from cos_customizer.provisioner.agent import DISK_SPACE
 from cos_customizer.provisioner.config import ProvisionerConfig
 from cos_customizer.units import parse_duration
 
@@ -146,6 +147,7 @@ class Result:
     reboot_reasons: list[str] = dataclasses.field(default_factory=list)
     guest_seconds: float = 0.0
     table: gpt.Table | None = None  # the boot disk's partition table when the image was made
+    disk_space: list[str] = dataclasses.field(default_factory=list)  # the provisioner's DISK_SPACE lines
     accel: str = ""
 
 
@@ -169,6 +171,8 @@ class _Progress:
         elif event.kind == "status":
             if REBOOT_REASON in event.detail:  # the provisioner's own words for why it asks for a reboot
                 self.reboot_reason = event.detail.split(REBOOT_REASON, 1)[1].strip()
+            if DISK_SPACE in event.detail:  # what the relocation and the trims moved and discarded
+                self.result.disk_space.append(event.detail.split(DISK_SPACE, 1)[1].strip())
             self.say(f"  {event.detail}")
         elif event.kind in ("failed", "cancelled"):
             self.say(
