@@ -54,6 +54,7 @@ from types import TracebackType
 from typing import Any
 
 from cos_customizer import images, output
+from cos_customizer.disk import mover
 from cos_customizer.errors import CustomizerError
 from cos_customizer.executors.qemu import daisy as daisy_local
 from cos_customizer.executors.qemu.boot import Qmp
@@ -363,6 +364,9 @@ class Resources:
             raise ResourceError(f"image {name}: the qemu executor writes one output image per run")
         try:
             images.working_copy(source, copy)
+            # Zero blocks become holes: the guest's kernel zeroes new inode tables with SCSI WRITE SAME (no
+            # unmap), which QEMU keeps as allocated zeros; Compute's image holds data, zeros cost it nothing.
+            mover.sparsify(copy)
             output.write(copy, self.output_path, self.output_format)
         finally:
             copy.unlink(missing_ok=True)
