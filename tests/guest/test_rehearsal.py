@@ -147,7 +147,7 @@ def test_the_rehearsal_builds_what_the_local_executor_builds(
     # rest, and STATE's free space after the cleanup, went back to the disk: the output's allocated size is
     # the local executor's (its working copy is sparse) within a few MiB.
     copied = re.search(
-        r"^Disk space: the relocation copied ([\d.]+) (KiB|MiB|GiB) and discarded ([\d.]+) GiB$", out, re.M
+        r"^Disk space: the relocation copied ([\d.]+) (KiB|MiB|GiB) and discarded ([\d.]+) GiB in [\d.]+ s$", out, re.M
     )
     assert copied is not None, out
     assert copied[2] != "GiB" and float(copied[3]) > 5, copied[0]

@@ -181,3 +181,20 @@ def test_handle_disk_layout_on_a_block_device_runs_only_e2fsck_resize2fs_and_los
         offset = after.partition(number).first * 512
         assert debugfs(image, offset, f"cat {name}").stdout == content, (number, name)
     assert os.stat(image).st_blocks * 512 < 256 << 20  # zeros became holes, not written blocks
+    # What a partition held before and none holds after (the OEM's and STATE's old places, ROOT-A's shrunk
+    # tail) was discarded: the loop device punched holes there, so no data is left in it (SEEK_DATA).
+    taken = [(p.first * 512, (p.last + 1) * 512) for p in after.partitions]
+    with open(image, "rb") as f:
+        for part in table.partitions:
+            start, end = part.first * 512, (part.last + 1) * 512
+            pieces = [(start, end)]
+            for first, stop in taken:
+                pieces = [
+                    piece for a, b in pieces for piece in ((a, min(b, first)), (max(a, stop), b)) if piece[0] < piece[1]
+                ]
+            for a, b in pieces:
+                try:
+                    data = os.lseek(f.fileno(), a, os.SEEK_DATA)
+                except OSError:  # ENXIO: only holes up to the end of the file
+                    continue
+                assert data >= b, (part.name, a, b, data)

@@ -15,8 +15,8 @@ data from free space, so an ext file system that was cleanly unmounted
 moves by the blocks its bitmaps call used (`disk.extmap`) and the rest of
 its destination is zeroed by discard; any other partition (not ext, not
 clean) is copied whole, as `sfdisk --move-data` does in the Go original.
-Then the space the new table leaves outside every partition, that a
-partition held before, is discarded too. Only e2fsck and resize2fs run (what the Go original relies on in
+Then the space the new table leaves outside every partition (from the
+first partition's start) is discarded too. Only e2fsck and resize2fs run (what the Go original relies on in
 the COS image).
 """
 
@@ -100,26 +100,20 @@ def move_partition(
 
 
 def freed_ranges(plan: DiskPlan) -> list[tuple[int, int]]:
-    """(first sector, sectors) that a partition held before the plan and none holds after it."""
-    taken = sorted((p.first, p.last + 1) for p in plan.after.partitions)
+    """(first sector, sectors) that no partition holds after the plan, from the first partition's start to the
+    last usable sector: the places partitions left (the OEM's, STATE's), ROOT-A's shrunk tail, any gap. What
+    precedes the first partition (the MBR's boot code, the GPT) is never in it."""
+    start = min(p.first for p in (*plan.before.partitions, *plan.after.partitions))
+    end = plan.after.last_usable + 1
     freed: list[tuple[int, int]] = []
-    for part in sorted(plan.before.partitions, key=lambda p: p.first):
-        pos, end = part.first, min(part.last + 1, plan.after.disk_sectors)
-        for first, stop in taken:
-            if stop <= pos or first >= end:
-                continue
-            if first > pos:
-                freed.append((pos, first - pos))
-            pos = max(pos, stop)
-        if pos < end:
-            freed.append((pos, end - pos))
-    merged: list[tuple[int, int]] = []
-    for first, sectors in sorted(freed):
-        if merged and first <= merged[-1][0] + merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], first + sectors - merged[-1][0]))
-        else:
-            merged.append((first, sectors))
-    return merged
+    pos = start
+    for first, stop in sorted((p.first, p.last + 1) for p in plan.after.partitions):
+        if first > pos:
+            freed.append((pos, min(first, end) - pos))
+        pos = max(pos, stop)
+    if pos < end:
+        freed.append((pos, end - pos))
+    return [(first, sectors) for first, sectors in freed if sectors > 0]
 
 
 def discard_freed(image: Path, plan: DiskPlan) -> mover.Moved:

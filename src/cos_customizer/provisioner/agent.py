@@ -202,8 +202,11 @@ def handle_disk_layout(plan_file: Path, say: Say) -> None:
     inputs = json.loads(plan_file.read_text())
     blockdev.drop_cache(Path(str(inputs["disk"])))  # STATE and OEM were written through their own devices
     plan = plan_from(inputs)
+    began = time.monotonic()
     moved = apply.apply(Path(inputs["disk"]), plan, report=say, full_copy=bool(inputs.get("full_copy")))
-    say(f"{DISK_SPACE} the relocation copied {human_size(moved.copied)} and discarded {human_size(moved.zeroed)}")
+    seconds = time.monotonic() - began
+    copied, discarded = human_size(moved.copied), human_size(moved.zeroed)
+    say(f"{DISK_SPACE} the relocation copied {copied} and discarded {discarded} in {seconds:.1f} s")
     say("Partitions relocated")
 
 
