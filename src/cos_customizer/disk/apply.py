@@ -16,8 +16,8 @@ moves by the blocks its bitmaps call used (`disk.extmap`) and the rest of
 its destination is zeroed by discard; any other partition (not ext, not
 clean) is copied whole, as `sfdisk --move-data` does in the Go original.
 Then the space the new table leaves outside every partition (from the
-first partition's start) is discarded too. Only e2fsck and resize2fs run (what the Go original relies on in
-the COS image).
+first partition's start) is discarded too. Only e2fsck and resize2fs run
+(what the Go original relies on in the COS image).
 """
 
 from __future__ import annotations
