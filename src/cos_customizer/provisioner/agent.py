@@ -260,7 +260,9 @@ def execute(target: Target, state: State, say: Say) -> None:
     say("Cleaning up machine state")
     for line in cleanup.clean(target.root):
         say(line)
-    target.unmount(target.path("/root"))
+    # The tmpfs never reaches the image; a process left with its directory there (a script's, a console's login
+    # shell) must not fail the build: detached lazily.
+    target.unmount(target.path("/root"), lazy=True)
     for line in cleanup.trim(target.root):  # last: nothing writes to STATE after this
         say(f"{DISK_SPACE} {line}")
 

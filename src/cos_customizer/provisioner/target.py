@@ -98,9 +98,11 @@ class Target:
             opts = ["loop", f"offset={first * 512}", f"sizelimit={size * 512}", *options]
         run(["mount", *(["-o", ",".join(opts)] if opts else []), source, str(mountpoint)])
 
-    def unmount(self, mountpoint: Path) -> None:
+    def unmount(self, mountpoint: Path, *, lazy: bool = False) -> None:
+        """Unmount `mountpoint` if something is mounted there; `lazy`: detach it now even while a process still
+        uses it (it goes when the last user does)."""
         if is_mountpoint(mountpoint):
-            run(["umount", str(mountpoint)])
+            run(["umount", *(["--lazy"] if lazy else []), str(mountpoint)])
 
     def mount_tmpfs(self, absolute: str) -> None:
         """A fresh tmpfs on `absolute` (a path of the target), unless one is there already."""
