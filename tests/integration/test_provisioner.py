@@ -28,6 +28,8 @@ from cos_customizer.provisioner.config import (
     ProvisionerConfig,
     RunScriptArgs,
 )
+from cos_customizer.provisioner.target import Target, is_mountpoint
+from cos_customizer.runner import CommandError
 from tests.integration.test_local_build import cat, exists
 from tests.shipped import shipped_provisioner
 from tests.vm_boot import VM_ENV
@@ -242,3 +244,23 @@ def test_install_packages_fetches_and_runs_the_installer(
         ]  # fmt: skip
     finally:
         subprocess.run(["umount", "-R", str(root / "var")], check=False)
+
+
+@root_only
+def test_roots_tmpfs_goes_even_while_a_process_is_inside(tmp_path: Path) -> None:
+    """The provisioner's last unmount (its tmpfs on /root) does not fail the build when a process still has
+    its directory there (the sample guest's console login did, and `umount` said "target is busy")."""
+    target = Target(root=tmp_path)
+    target.mount_tmpfs("/root")
+    home = target.path("/root")
+    inside = subprocess.Popen(["sleep", "60"], cwd=home)
+    try:
+        with pytest.raises(CommandError, match="busy"):
+            target.unmount(home)
+        target.unmount(home, lazy=True)
+        assert not is_mountpoint(home)
+    finally:
+        inside.kill()
+        inside.wait()
+        if is_mountpoint(home):
+            subprocess.run(["umount", "--lazy", str(home)], check=False)
