@@ -7,6 +7,8 @@ the same resulting `BootDisk`.
 
 from __future__ import annotations
 
+import dataclasses
+
 from cos_customizer.errors import ValidationError
 from cos_customizer.provisioner.config import BootDisk, ProvisionerConfig, StepType
 from cos_customizer.units import MiB, format_size, gib_round_up, parse_size
@@ -72,7 +74,7 @@ def resolve_boot_disk(config: ProvisionerConfig, oem_size: str, disk_size_gb: in
 
 
 def _replace(boot_disk: BootDisk, oem_size: str, fs_size_4k: int) -> BootDisk:
-    return BootDisk(oem_size, fs_size_4k, boot_disk.reclaim_sda3, boot_disk.wait_for_disk_resize)
+    return dataclasses.replace(boot_disk, oem_size=oem_size, oem_fs_size_4k=fs_size_4k)
 
 
 def _too_small(disk_size_gb: int, needed_gb: int, oem_size: str, sealed: bool, reclaim: bool) -> str:
