@@ -96,8 +96,7 @@ def _layout(sb: bytes) -> _Layout | str:
     if len(sb) < 1024 or struct.unpack_from("<H", sb, 0x38)[0] != MAGIC:
         return "not an ext file system"
     blocks_lo, _r, _f, _fi, first_data, log_block, log_cluster, bpg, _cpg, ipg = struct.unpack_from("<10I", sb, 0x04)
-    state, errors_behaviour = struct.unpack_from("<HH", sb, 0x3A)
-    del errors_behaviour
+    state = struct.unpack_from("<H", sb, 0x3A)[0]
     rev_level = struct.unpack_from("<I", sb, 0x4C)[0]
     inode_size = struct.unpack_from("<H", sb, 0x58)[0] if rev_level else 128
     compat, incompat, ro_compat = struct.unpack_from("<III", sb, 0x5C)
