@@ -117,9 +117,9 @@ def zero_range(fd: int, offset: int, length: int) -> None:
 
 
 def discard_range(fd: int, offset: int, length: int) -> None:
-    """Give [offset, offset+length) back to the storage: BLKDISCARD on a block device (a persistent disk unmaps
-    the blocks, QEMU's `discard=unmap` and a loop device punch holes; all three then read zeros), a hole in a
-    file; `zero_range` where the device cannot discard."""
+    """Give [offset, offset+length) back to the storage: BLKDISCARD on a block device (QEMU's `discard=unmap`
+    and a loop device punch holes and then read zeros; a persistent disk unmaps them, what it reads back was not
+    verified here), a hole in a file; `zero_range` where the device cannot discard."""
     if length <= 0:
         return
     if stat.S_ISBLK(os.fstat(fd).st_mode):
