@@ -301,7 +301,7 @@ def test_run_script(local_build: CLI, workspace_root: Path) -> None:
             "Type": "RunScript",
             "Args": {"BuildContext": "user", "Path": "preload.sh", "Env": ["A=1", "B=2", "LIST=x,y"]},
         },
-        {"Type": "RunScript", "Args": {"BuildContext": "user", "Path": "lib/mylib.sh", "Env": []}},
+        {"Type": "RunScript", "Args": {"BuildContext": "user", "Path": "lib/mylib.sh", "Env": ""}},
     ]
 
 
@@ -922,7 +922,7 @@ def test_a_workspace_the_original_wrote_is_finished_here(cli: CLI, workspace_roo
     assert result.code == 0, result.err
     plan = json.loads(result.out)
     assert plan["source_image"] == {"Project": "cos-cloud", "name": "cos-stable-109-17800-66-0"}
-    assert plan["provisioner_config"]["Steps"][0]["Args"]["Env"] == ["A=1", "B=2"]
+    assert plan["provisioner_config"]["Steps"][0]["Args"]["Env"] == "A=1,B=2"
     assert plan["daisy_args"][plan["daisy_args"].index("-var:source_image") + 1] == (
         "projects/cos-cloud/global/images/cos-stable-109-17800-66-0"
     )

@@ -20,6 +20,7 @@ from cos_customizer.errors import BuildFailed
 from cos_customizer.executors import failed_step
 from cos_customizer.executors.gce import preload
 from cos_customizer.provisioner.config import DisableAutoUpdateArgs, ProvisionerConfig, RunScriptArgs
+from tests import go_provisioner_config
 from tests.compute_standin import Compute
 from tests.conftest import CLI
 
@@ -142,6 +143,10 @@ def test_end_to_end(started: CLI, gcs: Any, compute: Compute, daisy: tuple[Path,
     }
     gpu = next(step for step in config["Steps"] if step["Type"] == "InstallGPU")
     assert gpu["Args"]["GCSDepsPrefix"] == "gs://builds/build-7/cos-customizer/gcs_files"
+    # The original's provisioner reads this config too (its Go types): Env is its comma string.
+    as_go = go_provisioner_config.read_config(json.dumps(config))
+    assert [step["Type"] for step in as_go["Steps"]] == ["RunScript", "InstallGPU", "SealOEM"]
+    assert as_go["Steps"][0]["Args"] == {"BuildContext": "user", "Path": "preload.sh", "Env": ""}
     # Workflow: labels inherited from the source, -labels wins; a scratch disk for install-gpu; the resize.
     workflow = record["workflow"]
     assert workflow["Steps"]["image"]["CreateImages"][0]["labels"] == {"milestone": "override", "team": "os"}

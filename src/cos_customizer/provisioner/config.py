@@ -66,6 +66,15 @@ class RunScriptArgs(StepArgs):
     path: str = _field("Path", required=True)
     env: tuple[str, ...] = _field("Env", ())
 
+    def to_json(self) -> dict[str, Any]:
+        out = _to_json(self)
+        # The original's provisioner reads Env as one "A=B,C=D" string (and fails on a list): write that
+        # whenever it says the same thing; only a value holding a comma, which the string cannot carry,
+        # needs the list, which only this provisioner reads.
+        if not any("," in item for item in self.env):
+            out["Env"] = ",".join(self.env)
+        return out
+
 
 @register(StepType.INSTALL_GPU)
 @dataclasses.dataclass(frozen=True)
