@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from cos_customizer.config import BuildConfig, SourceImage
 from cos_customizer.errors import ValidationError
@@ -192,6 +193,11 @@ def test_cloud_config_runs_the_provisioner_and_speaks_the_protocol() -> None:
     assert "provision run --config=/mnt/disks/cidata/config.json" in text and "provision resume" in text
     assert "BuildSucceeded:" in text and "BuildFailed:" in text and "wait-metadata DaisyEnd" in text
     assert "TTYPath=%I" in text and "cos-customizer@${tty}.service" in text
+    # The unit's ordering, as the original's src/data/startup.yaml writes it: gcr-online.target is COS's
+    # "docker can pull from gcr.io" point.
+    unit = next(f["content"] for f in yaml.safe_load(text)["write_files"] if f["path"].endswith("@.service"))
+    assert "Wants=network-online.target gcr-online.target docker.service\n" in unit
+    assert "After=network-online.target gcr-online.target docker.service\n" in unit
     script = startup.SCRIPT
     assert subprocess.run(["bash", "-n"], input=script, text=True, check=False).returncode == 0
 

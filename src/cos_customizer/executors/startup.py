@@ -76,6 +76,10 @@ fi
 """
 
 
+# What the provisioner's unit wants and starts after (the original's src/data/startup.yaml).
+UNIT_AFTER = "network-online.target gcr-online.target docker.service"
+
+
 def _indent(text: str, spaces: int) -> str:
     return "".join(" " * spaces + line + "\n" if line else "\n" for line in text.splitlines())
 
@@ -83,7 +87,8 @@ def _indent(text: str, spaces: int) -> str:
 def cloud_config() -> str:
     unit = (
         "[Unit]\nDescription=cos-customizer: provision this image\n"
-        "Wants=network-online.target docker.service\nAfter=network-online.target docker.service\n\n"
+        # As the original's unit: on COS, gcr-online.target is what lets a script pull from gcr.io right away.
+        f"Wants={UNIT_AFTER}\nAfter={UNIT_AFTER}\n\n"
         "[Service]\nType=oneshot\nRemainAfterExit=yes\nUser=root\nExecStart=/bin/bash /tmp/cos-customizer.sh\n"
         "StandardOutput=tty\nStandardError=tty\nTTYPath=%I\n"
     )
