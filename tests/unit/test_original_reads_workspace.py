@@ -23,9 +23,7 @@ def provisioner_text(workspace_root: Path) -> str:
     return (workspace_root / "config/provisioner").read_text()
 
 
-def test_every_step_of_a_local_workspace_reads_with_the_originals_types(
-    local_build: CLI, workspace_root: Path
-) -> None:
+def test_every_step_of_a_local_workspace_reads_with_the_originals_types(local_build: CLI, workspace_root: Path) -> None:
     for argv in (
         ["run-script", "-script=preload.sh", "-env=B=2,A=1"],
         ["run-script", "-script=preload.sh"],
@@ -82,7 +80,10 @@ def test_the_go_reader_is_strict_where_go_is() -> None:
     for bad, message in (
         ('{"BootDisk":{"OEMFSSize4K":-1}}', "cannot unmarshal number into Go struct field BootDiskConfig.OEMFSSize4K"),
         ('{"Steps":[{"Type":"Nope"}]}', "unknown step type"),
-        ('{"BuildContexts":{"user":1}}', "cannot unmarshal number into Go struct field Config.BuildContexts of type string"),
+        (
+            '{"BuildContexts":{"user":1}}',
+            "cannot unmarshal number into Go struct field Config.BuildContexts of type string",
+        ),
     ):
         with pytest.raises(go_provisioner_config.GoDecodeError, match=re.escape(message)):
             go_provisioner_config.read_config(bad)

@@ -61,7 +61,13 @@ FLAGS = (
         f"Machine type to use during the build (for an arm64 source: {DEFAULT_MACHINE_TYPES[Arch.ARM64]}).",
         default=DEFAULT_MACHINE_TYPES[Arch.AMD64],
     ),
-    Flag("service-account", Kind.STRING, "Service account to be used by the preload VM.", default="default"),
+    Flag(
+        "service-account",
+        Kind.STRING,
+        "Service account to be used by the preload VM.",
+        default="default",
+        empty="the preload VM would be asked for with a service account of no name",
+    ),
     Flag("gpu-type", Kind.STRING, "GPU type attached to the preload VM, e.g. 'nvidia-tesla-t4'."),
     Flag(
         "network",

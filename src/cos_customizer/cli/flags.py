@@ -37,6 +37,9 @@ class Flag:
     check: Callable[[str], object] | None = None
     # True for flags that the Go original does not have.
     ours: bool = False
+    # For a string flag with a default: what an empty value would do in the original, where it can only fail
+    # later; such a value is refused with this and the default. None: an empty value means the default.
+    empty: str | None = None
 
     @property
     def initial(self) -> Any:
@@ -129,8 +132,14 @@ def check_text(text: str) -> None:
 def set_value(flag: Flag, raw: str, parsed: Parsed) -> None:
     """Take `raw` as the value of one `-name=raw` on the command line: converted, checked, accumulated."""
     if raw == "" and flag.kind is Kind.STRING:
-        # As the original, whose string flags take "" as "not set" (-oem-size= from an empty Cloud Build
-        # substitution is no -oem-size); a flag with a default keeps it.
+        # Go's flag package stores "": for a flag without a default that is "not set", as the original reads
+        # it (-oem-size= from an empty Cloud Build substitution is no -oem-size). For a flag with a default,
+        # "" means the default where the original ends up with the default too (daisy's disk type and machine
+        # type, the provisioner's install directory), and is refused where it could only fail later.
+        if flag.empty is not None and flag.default:
+            raise ValidationError(
+                f"-{flag.name} is empty: {flag.empty}; leave the flag out for the default {quoted(flag.default)}"
+            )
         parsed.values[flag.name] = flag.initial
         return
     try:

@@ -19,7 +19,13 @@ log = logging.getLogger(__name__)
 GCE_SOURCE_FLAGS = ("image-project", "image-name", "image-milestone", "image-family", "gcs-bucket", "gcs-workdir")
 
 FLAGS = (
-    Flag("build-context", Kind.STRING, "Path to the build context (a directory or a file).", default="."),
+    Flag(
+        "build-context",
+        Kind.STRING,
+        "Path to the build context (a directory or a file).",
+        default=".",
+        empty="give the build context's path (the original fails on an empty path too)",
+    ),
     Flag("gcs-bucket", Kind.STRING, "GCS bucket to use for scratch space."),
     Flag("gcs-workdir", Kind.STRING, "GCS directory to use for scratch space."),
     Flag("image-project", Kind.STRING, "Source image project."),

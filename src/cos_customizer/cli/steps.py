@@ -207,6 +207,7 @@ INSTALL_GPU = Command(
             Kind.STRING,
             "This flag is deprecated, please use the same flag in step 'finish-image-build'.",
             default="nvidia-tesla-p100",
+            empty="the preload VM would get no GPU and the driver install would fail on it",
         ),
         Flag(
             "get-valid-drivers",
@@ -224,6 +225,7 @@ INSTALL_GPU = Command(
             Kind.STRING,
             "Use the provided cos-gpu-installer-v1 container, for e.g. gcr.io/cos-cloud/cos-gpu-installer:latest",
             default=DEFAULT_INSTALLER_CONTAINER,
+            empty="the provisioner would have no GPU installer to run (the original's fails on the VM)",
         ),
     ),
     handler=handle_install_gpu,
