@@ -81,6 +81,10 @@ COPY --from=builder-arm64 /usr/lib/cos-customizer/provisioner-arm64 /usr/lib/cos
      /usr/lib/cos-customizer/
 COPY --from=daisy /daisy /usr/local/bin/daisy
 ENV PATH=/opt/cos-customizer/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+# The image's own name (deploy/cloudbuild.yaml passes it): an SBOM names it as its tool, as the original's
+# names gcr.io/cos-cloud/cos-customizer. Empty: the SBOM says cos-customizer and its version.
+ARG STEP_IMAGE=
+ENV COS_CUSTOMIZER_STEP_IMAGE=${STEP_IMAGE}
 # Refuse to make an image whose prebuilt provisioners do not match its package.
 RUN python3 -c 'import sys; from cos_customizer import provisioner_build as p; from cos_customizer.arch import Arch; \
       sys.exit(any(p.prebuilt({}, arch=arch) is None for arch in Arch))' \

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from cos_customizer import privilege
+from tests import spdx
 from tests.conftest import CLI
 from tests.unit.test_gce_build import SBOM_INPUT, check_sbom_document
 
@@ -58,6 +59,7 @@ def test_without_a_name_in_the_input_the_output_file_names_the_image(
     result = cli("finish-image-build", f"-output={tmp_path / 'fleet-node.raw'}", "-sbom-input-path=sbom.json")
     assert result.code == 0, result.err
     document = json.loads((tmp_path / "fleet-node_sbom.spdx.json").read_text())
+    spdx.check_valid(document)
     assert document["packages"][0]["name"] == "fleet-node"
     assert document["packages"][0]["versionInfo"] == "0"
 

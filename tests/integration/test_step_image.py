@@ -211,8 +211,9 @@ def step_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Scrat
                 daisy_key = daisy_tarball(tmp / "daisy.tar")
                 import_standin(dockerd, tmp / "daisy.tar", DAISY, daisy_key, "--change", 'ENTRYPOINT ["/daisy"]')
                 started = time.monotonic()
-                build = dockerd.docker("build", "--network=host", "--force-rm", "-t", IMAGE, REPO, check=False,
-                                       timeout=3000)  # fmt: skip
+                # As deploy/cloudbuild.yaml builds it: the image is told its own name (an SBOM's tool).
+                build = dockerd.docker("build", "--network=host", "--force-rm", f"--build-arg=STEP_IMAGE={IMAGE}",
+                                       "-t", IMAGE, REPO, check=False, timeout=3000)  # fmt: skip
                 times["build"] = time.monotonic() - started
                 assert build.returncode == 0, f"docker build failed:\n{build.stdout[-6000:]}\n{build.stderr[-3000:]}"
                 # The builder stages tagged too (all from the cache now), so the prune below keeps their layers.
@@ -250,6 +251,7 @@ def test_help_and_version(step_image: tuple[ScratchDockerd, dict[str, float]]) -
     config = json.loads(dockerd.docker("image", "inspect", IMAGE).stdout)[0]["Config"]
     assert config["Entrypoint"] == ["cos-customizer"]
     assert config["WorkingDir"] == "/workspace"
+    assert f"COS_CUSTOMIZER_STEP_IMAGE={IMAGE}" in config["Env"]  # an SBOM made inside names this image
 
 
 def test_sample_image_inside(step_image: tuple[ScratchDockerd, dict[str, float]], sample_raw: Path,

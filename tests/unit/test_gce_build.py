@@ -5,6 +5,8 @@ Nothing here reaches Google: Compute and GCS are loopback servers started by the
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
 import json
 import os
 import socket
@@ -20,7 +22,7 @@ from cos_customizer.errors import BuildFailed
 from cos_customizer.executors import failed_step
 from cos_customizer.executors.gce import preload
 from cos_customizer.provisioner.config import DisableAutoUpdateArgs, ProvisionerConfig, RunScriptArgs
-from tests import go_provisioner_config
+from tests import go_provisioner_config, spdx
 from tests.compute_standin import Compute
 from tests.conftest import CLI
 
@@ -251,11 +253,15 @@ SBOM_INPUT = {
 }  # fmt: skip
 
 
-def check_sbom_document(document: dict[str, Any]) -> None:
-    """The SPDX document of SBOM_INPUT, as a GCE and a local build write it."""
+def check_sbom_document(document: dict[str, Any], tool: str | None = None) -> None:
+    """The SPDX document of SBOM_INPUT, as a GCE and a local build write it: valid SPDX 2.2 by the stock
+    validator, with the tool first among the creators (the original's form, "Tool: IMAGE", in a step image)."""
+    spdx.check_valid(document)
     assert document["spdxVersion"] == "SPDX-2.2" and document["SPDXID"] == "SPDXRef-DOCUMENT"
     assert document["name"] == "custom-image-1.2.3_sbom.spdx.json"
-    assert document["creationInfo"]["creators"] == ["Tool: cos-customizer", "Organization: Example Inc"]
+    tool = tool or f"Tool: cos-customizer-{importlib.metadata.version('cos-customizer')}"
+    assert document["creationInfo"]["creators"] == [tool, "Organization: Example Inc"]
+    assert document["documentNamespace"].startswith("https://spdx.org/spdxdocs/custom-image-1.2.3_sbom.spdx-")
     root, package = document["packages"]
     assert (root["name"], root["versionInfo"], root["supplier"]) == (
         "custom-image",
@@ -277,11 +283,13 @@ def test_sbom_written_to_gcs(cli: CLI, gcs: Any, daisy: tuple[Path, Path], tmp_p
                   "-image-name=cos-stable-109-17800-66-0", f"-gcs-bucket={BUCKET}", "-gcs-workdir=build-7"],
                  ["run-script", "-script=preload.sh"]):  # fmt: skip
         assert cli(*argv).code == 0
-    result = finish(cli, daisy, tmp_path, "-sbom-input-path=sbom.json", f"-sbom-output-path=gs://{BUCKET}/sboms")
+    image = "us-docker.pkg.dev/my-proj/cos-customizer/cos-customizer"  # as deploy/cloudbuild.yaml names it
+    result = finish(cli, daisy, tmp_path, "-sbom-input-path=sbom.json", f"-sbom-output-path=gs://{BUCKET}/sboms",
+                    COS_CUSTOMIZER_STEP_IMAGE=image)  # fmt: skip
     assert result.code == 0, result.err
     blob = gcs.bucket(BUCKET).blob("sboms/custom-image-1.2.3_sbom.spdx.json")
     document = json.loads(blob.download_as_text())
-    check_sbom_document(document)
+    check_sbom_document(document, tool=f"Tool: {image}")
 
 
 @pytest.mark.parametrize(
@@ -618,3 +626,16 @@ def test_a_daisy_failure_carries_the_step_the_provisioner_named(tmp_path: Path) 
     assert str(failed.value) == (
         "daisy failed with exit status 1 (its output is above); daisy deleted the resources it made"
     )
+
+
+def test_the_sbom_namespace_is_unique_per_build_and_the_same_for_a_reproduced_one() -> None:
+    """SPDX asks a unique namespace URI of each document; a reproducible build must write the same bytes."""
+    from cos_customizer.executors import sbom
+
+    when = datetime.datetime(2026, 1, 2, tzinfo=datetime.UTC)
+    _, first = sbom.generate(SBOM_INPUT, "img", when, "Tool: t")
+    _, again = sbom.generate(SBOM_INPUT, "img", when, "Tool: t")
+    _, later = sbom.generate(SBOM_INPUT, "img", when + datetime.timedelta(seconds=1), "Tool: t")
+    assert first == again
+    assert later["documentNamespace"] != first["documentNamespace"]
+    spdx.check_valid(first)

@@ -112,7 +112,7 @@ def _run_local(context: Context, finish: FinishPlan) -> int:
         context.workspace.remove()  # as the original: the build is over, success or failure
     sys.stdout.write(report.summary(build, summary))
     if finish.sbom is not None:
-        written = sbom.write_local(finish.sbom, finish.output.path, finish.epoch)
+        written = sbom.write_local(finish.sbom, finish.output.path, sbom.creator_tool(context.environ), finish.epoch)
         sys.stdout.write(f"SBOM: {written}\n")
     return 0
 

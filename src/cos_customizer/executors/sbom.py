@@ -14,15 +14,27 @@ from __future__ import annotations
 import datetime
 import json
 import tarfile
+import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cos_customizer import buildcontext, workspace
+from cos_customizer import __version__, buildcontext, workspace
 from cos_customizer.errors import ValidationError
 
 NOASSERTION = "NOASSERTION"
-TOOL = "Tool: cos-customizer"
 SUFFIX = "sbom.spdx.json"
+# The step image's name, set by its Dockerfile (deploy/cloudbuild.yaml passes it): the original's creator
+# is its image, "Tool: gcr.io/cos-cloud/cos-customizer" (sbomutil.go).
+STEP_IMAGE_ENV = "COS_CUSTOMIZER_STEP_IMAGE"
+# SPDX's own example form of a namespace, https://spdx.org/spdxdocs/NAME-UUID.
+NAMESPACE_BASE = "https://spdx.org/spdxdocs/"
+
+
+def creator_tool(environ: Mapping[str, str]) -> str:
+    """The tool among the creators: the step image when it names itself, else the package and its version."""
+    image = environ.get(STEP_IMAGE_ENV, "")
+    return f"Tool: {image}" if image else f"Tool: cos-customizer-{__version__}"
 
 
 def _split(value: str, what: str, kinds: str) -> str:
@@ -59,8 +71,12 @@ def check_output_path(path: str) -> None:
         raise ValidationError(f"-sbom-output-path={path}: give a GCS directory such as gs://bucket/sboms")
 
 
-def generate(data: dict[str, Any], image_name: str, now: datetime.datetime) -> tuple[str, dict[str, Any]]:
-    """(document name, document) for the output image `image_name`."""
+def generate(data: dict[str, Any], image_name: str, now: datetime.datetime, tool: str) -> tuple[str, dict[str, Any]]:
+    """(document name, document) for the output image `image_name`, valid SPDX 2.2 (`pyspdxtools`).
+
+    The namespace ends in a UUID made from the document itself: two builds differ in it (their `created`
+    differs), and a reproducible build (SOURCE_DATE_EPOCH) writes the same bytes again.
+    """
     name = data.get("outputImageName") or image_name
     version = data.get("outputImageVersion", "") if data.get("outputImageName") else ""
     document_name = f"{name}-{version}_{SUFFIX}" if version else f"{name}_{SUFFIX}"
@@ -74,6 +90,7 @@ def generate(data: dict[str, Any], image_name: str, now: datetime.datetime) -> t
         "downloadLocation": NOASSERTION,
         "licenseConcluded": NOASSERTION,
         "licenseDeclared": NOASSERTION,
+        "copyrightText": NOASSERTION,
     }
     packages = [root]
     relationships = [
@@ -81,7 +98,7 @@ def generate(data: dict[str, Any], image_name: str, now: datetime.datetime) -> t
     ]
     for package in data.get("SPDXPackages") or []:
         filled = {"downloadLocation": NOASSERTION, "supplier": NOASSERTION, "licenseConcluded": NOASSERTION,
-                  "licenseDeclared": NOASSERTION, **package}  # fmt: skip
+                  "licenseDeclared": NOASSERTION, "copyrightText": NOASSERTION, **package}  # fmt: skip
         packages.append(filled)
         relationships.append({"spdxElementId": root_id, "relatedSpdxElement": package["SPDXID"],
                               "relationshipType": "CONTAINS"})  # fmt: skip
@@ -97,8 +114,8 @@ def generate(data: dict[str, Any], image_name: str, now: datetime.datetime) -> t
         "dataLicense": "CC0-1.0",
         "SPDXID": "SPDXRef-DOCUMENT",
         "name": document_name,
-        "documentNamespace": NOASSERTION,
-        "creationInfo": {"created": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "creators": [TOOL, *data["creators"]]},
+        "documentNamespace": "",
+        "creationInfo": {"created": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "creators": [tool, *data["creators"]]},
         "packages": packages,
         "relationships": relationships,
     }
@@ -106,17 +123,20 @@ def generate(data: dict[str, Any], image_name: str, now: datetime.datetime) -> t
         document["externalDocumentRefs"] = external
     if data.get("hasExtractedLicensingInfos"):
         document["hasExtractedLicensingInfos"] = data["hasExtractedLicensingInfos"]
+    content = json.dumps(document, sort_keys=True, separators=(",", ":"))
+    unique = uuid.uuid5(uuid.NAMESPACE_URL, NAMESPACE_BASE + content)
+    document["documentNamespace"] = f"{NAMESPACE_BASE}{document_name.removesuffix('.json')}-{unique}"
     return document_name, document
 
 
-def write_local(data: dict[str, Any], output: Path, epoch: int | None = None) -> Path:
+def write_local(data: dict[str, Any], output: Path, tool: str, epoch: int | None = None) -> Path:
     """The SPDX document of a local build, beside its output (the output file's name without its format
     suffix names the image when the input does not), written atomically; created at `epoch` when set."""
     image_name = output.name
     for suffix in (".tar.gz", ".qcow2", ".raw"):
         image_name = image_name.removesuffix(suffix)
     now = datetime.datetime.now(datetime.UTC) if epoch is None else datetime.datetime.fromtimestamp(epoch, datetime.UTC)
-    name, document = generate(data, image_name, now)
+    name, document = generate(data, image_name, now, tool)
     path = output.parent / name
     workspace.write_json_atomic(path, document)
     return path

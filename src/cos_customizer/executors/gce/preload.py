@@ -128,10 +128,10 @@ def upload(bucket: Any, build: BuildConfig, build_context: Path) -> None:
         log.info("Uploaded %s to gs://%s/%s", local.name, build.GCSBucket, name)
 
 
-def write_sbom(data: dict[str, Any], directory: str, image_name: str, project: str) -> str:
+def write_sbom(data: dict[str, Any], directory: str, image_name: str, project: str, tool: str) -> str:
     from google.api_core import exceptions
 
-    name, document = sbom.generate(data, image_name, datetime.datetime.now(datetime.UTC))
+    name, document = sbom.generate(data, image_name, datetime.datetime.now(datetime.UTC), tool)
     bucket, _, prefix = directory[len("gs://") :].partition("/")
     blob_name = f"{prefix.rstrip('/')}/{name}" if prefix else name
     try:
@@ -260,7 +260,7 @@ def finish(job: GceBuild, environ: dict[str, str], compute_endpoint: str) -> boo
                                    scratch=str(scratch), workflow_path=str(wf))  # fmt: skip
         run_daisy([daisy, *args], parse_duration(build.Timeout) / 1e9, dict(environ), job.provisioner)
     if job.sbom is not None:
-        write_sbom(job.sbom[0], job.sbom[1], image.name, build.Project)
+        write_sbom(job.sbom[0], job.sbom[1], image.name, build.Project, sbom.creator_tool(environ))
     if job.deprecate_old:
         done = gce.deprecate_in_family(images, image.project, image.family, image.name, job.old_image_ttl)
         log.info("Deprecated %d older images of family %s", len(done), image.family)
