@@ -142,6 +142,15 @@ def inspect(record: dict[str, Any]) -> dict[str, Any]:
     return seen
 
 
+def go_seconds(text: str) -> float:
+    """A Go duration of whole units ("1s", "1m30s", "500ms") in seconds: the forms the tests give."""
+    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    parts = re.findall(r"([0-9.]+)(ms|h|m|s)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"daisy stand-in: cannot read -default_timeout {text!r}")
+    return sum(float(number) * scale[unit] for number, unit in parts)
+
+
 def main() -> int:
     record, problems = check(sys.argv[1:])
     if not problems and os.environ.get("DAISY_STANDIN_INSPECT"):
@@ -165,6 +174,22 @@ def main() -> int:
 
         signal.signal(signal.SIGINT, cleanup)
         time.sleep(float(os.environ["DAISY_STANDIN_SLEEP"]))
+    if os.environ.get("DAISY_STANDIN_STEPS"):
+        # Steps that take these many seconds one after another, each limited by -default_timeout as daisy
+        # limits them (step.go): a step past it fails with daisy's words, and daisy cleans up.
+        import time
+
+        limit_text = record["flags"]["-default_timeout"]
+        limit = go_seconds(limit_text)
+        for index, seconds in enumerate(float(s) for s in os.environ["DAISY_STANDIN_STEPS"].split(",")):
+            if seconds > limit:
+                time.sleep(limit)
+                print(f'[build-image]: Error running workflow: step "step-{index}" did not complete within the '
+                      f"specified timeout of {limit_text}", flush=True)  # fmt: skip
+                print('[build-image]: Workflow "build-image" cleaning up (this may take up to 2 minutes).')
+                return 1
+            time.sleep(seconds)
+            print(f'[build-image]: Step "step-{index}" finished', flush=True)
     if os.environ.get("DAISY_STANDIN_FAIL"):
         print('[build-image]: Step "wait-preload-finished" (WaitForInstancesSignal): BuildFailed: boom')
         print(

@@ -240,6 +240,26 @@ def test_a_failing_script_fails_the_rehearsal_and_leaves_nothing(tmp_path: Path,
     assert not (tmp_path / "ws").exists()
 
 
+def test_a_step_past_timeout_stops_the_rehearsal_with_daisys_words(tmp_path: Path, bootable_raw_dm_mod: Path) -> None:
+    """-timeout is daisy's -default_timeout: the step that outlives it fails with daisy's own error (step.go,
+    getTimeoutError), the rehearsal cleans up as daisy does, and nothing is left."""
+    code, out, err, output = _rehearse(tmp_path, bootable_raw_dm_mod, [["run-script", "-script=preload.sh"]],
+                                       ["-timeout=30s"])  # fmt: skip
+    assert code == 1
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"cos-customizer: error: the rehearsed build failed in workflow step ([a-z-]+) \(\w+\): "
+        r'step "\1" did not complete within the specified timeout of 30s',
+        last,
+    ), last
+    assert "ran past cos-customizer's own bound" not in err
+    assert out == ""
+    assert not output.exists()
+    assert _qemu_processes(str(tmp_path)) == []
+    assert list((tmp_path / "t").iterdir()) == []
+    assert leaks(tmp_path) == ([], [])
+
+
 # -- other local users (issue 20, point 4)
 
 CONTEXT_MEDIA = "/storage/v1/b/cos-customizer-local/o/cos-customizer%2Fuser_build_context.tar?alt=media"

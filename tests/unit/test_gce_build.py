@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from cos_customizer.errors import BuildFailed
-from cos_customizer.executors import failed_step
+from cos_customizer.executors import failed_step, workflow
 from cos_customizer.executors.gce import preload
 from cos_customizer.provisioner.config import DisableAutoUpdateArgs, ProvisionerConfig, RunScriptArgs
 from tests import go_provisioner_config, spdx
@@ -318,14 +318,54 @@ def test_sbom_refusals(cli: CLI, gcs: Any, daisy: tuple[Path, Path], tmp_path: P
     assert workspace_root.exists()
 
 
-def test_timeout_lets_daisy_clean_up(started: CLI, gcs: Any, daisy: tuple[Path, Path], tmp_path: Path) -> None:
-    result = finish(started, daisy, tmp_path, "-timeout=2s", DAISY_STANDIN_SLEEP="60")
+# -timeout is the original's: daisy's -default_timeout, each step's limit, which daisy enforces and cleans up
+# after (the original's own timeout test greps the build log for daisy's words).
+
+
+def test_daisy_gets_the_timeout_and_its_own_timeout_fires_first(
+    started: CLI, gcs: Any, daisy: tuple[Path, Path], tmp_path: Path
+) -> None:
+    result = finish(started, daisy, tmp_path, "-timeout=1s", DAISY_STANDIN_STEPS="30")
     assert result.code == 1
-    assert 'daisy: [build-image]: Workflow "build-image" cleaning up after an interrupt.' in result.err
+    assert json.loads(daisy[1].read_text())["flags"]["-default_timeout"] == "1s"
+    assert 'step "step-0" did not complete within the specified timeout of 1s' in result.err
+    assert "cleaning up after an interrupt" not in result.err  # daisy's timeout, not ours, ended it
     assert result.err.endswith(
-        "cos-customizer: error: the build took longer than -timeout; daisy was stopped and cleaned up\n"
+        "cos-customizer: error: a workflow step did not complete within -timeout, daisy's -default_timeout for "
+        "each step (its words are above); daisy deleted the resources it made\n"
     )
     assert managed(gcs) == []
+
+
+def test_steps_that_each_fit_the_timeout_succeed_however_long_together(
+    started: CLI, gcs: Any, daisy: tuple[Path, Path], tmp_path: Path
+) -> None:
+    result = finish(started, daisy, tmp_path, "-timeout=1s", DAISY_STANDIN_STEPS="0.7,0.7,0.7")
+    assert result.code == 0, result.err
+    assert result.out == "Build succeeded: image my-proj/custom-1\n"
+
+
+def test_our_own_bound_stops_a_daisy_that_never_returns_and_lets_it_clean_up(tmp_path: Path) -> None:
+    daisy = tmp_path / "daisy"
+    daisy.write_text(f"#!{sys.executable}\nimport signal, sys, time\n"
+                     "signal.signal(signal.SIGINT, lambda *_: sys.exit(print('cleaning up after an interrupt')))\n"
+                     "time.sleep(60)\n")  # fmt: skip
+    daisy.chmod(0o755)
+    with pytest.raises(BuildFailed) as failed:
+        preload.run_daisy([str(daisy)], workflow.RunBound(1.0, "a test's bound"))
+    assert str(failed.value) == (
+        "daisy ran past cos-customizer's own bound of 1s (a test's bound); daisy was stopped and cleaned up"
+    )
+
+
+def test_our_bound_lies_past_every_step_at_its_limit() -> None:
+    document = {"Steps": {"a": {}, "b": {"Timeout": "2h"}, "c": {}}}
+    bound = workflow.run_bound(document, "1h0m0s")
+    assert bound.seconds > 4 * 3600  # a, c at -timeout, b at its own
+    assert bound.why == (
+        "the workflow's 3 steps one after another, each at its limit (-timeout=1h0m0s), plus 10m0s; daisy's own "
+        "timeout fires first"
+    )
 
 
 # -- arm64 sources: the architecture comes from Compute (else the name); CIDATA gets that architecture's
@@ -621,7 +661,7 @@ def test_a_daisy_failure_carries_the_step_the_provisioner_named(tmp_path: Path) 
     daisy.write_text(f"#!/bin/sh\necho '{FAILED_LINE}script a.sh failed'\nexit 1\n")
     daisy.chmod(0o755)
     with pytest.raises(BuildFailed) as failed:
-        preload.run_daisy([str(daisy)], 60, config=FAILING_CONFIG)
+        preload.run_daisy([str(daisy)], workflow.RunBound(60, "test"), config=FAILING_CONFIG)
     assert failed.value.step == 1
     assert str(failed.value) == (
         "daisy failed with exit status 1 (its output is above); daisy deleted the resources it made"

@@ -137,7 +137,6 @@ def _run_qemu(context: Context, finish: FinishPlan) -> int:
         format=ImageFormat(finish.output.format),
         build_context=context.workspace.build_context_archive,
         provisioner_binary=finish.provisioner_binary,
-        timeout=finish.timeout,
         accel=context.environ.get(rehearsal.ACCEL_ENV, ""),
     )
     for warning in finish.disk_plan.warnings:

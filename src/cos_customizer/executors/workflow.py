@@ -18,6 +18,7 @@ from cos_customizer.config import BuildConfig, SourceImage
 from cos_customizer.errors import ValidationError
 from cos_customizer.plan import IMAGE_SIZE_GB, need_disk_resize
 from cos_customizer.provisioner.config import InstallGPUArgs, ProvisionerConfig, Step, StepType
+from cos_customizer.units import MINUTE, format_duration, parse_duration
 
 SCOPES = ["https://www.googleapis.com/auth/devstorage.read_write", "https://www.googleapis.com/auth/cloud-platform"]
 CLEANUP_LABEL = "cos-customizer-cleanup"
@@ -253,3 +254,34 @@ def guest_provisioner(config: ProvisionerConfig, build: BuildConfig) -> Provisio
         build_contexts=(("user", f"{managed}/{CONTEXT_OBJECT}"),),
         steps=tuple(steps),
     )
+
+
+# -- -timeout is daisy's -default_timeout: each step's own limit, which daisy enforces (its words: `step
+# "NAME" did not complete within the specified timeout of D`) and after which it cleans up. Our bound on a
+# whole run only guards against a daisy that never returns, so it must never fire before daisy's: every step
+# one after another at its limit, plus time for daisy's cleanup.
+
+TIMEOUT_WORDS = "did not complete within the specified timeout"
+RUN_BOUND_GRACE = 10 * MINUTE  # nanoseconds: daisy's cleanup after its own timeout fired
+
+
+@dataclasses.dataclass(frozen=True)
+class RunBound:
+    """cos-customizer's own bound on a whole workflow run, longer than any run daisy lets go on."""
+
+    seconds: float
+    why: str
+
+    def exceeded(self, who: str) -> str:
+        return f"{who} ran past cos-customizer's own bound of {format_duration(int(self.seconds * 1e9))} ({self.why})"
+
+
+def run_bound(document: dict[str, Any], default_timeout: str) -> RunBound:
+    """The bound for `document` run with `-default_timeout=default_timeout` (a Go duration)."""
+    steps = document.get("Steps", {}).values()
+    total = sum(parse_duration(str(step.get("Timeout") or default_timeout)) for step in steps)
+    why = (
+        f"the workflow's {len(steps)} steps one after another, each at its limit (-timeout={default_timeout}), "
+        f"plus {format_duration(RUN_BOUND_GRACE)}; daisy's own timeout fires first"
+    )
+    return RunBound((total + RUN_BOUND_GRACE) / 1e9, why)

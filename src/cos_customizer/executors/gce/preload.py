@@ -8,7 +8,8 @@
    the source's architecture and its final `config.json`) and the SCRATCH
    disk, each a `.tar.gz` holding `disk.raw`; write the startup cloud-config
    and the workflow;
-6. run daisy, its output streamed with a prefix, bounded by `-timeout`
+6. run daisy, its output streamed with a prefix; `-timeout` is daisy's `-default_timeout` (each step's limit,
+   enforced by daisy), and our own bound on the whole run (`workflow.run_bound`) is longer than daisy's
    (on expiry or Ctrl-C daisy gets SIGINT, so it deletes what it created);
 7. deprecate older images of the family (`-deprecate-old-images`);
 and, whatever happens, delete the managed GCS directory.
@@ -41,7 +42,6 @@ from cos_customizer.executors import disks, failed_step, sbom, startup, workflow
 from cos_customizer.executors.gce import compute as gce
 from cos_customizer.provisioner.config import ProvisionerConfig
 from cos_customizer.runner import MissingToolError
-from cos_customizer.units import parse_duration
 
 log = logging.getLogger("cos_customizer")
 
@@ -191,9 +191,13 @@ def machine_type(given: str | None, arch: Arch) -> str:
 
 
 def run_daisy(
-    argv: list[str], timeout: float, env: dict[str, str] | None = None, config: ProvisionerConfig | None = None
+    argv: list[str],
+    bound: workflow.RunBound,
+    env: dict[str, str] | None = None,
+    config: ProvisionerConfig | None = None,
 ) -> None:
-    """Run daisy with its output prefixed; on timeout or Ctrl-C it gets SIGINT and time to clean up.
+    """Run daisy with its output prefixed; at `bound` (ours, past daisy's own per-step timeouts) or on Ctrl-C
+    it gets SIGINT and time to clean up.
 
     Should this process die, however (SIGKILL too), the kernel sends daisy SIGINT (`runner.die_with_us`): it
     deletes what it made and exits. Its lines are read in bounded pieces (`runner.bounded_lines`). When daisy
@@ -206,17 +210,25 @@ def run_daisy(
     assert proc.stdout is not None
     stop = ((signal.SIGINT, STOP_GRACE_SECONDS), (signal.SIGKILL, 10.0))  # on SIGINT daisy deletes what it made
     step = None
+    timed_out = False
     try:
-        with runner.deadline(timeout, lambda: runner.stop_group(proc, stop[:1])) as expired:
+        with runner.deadline(bound.seconds, lambda: runner.stop_group(proc, stop[:1])) as expired:
             for line in runner.bounded_lines(proc.stdout.fileno()):
                 log.info("daisy: %s", line)
+                timed_out = timed_out or workflow.TIMEOUT_WORDS in line
                 if config is not None and step is None:
                     step = failed_step(line, config)
             status = proc.wait()
     finally:
         runner.stop_group(proc, stop)
     if expired.is_set():
-        raise BuildFailed("the build took longer than -timeout; daisy was stopped and cleaned up")
+        raise BuildFailed(f"{bound.exceeded('daisy')}; daisy was stopped and cleaned up")
+    if status != 0 and timed_out:
+        raise BuildFailed(
+            "a workflow step did not complete within -timeout, daisy's -default_timeout for each step (its words "
+            "are above); daisy deleted the resources it made",
+            step,
+        )
     if status != 0:
         raise BuildFailed(
             f"daisy failed with exit status {status} (its output is above); daisy deleted the resources it made", step
@@ -255,10 +267,11 @@ def finish(job: GceBuild, environ: dict[str, str], compute_endpoint: str) -> boo
         cloud = work / "startup.yaml"
         cloud.write_text(startup.cloud_config())
         wf = work / "build_image.wf.json"
-        wf.write_text(json.dumps(workflow.workflow(build, job.provisioner, image, str(cloud)), indent=2))
+        document = workflow.workflow(build, job.provisioner, image, str(cloud))
+        wf.write_text(json.dumps(document, indent=2))
         args = workflow.daisy_args(build, job.provisioner, job.source, image, cidata=str(cidata),
                                    scratch=str(scratch), workflow_path=str(wf))  # fmt: skip
-        run_daisy([daisy, *args], parse_duration(build.Timeout) / 1e9, dict(environ), job.provisioner)
+        run_daisy([daisy, *args], workflow.run_bound(document, build.Timeout), dict(environ), job.provisioner)
     if job.sbom is not None:
         write_sbom(job.sbom[0], job.sbom[1], image.name, build.Project, sbom.creator_tool(environ))
     if job.deprecate_old:

@@ -44,8 +44,9 @@ Daisy's semantics followed here, from github.com/GoogleCloudPlatform/compute-dai
   disks and images it was made from.
 
 Deliberate differences: the whole run can be bounded by a `deadline` (the
-build's `-timeout`, which for the real tool is enforced around the daisy
-process); step types the local runner does not implement are refused by name
+rehearsal's `workflow.run_bound`, which for the real tool bounds the daisy
+process: past every step's own limit, so daisy's timeout fires first); step
+types the local runner does not implement are refused by name
 before anything runs, where Daisy would try them against the cloud.
 """
 
@@ -67,7 +68,7 @@ from typing import Any, Literal
 
 from cos_customizer.errors import CustomizerError
 from cos_customizer.runner import LINE_LIMIT
-from cos_customizer.units import parse_duration
+from cos_customizer.units import format_duration, parse_duration
 
 # Every step type Daisy knows (`step.go`, the fields of `Step`).
 DAISY_STEP_TYPES = frozenset({
@@ -414,15 +415,16 @@ def run(
         thread.start()
 
     def timeout_text(step: Step) -> str:
-        text = step.timeout or f"{default_timeout:g}s"
+        # Daisy's words (step.go, getTimeoutError), with the limit as Go prints a time.Duration.
+        limit = parse_duration(step.timeout) if step.timeout else round(default_timeout * NANOSECONDS)
         extra = f". {step.timeout_description}" if step.timeout_description else ""
-        return f"did not complete within the specified timeout of {text}{extra}"
+        return f'step "{step.name}" did not complete within the specified timeout of {format_duration(limit)}{extra}'
 
     try:
         while waiting or running:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded(
-                    f"workflow {workflow.name} did not complete before its deadline "
+                    f"workflow {workflow.name} was still running at its deadline "
                     f"(still running: {', '.join(sorted(running)) or 'nothing'})"
                 )
             for name in [name for name, needs in waiting.items() if not needs]:

@@ -83,7 +83,6 @@ class Rehearsal:
     format: ImageFormat
     build_context: Path
     provisioner_binary: Path | None
-    timeout: float  # seconds: -timeout
     accel: str = ""  # "kvm" or "tcg"; empty: KVM when it works, else TCG
 
 
@@ -301,15 +300,17 @@ def run(job: Rehearsal, environ: Mapping[str, str], say: Callable[[str], None]) 
             handlers["CreateImages"] = _capture_table(resources, handlers["CreateImages"], result)
             say(f"Rehearsing the GCE workflow {wf.name} locally in QEMU (its serial port 3 follows)")
             try:
+                # -timeout is each step's limit (daisy's -default_timeout); the run's bound lies past them all.
+                bound = workflow.run_bound(document, invocation.default_timeout)
                 daisy_local.run(
                     wf,
                     handlers,
                     default_timeout=parse_duration(invocation.default_timeout) / 1e9,
-                    deadline=time.monotonic() + job.timeout,
+                    deadline=time.monotonic() + bound.seconds,
                     on_event=progress.event,
                 )
             except daisy_local.DeadlineExceeded as err:
-                raise BuildFailed(f"the build took longer than -timeout: {err}") from err
+                raise BuildFailed(f"{bound.exceeded('the rehearsal')}: {err}") from err
             except daisy_local.WorkflowStepFailed as err:
                 raise BuildFailed(
                     f"the rehearsed build failed in workflow step {err.step.name} ({err.step.type}): {err.reason}",
