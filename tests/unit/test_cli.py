@@ -315,12 +315,8 @@ def test_run_script(local_build: CLI, workspace_root: Path) -> None:
             "could not find nope.sh in the build context; the build context is the -build-context of "
             "start-image-build, and paths are relative to it",
         ),
-        (
-            ["-script=lib"],
-            1,
-            "could not find lib in the build context; the build context is the -build-context of "
-            "start-image-build, and paths are relative to it",
-        ),
+        (["-script=lib"], 1, "-script=lib is a directory of the build context; give a file in it"),
+        (["-script=lib/"], 1, "-script=lib/ is a directory of the build context; give a file in it"),
         (
             ["-script=/etc/passwd"],
             1,
@@ -769,6 +765,26 @@ def test_finish_gce_dry_run(gce_build: CLI, workspace_root: Path, tmp_path: Path
         (
             ["-zone=z", "-project=p", "-image-name=a", "-old-image-ttl=60"],
             "-old-image-ttl can only be used if -deprecate-old-images is set",
+        ),
+        (  # stricter than the original, which passes a negative TTL on to Compute (docs/differences.md)
+            [
+                "-zone=z",
+                "-project=p",
+                "-image-name=a",
+                "-image-family=f",
+                "-deprecate-old-images",
+                "-old-image-ttl=-60",
+            ],
+            "-old-image-ttl must be a number of seconds >= 0",
+        ),  # fmt: skip
+        # stricter than the original, which hands daisy a -default_timeout it cannot use (docs/differences.md)
+        (
+            ["-zone=z", "-project=p", "-image-name=a", "-timeout=0s"],
+            "-timeout=0s: give a positive duration such as 1h0m0s",
+        ),
+        (
+            ["-zone=z", "-project=p", "-image-name=a", "-timeout=-5m"],
+            "-timeout=-5m0s: give a positive duration such as 1h0m0s",
         ),
         (["-project=p", "-image-name=a"], "-zone must be set for a GCE build"),
         (["-zone=z", "-image-name=a"], "-project must be set for a GCE build"),

@@ -66,6 +66,8 @@ def _edit_steps(ws: Workspace, make: Callable[[ProvisionerConfig], ProvisionerCo
 def _script_member(context: Context, path: str, flag: str, *, kinds: tuple[bytes, ...]) -> str:
     name = buildcontext.normalize_member(path, flag)
     member = buildcontext.find_member(context.workspace.build_context_archive, name)
+    if member is not None and member.isdir() and tarfile.DIRTYPE not in kinds:
+        raise ValidationError(f"{flag}={shown(path)} is a directory of the build context; give a file in it")
     if member is None or member.type not in kinds:
         raise ValidationError(
             f"could not find {shown(path)} in the build context; the build context is the -build-context "
