@@ -60,6 +60,10 @@ def check(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     variables = workflow.get("Vars", {})
     sources = workflow.get("Sources", {})
     steps = workflow.get("Steps", {})
+    try:  # daisy parses it when it populates the workflow ("failed to parse timeout for workflow")
+        go_seconds(str(flags.get("-default_timeout", "10m")))
+    except ValueError as err:
+        problems.append(str(err))
     for name in given:
         if name not in variables:
             problems.append(f"-var:{name} is not a var of the workflow")
@@ -164,16 +168,6 @@ def main() -> int:
         return 1
     print("[build-image]: Workflow Project: " + str(record["flags"].get("-project")))
     print('[build-image]: Step "wait-preload-finished" (WaitForInstancesSignal): BuildStatus: step done')
-    if os.environ.get("DAISY_STANDIN_SLEEP"):
-        import signal
-        import time
-
-        def cleanup(*_: object) -> None:
-            print('[build-image]: Workflow "build-image" cleaning up after an interrupt.', flush=True)
-            sys.exit(1)
-
-        signal.signal(signal.SIGINT, cleanup)
-        time.sleep(float(os.environ["DAISY_STANDIN_SLEEP"]))
     if os.environ.get("DAISY_STANDIN_STEPS"):
         # Steps that take these many seconds one after another, each limited by -default_timeout as daisy
         # limits them (step.go): a step past it fails with daisy's words, and daisy cleans up.

@@ -776,7 +776,7 @@ def test_finish_gce_dry_run(gce_build: CLI, workspace_root: Path, tmp_path: Path
                 "-old-image-ttl=-60",
             ],
             "-old-image-ttl must be a number of seconds >= 0",
-        ),  # fmt: skip
+        ),
         # stricter than the original, which hands daisy a -default_timeout it cannot use (docs/differences.md)
         (
             ["-zone=z", "-project=p", "-image-name=a", "-timeout=0s"],
