@@ -90,7 +90,7 @@ def _ubuntu(tmp: Path) -> bytes:
 
 def _rehearse(tmp: Path, source: Path, steps: list[list[str]], finish: list[str]) -> tuple[int, str, str, Path]:
     files: dict[str, str | bytes] = {"preload.sh": SCRIPT, "fail.sh": "echo about to fail\nexit 7\n",
-                                     "ubuntu.tar": _ubuntu(tmp)}  # fmt: skip
+                                     "slow.sh": "echo sleeping\nsleep 900\n", "ubuntu.tar": _ubuntu(tmp)}  # fmt: skip
     started = start(tmp, copy_of(source, tmp), files, steps)
     (tmp / "t").mkdir()
     env = {**started.env, "TMPDIR": str(tmp / "t"), "COS_CUSTOMIZER_QEMU_ACCEL": "tcg"}
@@ -243,7 +243,7 @@ def test_a_failing_script_fails_the_rehearsal_and_leaves_nothing(tmp_path: Path,
 def test_a_step_past_timeout_stops_the_rehearsal_with_daisys_words(tmp_path: Path, bootable_raw_dm_mod: Path) -> None:
     """-timeout is daisy's -default_timeout: the step that outlives it fails with daisy's own error (step.go,
     getTimeoutError), the rehearsal cleans up as daisy does, and nothing is left."""
-    code, out, err, output = _rehearse(tmp_path, bootable_raw_dm_mod, [["run-script", "-script=preload.sh"]],
+    code, out, err, output = _rehearse(tmp_path, bootable_raw_dm_mod, [["run-script", "-script=slow.sh"]],
                                        ["-timeout=30s"])  # fmt: skip
     assert code == 1
     last = err.strip().splitlines()[-1]
