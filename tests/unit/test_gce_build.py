@@ -679,3 +679,20 @@ def test_the_sbom_namespace_is_unique_per_build_and_the_same_for_a_reproduced_on
     assert first == again
     assert later["documentNamespace"] != first["documentNamespace"]
     spdx.check_valid(first)
+
+
+def test_no_google_credentials_is_one_line(cli: CLI, context_dir: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Without credentials (no GOOGLE_APPLICATION_CREDENTIALS, no gcloud login, not on GCE) the Compute client
+    cannot be made: one line saying what to do, not an internal error."""
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))  # no application-default login there
+    monkeypatch.setenv("NO_GCE_CHECK", "True")  # google-auth: do not ask a metadata server
+    result = cli("start-image-build", f"-build-context={context_dir}", "-image-project=cos-cloud",
+                 "-image-name=cos-stable-109-17800-66-0", "-gcs-bucket=b", "-gcs-workdir=w",
+                 env={"COS_CUSTOMIZER_COMPUTE_ENDPOINT": ""})  # fmt: skip
+    assert (result.code, result.err) == (
+        1,
+        "cos-customizer: error: Compute Engine: no Google credentials: run `gcloud auth application-default login` "
+        "or set GOOGLE_APPLICATION_CREDENTIALS\n",
+    )

@@ -31,6 +31,11 @@ class GceError(CustomizerError):
     """Compute Engine refused or failed a call."""
 
 
+NO_CREDENTIALS = (
+    "no Google credentials: run `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS"
+)
+
+
 # Where the original looks up driver versions (install_gpu.go, validDriverVersions): the second path element of
 # every object under tesla/ in NVIDIA's public bucket, read anonymously, plus one version it always accepts.
 DRIVER_BUCKET = "nvidia-drivers-us-public"
@@ -66,10 +71,7 @@ def _api(what: str) -> Iterator[None]:
     except exceptions.GoogleAPIError as err:
         raise GceError(f"{what}: Compute Engine answered: {err}") from err
     except auth_exceptions.DefaultCredentialsError as err:
-        raise GceError(
-            f"{what}: no Google credentials: run `gcloud auth application-default login` "
-            "or set GOOGLE_APPLICATION_CREDENTIALS"
-        ) from err
+        raise GceError(f"{what}: {NO_CREDENTIALS}") from err
     except requests.exceptions.RequestException as err:  # the REST transport's own: no answer at all
         raise GceError(f"{what}: Compute Engine did not answer ({type(err).__name__})") from err
 
@@ -89,13 +91,15 @@ def _options(endpoint: str) -> dict[str, Any]:
 def images_client(endpoint: str) -> Any:
     from google.cloud import compute_v1
 
-    return compute_v1.ImagesClient(**_options(endpoint))
+    with _api("Compute Engine"):  # the client looks for credentials as it is made
+        return compute_v1.ImagesClient(**_options(endpoint))
 
 
 def instances_client(endpoint: str) -> Any:
     from google.cloud import compute_v1
 
-    return compute_v1.InstancesClient(**_options(endpoint))
+    with _api("Compute Engine"):
+        return compute_v1.InstancesClient(**_options(endpoint))
 
 
 def _call(what: str, call: Callable[[], T]) -> T:

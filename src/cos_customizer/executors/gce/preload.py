@@ -84,13 +84,17 @@ def daisy_binary(environ: dict[str, str]) -> str:
 
 
 def _storage_client(project: str) -> Any:
+    from google.auth import exceptions as auth_exceptions
     from google.cloud import storage  # type: ignore[attr-defined]
 
     if os.environ.get("STORAGE_EMULATOR_HOST"):
         from google.auth.credentials import AnonymousCredentials
 
         return storage.Client(project=project or "test", credentials=AnonymousCredentials())  # type: ignore[no-untyped-call]
-    return storage.Client(project=project or None)
+    try:
+        return storage.Client(project=project or None)
+    except auth_exceptions.DefaultCredentialsError as err:
+        raise CustomizerError(f"Cloud Storage: {gce.NO_CREDENTIALS}") from err
 
 
 @contextlib.contextmanager
