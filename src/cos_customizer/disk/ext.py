@@ -71,6 +71,13 @@ class ExtInfo:
     blocks_per_group: int = 32768
     desc_size: int = 32
     reserved_gdt_blocks: int = 0
+    # The geometry a reader of the bitmaps needs (`extmap`), and the state (s_state, VALID_FS and ERROR_FS).
+    state: int = VALID_FS
+    first_data_block: int = 0
+    cluster_size: int = 4096
+    inodes_per_group: int = 8192
+    inode_size: int = 256
+    backup_bgs: tuple[int, int] = (0, 0)  # sparse_super2's two backup groups
 
     @property
     def size(self) -> int:
@@ -90,13 +97,17 @@ def parse_superblock(sb: bytes | bytearray) -> ExtInfo:
     """The fields of a 1024-byte ext superblock; raises `ValueError` when it is not one."""
     if len(sb) < 1024 or struct.unpack_from("<H", sb, 0x38)[0] != MAGIC:
         raise ValueError("no ext superblock magic")
-    (blocks_lo, _reserved_lo, free_lo, _free_inodes, _first_data, log_block, _log_cluster,
-     blocks_per_group) = struct.unpack_from("<IIIIIIII", sb, 0x04)  # fmt: skip
+    (blocks_lo, _reserved_lo, free_lo, _free_inodes, first_data, log_block, log_cluster, blocks_per_group,
+     _clusters_per_group, inodes_per_group) = struct.unpack_from("<10I", sb, 0x04)  # fmt: skip
+    state = struct.unpack_from("<H", sb, 0x3A)[0]
+    rev_level = struct.unpack_from("<I", sb, 0x4C)[0]
     compat, incompat, ro_compat = struct.unpack_from("<III", sb, 0x5C)
     wide = bool(incompat & INCOMPAT_64BIT)
     blocks_hi, _reserved_hi, free_hi = struct.unpack_from("<III", sb, 0x150) if wide else (0, 0, 0)
     if log_block > 6:
         raise ValueError(f"block size 2^{10 + log_block} is not an ext block size")
+    if log_cluster > 30:
+        raise ValueError(f"cluster size 2^{10 + log_cluster} is not an ext cluster size")
     desc_size = struct.unpack_from("<H", sb, 0xFE)[0] if wide else 0
     return ExtInfo(
         label=sb[0x78:0x88].split(b"\0", 1)[0].decode(errors="replace"),
@@ -110,6 +121,12 @@ def parse_superblock(sb: bytes | bytearray) -> ExtInfo:
         blocks_per_group=blocks_per_group,
         desc_size=desc_size or 32,
         reserved_gdt_blocks=struct.unpack_from("<H", sb, 0xCE)[0],
+        state=state,
+        first_data_block=first_data,
+        cluster_size=1024 << log_cluster,
+        inodes_per_group=inodes_per_group,
+        inode_size=struct.unpack_from("<H", sb, 0x58)[0] if rev_level else 128,
+        backup_bgs=struct.unpack_from("<II", sb, 0x24C),
     )
 
 

@@ -24,17 +24,9 @@ import re
 import struct
 from pathlib import Path
 
-SUPERBLOCK = 1024
-MAGIC = 0xEF53
-STATE_VALID = 0x0001
-STATE_ERROR = 0x0002
-INCOMPAT_RECOVER = 0x0004
-INCOMPAT_JOURNAL_DEV = 0x0008
-INCOMPAT_META_BG = 0x0010
-INCOMPAT_64BIT = 0x0080
-RO_COMPAT_SPARSE_SUPER = 0x0001
-RO_COMPAT_BIGALLOC = 0x0200
-COMPAT_SPARSE_SUPER2 = 0x0200
+from cos_customizer.disk import ext
+
+STATE_ERROR = 0x0002  # s_state: errors were detected
 BG_BLOCK_UNINIT = 0x0002
 _NONZERO = re.compile(rb"[^\x00]+")
 
@@ -93,41 +85,34 @@ def _power_of(n: int, base: int) -> bool:
 
 def _layout(sb: bytes) -> _Layout | str:
     """The geometry of the file system, or why its bitmaps cannot be trusted for a move."""
-    if len(sb) < 1024 or struct.unpack_from("<H", sb, 0x38)[0] != MAGIC:
+    try:
+        info = ext.parse_superblock(sb)
+    except ValueError:
         return "not an ext file system"
-    blocks_lo, _r, _f, _fi, first_data, log_block, log_cluster, bpg, _cpg, ipg = struct.unpack_from("<10I", sb, 0x04)
-    state = struct.unpack_from("<H", sb, 0x3A)[0]
-    rev_level = struct.unpack_from("<I", sb, 0x4C)[0]
-    inode_size = struct.unpack_from("<H", sb, 0x58)[0] if rev_level else 128
-    compat, incompat, ro_compat = struct.unpack_from("<III", sb, 0x5C)
-    if not state & STATE_VALID or state & STATE_ERROR:
+    features = set(info.features)
+    if not info.state & ext.VALID_FS or info.state & STATE_ERROR:
         return "the file system was not cleanly unmounted"
-    if incompat & INCOMPAT_RECOVER:
+    if "needs_recovery" in features:
         return "the file system's journal needs recovery"
-    if incompat & (INCOMPAT_META_BG | INCOMPAT_JOURNAL_DEV) or ro_compat & RO_COMPAT_BIGALLOC:
+    if features & {"meta_bg", "journal_dev", "bigalloc"}:
         return "the file system's layout (meta_bg, bigalloc or a journal device) is not read here"
-    if log_block > 6 or log_cluster != log_block or not bpg or not ipg:
+    if info.cluster_size != info.block_size or not info.blocks_per_group or not info.inodes_per_group:
         return "the superblock's geometry is not valid"
-    wide = bool(incompat & INCOMPAT_64BIT)
-    blocks_hi = struct.unpack_from("<I", sb, 0x150)[0] if wide else 0
-    desc_size = (struct.unpack_from("<H", sb, 0xFE)[0] or 32) if wide else 32
-    block_size = 1024 << log_block
-    block_count = blocks_hi << 32 | blocks_lo
-    if block_count <= first_data or inode_size < 128 or desc_size < 32:
+    if info.block_count <= info.first_data_block or info.inode_size < 128 or info.desc_size < 32:
         return "the superblock's geometry is not valid"
-    backups = struct.unpack_from("<II", sb, 0x24C) if compat & COMPAT_SPARSE_SUPER2 else None
+    wide = "64bit" in features
     return _Layout(
-        block_size=block_size,
-        block_count=block_count,
-        first_data_block=first_data,
-        blocks_per_group=bpg,
-        groups=-(-(block_count - first_data) // bpg),
-        desc_size=desc_size,
+        block_size=info.block_size,
+        block_count=info.block_count,
+        first_data_block=info.first_data_block,
+        blocks_per_group=info.blocks_per_group,
+        groups=-(-(info.block_count - info.first_data_block) // info.blocks_per_group),
+        desc_size=info.desc_size if wide else 32,
         wide=wide,
-        inode_table_blocks=-(-ipg * inode_size // block_size),
-        sparse_super=bool(ro_compat & RO_COMPAT_SPARSE_SUPER),
-        sparse_super2=backups,
-        reserved_gdt=struct.unpack_from("<H", sb, 0xCE)[0],
+        inode_table_blocks=-(-info.inodes_per_group * info.inode_size // info.block_size),
+        sparse_super="sparse_super" in features,
+        sparse_super2=info.backup_bgs if "sparse_super2" in features else None,
+        reserved_gdt=info.reserved_gdt_blocks,
     )
 
 
@@ -165,7 +150,7 @@ def used_map(path: Path, offset: int, length: int) -> UsedMap | str:
     """The used bytes of the file system at `offset` of `path` (a partition of `length` bytes), or why not."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        layout = _layout(os.pread(fd, 1024, offset + SUPERBLOCK))
+        layout = _layout(os.pread(fd, 1024, offset + ext.SUPERBLOCK))
         if isinstance(layout, str):
             return layout
         size = layout.block_size

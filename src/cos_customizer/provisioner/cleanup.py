@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from cos_customizer import linux
+from cos_customizer.provisioner.target import is_mountpoint
 from cos_customizer.units import human_size
 
 STATE_DIR = "var/lib/.cos-customizer"
@@ -96,10 +97,9 @@ def trim(root: Path, relatives: tuple[str, ...] = TRIMMED) -> list[str]:
     persistent disk they are unmapped and the image is made of data only; on a loop device over a file, they
     become holes. Where a device cannot discard, it says so and goes on."""
     done: list[str] = []
-    mounts = {line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()}
     for relative in relatives:
         path = _inside(root, relative)
-        if path is None or os.path.realpath(path) not in mounts:
+        if path is None or not is_mountpoint(Path(os.path.realpath(path))):
             continue
         try:
             trimmed = linux.fitrim(str(path))
