@@ -320,7 +320,10 @@ def test_daisy_is_interrupted_when_the_tool_dies(tmp_path: Path) -> None:
     pidfile, said = tmp_path / "daisy.pid", tmp_path / "interrupted"
     body = f"trap 'echo interrupted > \"{said}\"; exit 130' INT\nwhile :; do sleep 0.1; done"
     daisy = stand_in(tmp_path, "daisy", pidfile, body)
-    code = f"from cos_customizer.executors.gce import preload\npreload.run_daisy([{str(daisy)!r}], 600)\n"
+    code = (
+        "from cos_customizer.executors import workflow\nfrom cos_customizer.executors.gce import preload\n"
+        f"preload.run_daisy([{str(daisy)!r}], workflow.RunBound(600, 'a test'))\n"
+    )
     pid = kill_the_tool_once_started(code, pidfile)
     assert gone_soon(pid)
     assert said.read_text() == "interrupted\n"
@@ -350,14 +353,14 @@ def test_a_daisy_line_without_an_end_keeps_the_tool_small(tmp_path: Path) -> Non
     daisy.write_text(f"#!/bin/bash\nhead -c {HUGE} /dev/zero | tr '\\0' x\necho\necho after\n")
     daisy.chmod(0o755)
     code = (
-        "import logging, sys\nfrom cos_customizer.executors.gce import preload\n"
+        "import logging, sys\nfrom cos_customizer.executors import workflow\nfrom cos_customizer.executors.gce import preload\n"
         "logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stdout)\n"
         "class Length(logging.Filter):\n"
         "    def filter(self, record):\n"
         "        record.msg, record.args = f'{len(record.getMessage())} {record.getMessage()[-40:]}', ()\n"
         "        return True\n"
         "logging.getLogger().handlers[0].addFilter(Length())\n"
-        f"preload.run_daisy([{str(daisy)!r}], 600)\n"
+        f"preload.run_daisy([{str(daisy)!r}], workflow.RunBound(600, 'a test'))\n"
     )
     status, maxrss_kib, lines = peak_memory([sys.executable, "-c", code])
     assert status == 0, lines
